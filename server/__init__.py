@@ -1,0 +1,1 @@
+"""server: the OpenAI-compatible front end and the `vllm-lk` command line."""

@@ -1,0 +1,61 @@
+"""Shared fixtures. The one tiny-model factory lives here: every test that needs a model gets it
+from ``tiny_target``, built by the project's own toy-target pipeline at a tiny size."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from training.toy import ToyTargetConfig, build_toy_target
+
+# Small enough to build in seconds, shaped like the real toy target where vLLM cares:
+# head_dim 32 (CPU attention rejects 16) and 6 layers (three distinct EAGLE-3 aux layers).
+TINY_TARGET = ToyTargetConfig(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=6,
+    num_heads=2,
+    max_position_embeddings=512,
+    seq_len=64,
+    batch_size=8,
+    steps=40,
+    lr=1e-2,
+    warmup_steps=5,
+    tokenizer_chars=300_000,
+    train_chars=400_000,
+    eval_windows=8,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory) -> Path:
+    """Directory of a tiny toy target (HF format), built once per test session."""
+    out = tmp_path_factory.mktemp("models") / "tiny-target"
+    build_toy_target(TINY_TARGET, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def venv_bin() -> Path:
+    """bin/ of the interpreter running the tests (where the `vllm-lk` script is installed)."""
+    import sys
+
+    return Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def clean_env() -> dict[str, str]:
+    """Environment for subprocesses: this one, without switches that would change behaviour."""
+    env = dict(os.environ)
+    env.pop("VLLM_LK_DISABLE", None)
+    env.pop("VLLM_PLUGINS", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

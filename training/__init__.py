@@ -1,0 +1,1 @@
+"""training: produces draft heads (and the embedded toy target) for a served vLLM target."""
