@@ -21,6 +21,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,14 +51,19 @@ class ToyTargetConfig(FrozenConfig):
     max_position_embeddings: int = Field(2048, description="longest context vLLM will serve")
     seq_len: int = Field(256, ge=8, description="training window in tokens")
     batch_size: int = Field(16, ge=1, description="windows per optimizer step")
-    steps: int = Field(400, ge=1, description="optimizer steps")
+    steps: int = Field(700, ge=1, description="optimizer steps")
     lr: float = Field(3e-3, gt=0, description="peak AdamW learning rate")
-    warmup_steps: int = Field(30, ge=0, description="linear warm-up steps before cosine decay to lr/10")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up steps before cosine decay to lr/10")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only)")
     heldout_every: int = Field(20, ge=2, description="one stdlib file in N is held out from training")
     tokenizer_chars: int = Field(8_000_000, ge=1000, description="characters of training text the BPE is learned on")
     train_chars: int = Field(10_000_000, ge=1000, description="characters of training text tokenized for LM training")
     chat_fraction: float = Field(0.15, ge=0, lt=1, description="share of train_chars given to docstring->code chat examples")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="matmul precision while training (weights stay fp32); auto = bf16 autocast where the "
+        "CPU has native bf16 (AVX512-BF16/AMX: ~1.7x faster here), else fp32",
+    )
     eval_windows: int = Field(64, ge=1, description="held-out windows the reported loss is averaged over")
     corpus_dir: Path | None = Field(None, description="directory of .py files to train on (default: this Python's stdlib)")
 
@@ -173,14 +179,22 @@ def heldout_windows(stream: np.ndarray, seq_len: int, count: int) -> torch.Tenso
     return torch.from_numpy(np.stack([stream[s : s + seq_len + 1] for s in starts]).astype(np.int64))
 
 
-def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) over windows ``(B, T+1)``."""
-    logits = model(input_ids=windows[:, :-1]).logits  # (B, T, V)
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
+
+
+def lm_loss(model, windows: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) over windows ``(B, T+1)``; the loss itself in fp32."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(input_ids=windows[:, :-1]).logits  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten())
 
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, batch: int) -> float:
+    """Held-out loss in full fp32 (the precision vLLM serves the model in)."""
     model.eval()
     total = 0.0
     for start in range(0, len(windows), batch):
@@ -190,7 +204,7 @@ def evaluate(model, windows: torch.Tensor, batch: int) -> float:
     return total / len(windows)
 
 
-def _train(model, config: ToyTargetConfig, train_stream: np.ndarray) -> list[float]:
+def _train(model, config: ToyTargetConfig, train_stream: np.ndarray, precision: str) -> list[float]:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -204,7 +218,7 @@ def _train(model, config: ToyTargetConfig, train_stream: np.ndarray) -> list[flo
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        loss = lm_loss(model, sample_windows(train_stream, config.seq_len, config.batch_size, rng))
+        loss = lm_loss(model, sample_windows(train_stream, config.seq_len, config.batch_size, rng), precision)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"toy target training diverged at step {step} (loss {loss.item()})")
         optimizer.zero_grad(set_to_none=True)
@@ -284,7 +298,8 @@ def _build_into(config: ToyTargetConfig, out: Path) -> dict:
     num_params = sum(p.numel() for p in model.parameters())
     eval_set = heldout_windows(heldout_stream, config.seq_len, config.eval_windows)
     train_started = time.perf_counter()
-    losses = _train(model, config, train_stream)
+    precision = resolve_precision(config.precision)
+    losses = _train(model, config, train_stream, precision)
     train_seconds = time.perf_counter() - train_started
     heldout_loss = evaluate(model, eval_set, config.batch_size)
 
@@ -317,6 +332,7 @@ def _build_into(config: ToyTargetConfig, out: Path) -> dict:
             "total": round(time.perf_counter() - started, 1),
         },
         "torch_threads": torch.get_num_threads(),
+        "train_precision": precision,
     }
     logger.info(
         "toy target: %.2fM params, held-out loss %.3f nats (perplexity %.1f), %.0f s",
