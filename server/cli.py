@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reuses the toy target. Arguments after `--` go to vLLM unchanged.",
     )
     serve.add_argument("--target", type=Path, default=None, help="HF model directory (default: the toy target)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     serve.add_argument("--served-model-name", default=None, help="model name clients send (default: directory name)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then any vLLM engine arguments")
     serve.set_defaults(func=_serve)
