@@ -42,7 +42,7 @@ def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k=None, 
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def verify(draft_token_ids, num_drafts, draft_probs, target_probs, is_greedy, uniforms, exp_noise):
+def verify(draft_token_ids, num_drafts, draft_probs, target_probs, bonus_token_ids, is_greedy, uniforms, exp_noise):
     batch, k_max = draft_token_ids.shape
     vocab = target_probs.shape[-1]
     output = torch.full((batch, k_max + 1), -1, dtype=torch.long)
@@ -62,25 +62,23 @@ def verify(draft_token_ids, num_drafts, draft_probs, target_probs, is_greedy, un
                 rejected_at = k
                 break
             emitted.append(x)
-        position = len(emitted)
-        p = target_probs[b, position]
-        if bool(is_greedy[b]):
-            token = int(p.argmax())
+        if rejected_at is None:
+            token = int(bonus_token_ids[b])
+        elif bool(is_greedy[b]):
+            token = int(target_probs[b, rejected_at].argmax())
         else:
-            if rejected_at is None:
-                dist = p
+            p = target_probs[b, rejected_at]
+            if draft_probs is None:
+                q = torch.zeros(vocab, dtype=p.dtype)
+                x = int(draft_token_ids[b, rejected_at])
+                if x >= 0:
+                    q[x] = 1.0
             else:
-                if draft_probs is None:
-                    q = torch.zeros(vocab, dtype=p.dtype)
-                    x = int(draft_token_ids[b, rejected_at])
-                    if x >= 0:
-                        q[x] = 1.0
-                else:
-                    q = draft_probs[b, rejected_at].to(p.dtype)
-                residual = torch.tensor([max(0.0, float(p[v]) - float(q[v])) for v in range(vocab)], dtype=p.dtype)
-                dist = residual / residual.sum() if float(residual.sum()) > 0 else p
+                q = draft_probs[b, rejected_at].to(p.dtype)
+            residual = torch.tensor([max(0.0, float(p[v]) - float(q[v])) for v in range(vocab)], dtype=p.dtype)
+            dist = residual / residual.sum() if float(residual.sum()) > 0 else p
             token = int((dist / exp_noise[b].to(dist.dtype)).argmax())
+        accepted[b] = len(emitted)
         emitted.append(token)
         output[b, : len(emitted)] = torch.tensor(emitted)
-        accepted[b] = position
     return output, accepted

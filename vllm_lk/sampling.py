@@ -88,57 +88,62 @@ def verify(
     draft_token_ids: torch.Tensor,  # [B, K] int; slots at or past num_drafts are ignored
     num_drafts: torch.Tensor,  # [B] int, 0..K
     draft_probs: torch.Tensor | None,  # [B, K, V] q the drafts were sampled from; None: one-hot q
-    target_probs: torch.Tensor,  # [B, K+1, V] p at each draft position and the bonus position
+    target_probs: torch.Tensor,  # [B, K, V] p at each draft position
+    bonus_token_ids: torch.Tensor,  # [B] int, drawn from p at position num_drafts (argmax if greedy)
     is_greedy: torch.Tensor,  # [B] bool, temperature 0
     uniforms: torch.Tensor,  # [B, K] U[0, 1) draws for acceptance
-    exp_noise: torch.Tensor,  # [B, V] Exp(1) draws for the one categorical sample per request
+    exp_noise: torch.Tensor,  # [B, V] Exp(1) draws for the residual sample
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([B, K+1] int64 tokens, PLACEHOLDER-padded; [B] accepted)
     """One verification step for a batch; greedy and sampled requests may be mixed.
 
     Row b emits its first ``num_accepted[b]`` drafts and then one more token: the residual sample
-    at the first rejection, or the bonus token from p when every draft is accepted. A draft with
-    q(x) = 0 or a negative id is rejected (it cannot have been drawn from q).
+    at the first rejection, or the bonus token when every draft is accepted. The bonus token comes
+    from the caller because it is an ordinary sample from the target at the next position (vLLM
+    draws it with its own sampler, penalties and all). A draft with q(x) = 0 or a negative id is
+    rejected: it cannot have been drawn from q. One-hot q (``draft_probs=None``) is exact only for
+    drafts that were chosen deterministically (argmax, n-gram).
     """
     batch, k_max = draft_token_ids.shape
     vocab = target_probs.shape[-1]
-    assert num_drafts.shape == (batch,) and is_greedy.shape == (batch,)
-    assert target_probs.shape == (batch, k_max + 1, vocab), target_probs.shape
+    assert num_drafts.shape == (batch,) and is_greedy.shape == (batch,) and bonus_token_ids.shape == (batch,)
+    assert target_probs.shape == (batch, k_max, vocab), target_probs.shape
     assert uniforms.shape == (batch, k_max) and exp_noise.shape == (batch, vocab)
     assert draft_probs is None or draft_probs.shape == (batch, k_max, vocab), draft_probs.shape
     device = target_probs.device
     rows = torch.arange(batch, device=device)
+    output = torch.full((batch, k_max + 1), PLACEHOLDER, dtype=torch.long, device=device)
+    if k_max == 0:
+        output[:, 0] = bonus_token_ids
+        return output, torch.zeros(batch, dtype=torch.long, device=device)
     in_range = torch.arange(k_max, device=device)[None, :] < num_drafts[:, None]  # [B, K]
     drafts = draft_token_ids.to(torch.long)
     safe_drafts = drafts.clamp_min(0)[..., None]  # [B, K, 1]
 
-    target_argmax = target_probs.argmax(dim=-1)  # [B, K+1]
-    p_draft = target_probs[:, :k_max].gather(-1, safe_drafts)[..., 0]  # [B, K]
+    target_argmax = target_probs.argmax(dim=-1)  # [B, K]
+    p_draft = target_probs.gather(-1, safe_drafts)[..., 0]  # [B, K]
     if draft_probs is None:
         q_draft = torch.ones_like(p_draft)
     else:
         q_draft = draft_probs.gather(-1, safe_drafts)[..., 0].to(p_draft.dtype)
     accept_sampled = (q_draft > 0) & (uniforms.to(p_draft.dtype) * q_draft < p_draft)
-    accept_greedy = drafts == target_argmax[:, :k_max]
+    accept_greedy = drafts == target_argmax
     accept = torch.where(is_greedy[:, None], accept_greedy, accept_sampled) & in_range & (drafts >= 0)
     num_accepted = accept.to(torch.long).cumprod(dim=1).sum(dim=1)  # [B]
 
-    # The one extra token, at position num_accepted: residual after a rejection, else bonus.
-    p_stop = target_probs[rows, num_accepted]  # [B, V]
-    rejected = num_accepted < num_drafts  # [B]
-    stop_slot = num_accepted.clamp_max(k_max - 1) if k_max else num_accepted
-    if k_max == 0:
-        q_stop = torch.zeros_like(p_stop)
-    elif draft_probs is None:
-        one_hot = torch.nn.functional.one_hot(safe_drafts[rows, stop_slot, 0], vocab).to(p_stop.dtype)
-        q_stop = one_hot * (drafts[rows, stop_slot] >= 0)[:, None]
+    # After a rejection at slot j = num_accepted: residual sample (argmax of p_j if greedy).
+    slot = num_accepted.clamp_max(k_max - 1)
+    p_slot = target_probs[rows, slot]  # [B, V]
+    if draft_probs is None:
+        q_slot = torch.nn.functional.one_hot(safe_drafts[rows, slot, 0], vocab).to(p_slot.dtype)
+        q_slot = q_slot * (drafts[rows, slot] >= 0)[:, None]
     else:
-        q_stop = draft_probs[rows, stop_slot].to(p_stop.dtype)
-    stop_dist = torch.where(rejected[:, None], residual_probs(p_stop, q_stop), p_stop)
-    sampled_stop = sample_with_noise(stop_dist, exp_noise.to(stop_dist.dtype))
-    stop_token = torch.where(is_greedy, target_argmax[rows, num_accepted], sampled_stop)
+        q_slot = draft_probs[rows, slot].to(p_slot.dtype)
+    residual_token = sample_with_noise(residual_probs(p_slot, q_slot), exp_noise.to(p_slot.dtype))
+    residual_token = torch.where(is_greedy, target_argmax[rows, slot], residual_token)
+    rejected = num_accepted < num_drafts
+    stop_token = torch.where(rejected, residual_token, bonus_token_ids.to(torch.long))
 
-    positions = torch.arange(k_max + 1, device=device)[None, :]
-    output = torch.full((batch, k_max + 1), PLACEHOLDER, dtype=torch.long, device=device)
-    output[:, :k_max] = torch.where(positions[:, :k_max] < num_accepted[:, None], drafts, PLACEHOLDER)
+    positions = torch.arange(k_max, device=device)[None, :]
+    output[:, :k_max] = torch.where(positions < num_accepted[:, None], drafts, PLACEHOLDER)
     output[rows, num_accepted] = stop_token
     return output, num_accepted

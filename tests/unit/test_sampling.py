@@ -72,7 +72,15 @@ def random_verify_inputs(gen, batch, k_max, vocab, with_q=True):
     greedy = torch.rand(batch, generator=gen) < 0.3
     uniforms = torch.rand(batch, k_max, generator=gen)
     noise = torch.empty(batch, vocab).exponential_(generator=gen)
-    return drafts, num_drafts, draft_probs, target_probs, greedy, uniforms, noise
+    bonus = bonus_tokens(target_probs, num_drafts, greedy, gen)
+    return drafts, num_drafts, draft_probs, target_probs[:, :k_max], bonus, greedy, uniforms, noise
+
+
+def bonus_tokens(target_probs, num_drafts, greedy, gen):
+    """What vLLM's sampler gives: a draw from p at the bonus position (argmax when greedy)."""
+    p_bonus = target_probs[torch.arange(len(num_drafts)), num_drafts]
+    drawn = torch.multinomial(p_bonus, 1, generator=gen)[:, 0]
+    return torch.where(greedy, p_bonus.argmax(-1), drawn)
 
 
 @pytest.mark.parametrize("with_q", [True, False])
@@ -88,22 +96,23 @@ def test_verify_equals_the_plain_loop(with_q, k_max, vocab):
 
 
 def test_verify_acceptance_threshold_is_p_over_q():
-    p = torch.tensor([[[0.2, 0.5, 0.3], [0.3, 0.3, 0.4]]])
+    p = torch.tensor([[[0.2, 0.5, 0.3]]])
     q = torch.tensor([[[0.4, 0.4, 0.2]]])
+    bonus = torch.tensor([2])
     draft = torch.tensor([[0]])  # p/q = 0.5
     noise = torch.ones(1, 3)
     for u, expected in ((0.4999999, 1), (0.5000001, 0)):
-        _, acc = sampling.verify(draft, torch.tensor([1]), q, p, torch.tensor([False]), torch.tensor([[u]]), noise)
+        _, acc = sampling.verify(draft, torch.tensor([1]), q, p, bonus, torch.tensor([False]), torch.tensor([[u]]), noise)
         assert int(acc) == expected
     draft = torch.tensor([[1]])  # p/q = 1.25 >= 1: always accepted
-    _, acc = sampling.verify(draft, torch.tensor([1]), q, p, torch.tensor([False]), torch.tensor([[0.9999999]]), noise)
+    _, acc = sampling.verify(draft, torch.tensor([1]), q, p, bonus, torch.tensor([False]), torch.tensor([[0.9999999]]), noise)
     assert int(acc) == 1
 
 
 def test_greedy_rows_follow_the_argmax_chain():
-    p = torch.softmax(torch.tensor([[[0.0, 3.0, 1.0], [2.0, 0.0, 0.0], [0.0, 0.0, 5.0]]]), -1)
-    greedy = torch.tensor([True])
-    args = (p, greedy, torch.zeros(1, 2), torch.ones(1, 3))
+    p = torch.softmax(torch.tensor([[[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]]]), -1)
+    bonus = torch.tensor([2])  # argmax at the bonus position
+    args = (p, bonus, torch.tensor([True]), torch.zeros(1, 2), torch.ones(1, 3))
     out, acc = sampling.verify(torch.tensor([[1, 0]]), torch.tensor([2]), None, *args)
     assert out.tolist() == [[1, 0, 2]] and int(acc) == 2
     out, acc = sampling.verify(torch.tensor([[1, 2]]), torch.tensor([2]), None, *args)
@@ -252,8 +261,10 @@ def test_chi_square_verify_samples_the_target(transform, greedy_share):
     target_probs = torch.stack([P[code(drafts[:, :k])] for k in range(k_max + 1)], 1)
     draft_probs = torch.stack([Q[code(drafts[:, :k])] for k in range(k_max)], 1)
     greedy = torch.rand(n, generator=gen) < greedy_share
+    num_drafts = torch.full((n,), k_max)
+    bonus = bonus_tokens(target_probs, num_drafts, greedy, gen)
     out, _ = sampling.verify(
-        drafts, torch.full((n,), k_max), draft_probs, target_probs, greedy,
+        drafts, num_drafts, draft_probs, target_probs[:, :k_max], bonus, greedy,
         torch.rand(n, k_max, generator=gen), torch.empty(n, vocab).exponential_(generator=gen),
     )
     sampled = ~greedy
