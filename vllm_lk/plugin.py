@@ -43,5 +43,11 @@ def register() -> None:
         _registered = False
         logger.info("vllm_lk %s disabled by %s=1 (pid %d)", __version__, DISABLE_ENV, os.getpid())
         return
+    from vllm_lk import patch
+
     _registered = True
-    logger.info("vllm_lk %s active (pid %d)", __version__, os.getpid())
+    patched = patch.apply()
+    logger.info(
+        "vllm_lk %s active (pid %d): %s", __version__, os.getpid(),
+        "exact temperature-aware verification" if patched else "verification NOT patched (see warning)",
+    )

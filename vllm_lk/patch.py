@@ -1,0 +1,232 @@
+"""The only module that touches vLLM internals (vLLM 0.32, V1 model runner).
+
+What it changes, and why (details in docs/verification.md):
+
+1. Verification (``vllm.v1.sample.rejection_sampler``): ``apply_sampling_constraints`` and
+   ``rejection_sample`` are replaced by :mod:`vllm_lk.sampling`. Stock vLLM expands per-request
+   temperature / top-k / top-p to per-token tensors with a CPU kernel wrapper that never copies its
+   result back (the values are uninitialised memory), so T > 0 verification is lossy on CPU and
+   top-k crashes. Ours expands with ``repeat_interleave`` and applies vLLM's own top-k/top-p rules.
+   Penalties, bad words and the bonus-token sampler stay vLLM's.
+2. Drafting (``SpecDecodeBaseProposer``: draft_model, eagle, eagle3, mtp, dflash): drafts are
+   sampled from q = softmax(draft_logits / T) after the request's top-k/top-p, with the request's
+   generator when it has a seed, and that q goes to verification. Stock vLLM drafts argmax by
+   default and, in "probabilistic" mode, ignores top-k/top-p and seeds.
+3. Draft probabilities are cached per request (stock vLLM keeps only the last step's batch and
+   falls back to one-hot q for the *whole batch* when one request is missing, which is wrong for
+   sampled drafts). A request whose q is unknown gets q = 0, which rejects its drafts and samples
+   from p: exact, at the cost of that step's speedup.
+4. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
+   V2 runner (GPU with Triton) has its own sampler classes that these patches do not cover.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from vllm_lk import sampling
+
+logger = logging.getLogger("vllm.plugins.vllm_lk.patch")
+
+SUPPORTED_VLLM = ("0.32.",)
+_applied = False
+
+
+def _noise_and_uniforms(
+    generators: dict[int, torch.Generator],
+    rows: list[int],
+    num_uniforms: list[int],
+    vocab: int,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-row U[0,1) draws (float64) and Exp(1) noise [len(rows), V]; seeded rows use their
+    request's generator (uniforms first, then noise), the rest the global generator."""
+    noise = torch.empty(len(rows), vocab, dtype=torch.float32, device=device).exponential_()
+    uniforms = []
+    for i, (row, count) in enumerate(zip(rows, num_uniforms)):
+        gen = generators.get(row)
+        uniforms.append(torch.rand(count, dtype=torch.float64, device=device, generator=gen))
+        if gen is not None:
+            noise[i].exponential_(generator=gen)
+    return uniforms, noise
+
+
+def _per_token(values: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor | None:
+    return None if values is None else values.repeat_interleave(counts)
+
+
+def lk_apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+    """[N, V] target logits -> log p after temperature/top-k/top-p (masked tokens: -inf)."""
+    if sampling_metadata.all_greedy:
+        return logits  # verification only needs the argmax
+    counts = torch.diff(cu_num_draft_tokens.to(torch.long), prepend=cu_num_draft_tokens.new_zeros(1))
+    probs = sampling.sampling_probs(
+        logits,
+        _per_token(sampling_metadata.temperature, counts),
+        _per_token(sampling_metadata.top_k, counts),
+        _per_token(sampling_metadata.top_p, counts),
+    )
+    return probs.log()
+
+
+def lk_rejection_sample(
+    draft_token_ids,  # [N]
+    num_draft_tokens,  # list[int], [B]
+    max_spec_len,
+    cu_num_draft_tokens,  # [B]
+    draft_probs,  # [N, V] or None
+    target_logits,  # [N, V], from lk_apply_sampling_constraints
+    bonus_token_ids,  # [B, 1]
+    sampling_metadata,
+    synthetic_mode=False,
+    **_unused,
+):
+    if synthetic_mode:
+        raise ValueError(
+            "vllm_lk: rejection_sample_method='synthetic' does not sample the target distribution; "
+            "use 'standard' or set VLLM_LK_DISABLE=1"
+        )
+    batch, k_max = len(num_draft_tokens), max_spec_len
+    device = target_logits.device
+    counts = torch.tensor(num_draft_tokens, dtype=torch.long, device=device)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(k_max, device=device)
+    flat = (starts[:, None] + slots[None, :]).clamp_max(max(target_logits.shape[0] - 1, 0))  # [B, K]
+    in_range = slots[None, :] < counts[:, None]
+
+    target_probs = target_logits.to(torch.float32).softmax(dim=-1)[flat]  # [B, K, V]
+    drafts = torch.where(in_range, draft_token_ids.to(torch.long)[flat], sampling.PLACEHOLDER)
+    padded_q = None if draft_probs is None else draft_probs.to(torch.float32)[flat]
+    if sampling_metadata.all_greedy:
+        is_greedy = torch.ones(batch, dtype=torch.bool, device=device)
+    else:
+        is_greedy = sampling_metadata.temperature == 0
+    uniform_rows, noise = _noise_and_uniforms(
+        sampling_metadata.generators, list(range(batch)), num_draft_tokens, target_probs.shape[-1], device
+    )
+    uniforms = torch.zeros(batch, k_max, dtype=torch.float64, device=device)
+    for row, draws in enumerate(uniform_rows):
+        uniforms[row, : len(draws)] = draws
+    output, num_accepted = sampling.verify(
+        drafts, counts, padded_q, target_probs, bonus_token_ids[:, 0], is_greedy, uniforms, noise
+    )
+    return output.to(torch.int32)
+
+
+def lk_sample_from_logits(self, logits, sampling_metadata):
+    """Draft tokens from q = sampling_probs(draft logits) and that q ([R, V] float32)."""
+    if sampling_metadata.all_greedy:
+        return logits.argmax(dim=-1), None
+    rows = logits.shape[0]
+    batch = sampling_metadata.temperature.shape[0]
+    factor = rows // batch  # parallel drafting: K rows per request, request-major
+    expand = (lambda t: t) if factor == 1 else (lambda t: None if t is None else t.repeat_interleave(factor))
+    temperature = expand(sampling_metadata.temperature)
+    q = sampling.sampling_probs(logits, temperature, expand(sampling_metadata.top_k), expand(sampling_metadata.top_p))
+    q = q.to(torch.float32)
+    _, noise = _noise_and_uniforms(
+        {r: g for i, g in sampling_metadata.generators.items() for r in range(i * factor, (i + 1) * factor)},
+        list(range(rows)), [0] * rows, q.shape[-1], q.device,
+    )
+    draft_ids = torch.where(temperature == 0, logits.argmax(dim=-1), sampling.sample_with_noise(q, noise))
+    return draft_ids, q
+
+
+def _wrap_proposer_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        config = self.speculative_config
+        if config.rejection_sample_method == "standard" and not getattr(self, "use_heterogeneous_vocab", False):
+            self._enable_probabilistic_draft_probs = True
+        else:
+            logger.warning(
+                "vllm_lk: drafts stay argmax (one-hot q) for rejection_sample_method=%s, "
+                "use_heterogeneous_vocab=%s; verification stays exact, acceptance is lower",
+                config.rejection_sample_method, getattr(self, "use_heterogeneous_vocab", False),
+            )
+
+    return __init__
+
+
+ONE_HOT = "one-hot"  # marker: this request's drafts were chosen deterministically
+
+
+def _wrap_propose_draft_token_ids(original):
+    @functools.wraps(original)
+    def propose_draft_token_ids(self, *args, **kwargs):
+        drafts = original(self, *args, **kwargs)
+        cache = self.__dict__.setdefault("_lk_draft_q", {})
+        for req_id in list(cache):
+            if req_id not in self.requests:
+                del cache[req_id]
+        if self._draft_probs is not None and self._draft_prob_req_ids is not None:
+            for row, req_id in enumerate(self._draft_prob_req_ids):
+                cache[req_id] = self._draft_probs[row]  # [K, V]
+        else:  # argmax / n-gram drafts for this whole batch
+            for req_id in self.input_batch.req_ids:
+                cache[req_id] = ONE_HOT
+        return drafts
+
+    return propose_draft_token_ids
+
+
+def lk_get_spec_decode_draft_probs(self, spec_decode_metadata):
+    """[N, V] q for every scheduled draft, from the per-request cache; None when all are one-hot."""
+    cache = self.__dict__.get("_lk_draft_q", {})
+    entries = [
+        (req_id, n, cache.get(req_id))
+        for req_id, n in zip(self.input_batch.req_ids, spec_decode_metadata.num_draft_tokens)
+        if n > 0
+    ]
+    if not entries or all(entry is ONE_HOT for _, _, entry in entries):
+        return None
+    vocab = next(e.shape[-1] for _, _, e in entries if isinstance(e, torch.Tensor))
+    device = next(e.device for _, _, e in entries if isinstance(e, torch.Tensor))
+    drafts = spec_decode_metadata.draft_token_ids.to(torch.long)
+    rows, start = [], 0
+    for req_id, n, entry in entries:
+        if isinstance(entry, torch.Tensor):
+            rows.append(entry[:n].to(torch.float32))
+        elif entry is ONE_HOT:
+            rows.append(torch.nn.functional.one_hot(drafts[start : start + n].clamp_min(0), vocab).to(torch.float32))
+        else:
+            logger.warning("vllm_lk: no draft probabilities for request %s; rejecting its drafts (exact)", req_id)
+            rows.append(torch.zeros(n, vocab, dtype=torch.float32, device=device))
+        start += n
+    return torch.cat(rows, dim=0).contiguous()
+
+
+def apply() -> bool:
+    """Install the patches in this process; returns False (and logs why) if vLLM is unsupported."""
+    global _applied
+    if _applied:
+        return True
+    import vllm
+
+    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+        logger.warning("vllm_lk: vLLM %s is not supported (need %s); verification not patched",
+                       vllm.__version__, "/".join(v + "x" for v in SUPPORTED_VLLM))
+        return False
+    if os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0") != "0":
+        logger.warning("vllm_lk: VLLM_USE_V2_MODEL_RUNNER=%s: the V2 runner is not patched; "
+                       "speculative verification there is stock vLLM's", os.environ["VLLM_USE_V2_MODEL_RUNNER"])
+
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.spec_decode import llm_base_proposer
+    from vllm.v1.worker import gpu_model_runner
+
+    rejection_sampler.apply_sampling_constraints = lk_apply_sampling_constraints
+    rejection_sampler.rejection_sample = lk_rejection_sample
+    proposer = llm_base_proposer.SpecDecodeBaseProposer
+    proposer.__init__ = _wrap_proposer_init(proposer.__init__)
+    proposer._sample_from_logits = lk_sample_from_logits
+    runner = gpu_model_runner.GPUModelRunner
+    runner.propose_draft_token_ids = _wrap_propose_draft_token_ids(runner.propose_draft_token_ids)
+    runner._get_spec_decode_draft_probs = lk_get_spec_decode_draft_probs
+    _applied = True
+    return True
