@@ -30,6 +30,19 @@ TINY_TARGET = ToyTargetConfig(
 )
 
 
+# A weaker model on the same tokenizer (the tokenizer depends only on seed, vocab and corpus
+# settings): the draft for tests where draft and target must differ.
+TINY_DRAFT = TINY_TARGET.model_copy(update={"num_layers": 1, "steps": 12})
+
+
+@pytest.fixture(scope="session")
+def tiny_draft(tmp_path_factory) -> Path:
+    """Directory of a tiny draft model that shares ``tiny_target``'s tokenizer."""
+    out = tmp_path_factory.mktemp("models") / "tiny-draft"
+    build_toy_target(TINY_DRAFT, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_target(tmp_path_factory) -> Path:
     """Directory of a tiny toy target (HF format), built once per test session."""

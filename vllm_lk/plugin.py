@@ -34,11 +34,26 @@ def is_active() -> bool:
     return bool(_registered)
 
 
+def _ensure_vllm_logging() -> None:
+    # In the front-end process vLLM loads plugins before it configures logging, which would drop
+    # our line; apply vLLM's default logging config now (vLLM re-applies its own config later,
+    # a no-op when it is the default).
+    if logging.getLogger("vllm").handlers:
+        return
+    try:
+        from vllm.config.logging import LoggingConfig
+        from vllm.logger import configure_logging_if_needed
+    except ImportError:  # register() called outside vLLM, e.g. by a test
+        return
+    configure_logging_if_needed(LoggingConfig())
+
+
 def register() -> None:
     """Activate vllm_lk in this process (called by vLLM; safe to call any number of times)."""
     global _registered
     if _registered is not None:
         return
+    _ensure_vllm_logging()
     if disabled_by_env():
         _registered = False
         logger.info("vllm_lk %s disabled by %s=1 (pid %d)", __version__, DISABLE_ENV, os.getpid())

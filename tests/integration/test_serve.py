@@ -84,4 +84,4 @@ def test_chat_uses_the_tokenizer_template(client):
 def test_plugin_active_in_server_processes(server, client):
     _, log_path = server
     pids = set(re.findall(r"vllm_lk \S+ active \(pid (\d+)\)", log_path.read_text()))
-    assert len(pids) >= 2
+    assert len(pids) >= 3  # API server, engine core, worker

@@ -49,5 +49,5 @@ def test_prompt_logprobs_match_transformers(engine_run, tiny_target):
 def test_plugin_is_active_in_every_vllm_process(engine_run):
     _, log = engine_run
     pids = set(re.findall(r"vllm_lk \S+ active \(pid (\d+)\)", log))
-    # the front-end process and the engine-core process it spawns
-    assert len(pids) >= 2, log[-3000:]
+    # the front-end process, the engine-core process it spawns and the worker
+    assert len(pids) >= 3, log[-3000:]
