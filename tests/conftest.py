@@ -52,6 +52,22 @@ def tiny_target(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_eagle3(tiny_target, tmp_path_factory) -> Path:
+    """EAGLE-3 head for ``tiny_target`` with a truncated draft vocabulary (295 of 512 tokens)."""
+    from tests.heads import write_eagle3
+
+    return write_eagle3(tiny_target, tmp_path_factory.mktemp("models") / "tiny-eagle3", list(range(5, 300)), [1, 3, 4])
+
+
+@pytest.fixture(scope="session")
+def tiny_medusa(tiny_target, tmp_path_factory) -> Path:
+    """MEDUSA heads (3) for ``tiny_target``."""
+    from tests.heads import write_medusa
+
+    return write_medusa(tiny_target, tmp_path_factory.mktemp("models") / "tiny-medusa", num_heads=3)
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ What it changes, and why (details in docs/verification.md):
    result back (the values are uninitialised memory), so T > 0 verification is lossy on CPU and
    top-k crashes. Ours expands with ``repeat_interleave`` and applies vLLM's own top-k/top-p rules.
    Penalties, bad words and the bonus-token sampler stay vLLM's.
-2. Drafting (``SpecDecodeBaseProposer``: draft_model, eagle, eagle3, mtp, dflash): drafts are
+2. Drafting (``SpecDecodeBaseProposer``: draft_model, eagle, eagle3, mtp, dflash; and MEDUSA): drafts are
    sampled from q = softmax(draft_logits / T) after the request's top-k/top-p, with the request's
    generator when it has a seed, and that q goes to verification. Stock vLLM drafts argmax by
    default and, in "probabilistic" mode, ignores top-k/top-p and seeds.
@@ -117,23 +117,48 @@ def lk_rejection_sample(
     return output.to(torch.int32)
 
 
-def lk_sample_from_logits(self, logits, sampling_metadata):
-    """Draft tokens from q = sampling_probs(draft logits) and that q ([R, V] float32)."""
+def draft_sample(logits, sampling_metadata):
+    """Draft tokens drawn from q = sampling_probs(draft logits), and q ([R, V] float32).
+
+    ``logits`` has one row per request, or K rows per request (request-major) for parallel
+    drafting. Greedy requests get the argmax (their q is never used by verification).
+    """
     if sampling_metadata.all_greedy:
         return logits.argmax(dim=-1), None
     rows = logits.shape[0]
-    batch = sampling_metadata.temperature.shape[0]
-    factor = rows // batch  # parallel drafting: K rows per request, request-major
-    expand = (lambda t: t) if factor == 1 else (lambda t: None if t is None else t.repeat_interleave(factor))
+    factor = rows // sampling_metadata.temperature.shape[0]
+
+    def expand(values):
+        return values if values is None or factor == 1 else values.repeat_interleave(factor)
+
     temperature = expand(sampling_metadata.temperature)
     q = sampling.sampling_probs(logits, temperature, expand(sampling_metadata.top_k), expand(sampling_metadata.top_p))
     q = q.to(torch.float32)
-    _, noise = _noise_and_uniforms(
-        {r: g for i, g in sampling_metadata.generators.items() for r in range(i * factor, (i + 1) * factor)},
-        list(range(rows)), [0] * rows, q.shape[-1], q.device,
-    )
+    row_generators = {
+        row: gen for req, gen in sampling_metadata.generators.items() for row in range(req * factor, (req + 1) * factor)
+    }
+    _, noise = _noise_and_uniforms(row_generators, list(range(rows)), [0] * rows, q.shape[-1], q.device)
     draft_ids = torch.where(temperature == 0, logits.argmax(dim=-1), sampling.sample_with_noise(q, noise))
     return draft_ids, q
+
+
+def lk_sample_from_logits(self, logits, sampling_metadata):
+    return draft_sample(logits, sampling_metadata)
+
+
+def lk_medusa_propose(self, num_speculative_tokens, target_hidden_states, sampling_metadata, slot_mappings=None):
+    """MEDUSA: head k's q is its own softmax (it sees the same hidden state as every head);
+    stock vLLM drafts argmax and gives no q."""
+    assert num_speculative_tokens == self.num_speculative_tokens
+    head_logits = self.model.compute_logits(self.model(target_hidden_states))  # K x [B, V]
+    drafts = [draft_sample(logits, sampling_metadata) for logits in head_logits]
+    probs = [q for _, q in drafts]
+    self._lk_last_draft_probs = None if any(q is None for q in probs) else torch.stack(probs, dim=1)  # [B, K, V]
+    return torch.stack([ids for ids, _ in drafts], dim=1)
+
+
+def _take_last_draft_probs(self):
+    return self.__dict__.get("_lk_last_draft_probs")
 
 
 def _wrap_proposer_init(original):
@@ -160,6 +185,12 @@ def _wrap_propose_draft_token_ids(original):
     @functools.wraps(original)
     def propose_draft_token_ids(self, *args, **kwargs):
         drafts = original(self, *args, **kwargs)
+        if self._draft_probs is None and hasattr(self.drafter, "take_last_draft_probs"):
+            # drafters the runner does not ask for q (MEDUSA)
+            probs = self.drafter.take_last_draft_probs()
+            if probs is not None:
+                self._draft_probs = probs
+                self._draft_prob_req_ids = self.input_batch.req_ids.copy()
         cache = self.__dict__.setdefault("_lk_draft_q", {})
         for req_id in list(cache):
             if req_id not in self.requests:
@@ -217,7 +248,7 @@ def apply() -> bool:
                        "speculative verification there is stock vLLM's", os.environ["VLLM_USE_V2_MODEL_RUNNER"])
 
     from vllm.v1.sample import rejection_sampler
-    from vllm.v1.spec_decode import llm_base_proposer
+    from vllm.v1.spec_decode import llm_base_proposer, medusa
     from vllm.v1.worker import gpu_model_runner
 
     rejection_sampler.apply_sampling_constraints = lk_apply_sampling_constraints
@@ -225,6 +256,8 @@ def apply() -> bool:
     proposer = llm_base_proposer.SpecDecodeBaseProposer
     proposer.__init__ = _wrap_proposer_init(proposer.__init__)
     proposer._sample_from_logits = lk_sample_from_logits
+    medusa.MedusaProposer.propose = lk_medusa_propose
+    medusa.MedusaProposer.take_last_draft_probs = _take_last_draft_probs
     runner = gpu_model_runner.GPUModelRunner
     runner.propose_draft_token_ids = _wrap_propose_draft_token_ids(runner.propose_draft_token_ids)
     runner._get_spec_decode_draft_probs = lk_get_spec_decode_draft_probs

@@ -23,13 +23,13 @@ K = 3
 PROMPT = "def "
 
 
-def make_llm(target, draft):
+def make_llm(target, draft, method="draft_model"):
     from vllm import LLM
 
     return LLM(
         model=str(target), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1,
         max_model_len=512, seed=0, disable_log_stats=False,
-        speculative_config={"method": "draft_model", "model": str(draft), "num_speculative_tokens": K},
+        speculative_config={"method": method, "model": str(draft), "num_speculative_tokens": K},
     )
 
 
@@ -56,7 +56,20 @@ def identity_llm(tiny_target):
 
 @pytest.fixture(scope="module")
 def spec_llm(tiny_target, tiny_draft):
+    """Target with an independent, weaker draft model: acceptance well below 1."""
     llm = make_llm(tiny_target, tiny_draft)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module", params=["draft_model", "eagle3", "medusa"])
+def any_drafter_llm(request, tiny_target):
+    """One engine per drafter kind (EAGLE-3 with a truncated draft vocabulary)."""
+    if request.param == "draft_model":
+        yield request.getfixturevalue("spec_llm")
+        return
+    head = request.getfixturevalue("tiny_eagle3" if request.param == "eagle3" else "tiny_medusa")
+    llm = make_llm(tiny_target, head, method=request.param)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -109,13 +122,13 @@ def generate_tokens(llm, prompt_ids, count, max_tokens, **params):
     return [list(out.outputs[0].token_ids) for out in llm.generate(prompts, sps, use_tqdm=False)]
 
 
-def test_second_token_marginal_is_the_targets_at_t1(spec_llm, target_model):
+def test_second_token_marginal_is_the_targets_at_t1(any_drafter_llm, target_model):
     """Token 2 is the first one speculation emits (token 1 comes from prefill). Its exact
     marginal is sum_a p(a) p(. | a). Seeded requests; threshold p > 1e-3."""
     model, tokenizer = target_model
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     n = 3000
-    tokens = generate_tokens(spec_llm, prompt, n, max_tokens=2, temperature=1.0)
+    tokens = generate_tokens(any_drafter_llm, prompt, n, max_tokens=2, temperature=1.0)
     p1 = next_token_probs(model, [prompt], 1.0)[0]  # [V]
     vocab = p1.shape[0]
     p2 = torch.cat([next_token_probs(model, [prompt + [a] for a in range(s, min(s + 128, vocab))], 1.0)
@@ -125,14 +138,14 @@ def test_second_token_marginal_is_the_targets_at_t1(spec_llm, target_model):
     assert chi_square_p_value(observed, expected) > 1e-3
 
 
-def test_joint_of_three_tokens_with_top_k_top_p(spec_llm, target_model):
+def test_joint_of_three_tokens_with_top_k_top_p(any_drafter_llm, target_model):
     """T=0.8, top_k=4, top_p=0.9: the joint law of tokens 1..3 (at most 64 sequences) equals
     the target's exactly computed joint. Seeded requests; threshold p > 1e-3."""
     model, tokenizer = target_model
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     params = dict(temperature=0.8, top_k=4, top_p=0.9)
     n = 2000
-    tokens = generate_tokens(spec_llm, prompt, n, max_tokens=3, **params)
+    tokens = generate_tokens(any_drafter_llm, prompt, n, max_tokens=3, **params)
     transform = (params["temperature"], params["top_k"], params["top_p"])
 
     joint: dict[tuple[int, ...], float] = {(): 1.0}
@@ -151,12 +164,13 @@ def test_joint_of_three_tokens_with_top_k_top_p(spec_llm, target_model):
     assert chi_square_p_value(observed, expected) > 1e-3
 
 
-def test_acceptance_is_below_one_for_a_different_draft(spec_llm):
+def test_sampled_drafts_are_accepted_below_one_but_not_never(any_drafter_llm):
     from vllm import SamplingParams
 
+    llm = any_drafter_llm
     sp = SamplingParams(max_tokens=24, ignore_eos=True, temperature=1.0)
-    acceptance = per_position_acceptance(spec_llm, lambda: spec_llm.generate(["import "] * 8, sp, use_tqdm=False))
-    assert all(0.0 < a < 0.98 for a in acceptance), acceptance
+    acceptance = per_position_acceptance(llm, lambda: llm.generate(["import ", "def f("] * 8, sp, use_tqdm=False))
+    assert 0.0 < acceptance[0] < 0.98, acceptance
 
 
 def test_seeded_requests_reproduce_in_any_batch(spec_llm, target_model):

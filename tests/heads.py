@@ -1,0 +1,102 @@
+"""Randomly initialised draft heads in the checkpoint formats vLLM 0.32 loads, for tests where
+any q will do (exactness must hold for every draft distribution). Trained heads come from
+`training` (issue 4); these exist so the verification path of every drafter kind is exercised
+before that. Weights are seeded; the heads start from the target's own lm_head so that q is a
+plausible, imperfect guess of p."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _target(target_dir: Path) -> tuple[dict, dict]:
+    config = json.loads((Path(target_dir) / "config.json").read_text())
+    return config, load_file(str(Path(target_dir) / "model.safetensors"))
+
+
+def write_eagle3(target_dir: Path, out: Path, draft_vocab_ids: list[int], aux_layer_ids: list[int], seed: int = 0) -> Path:
+    """An EAGLE-3 head (LlamaForCausalLMEagle3): one decoder layer over [embed; fc(aux states)],
+    a truncated draft vocabulary ``draft_vocab_ids`` (sorted target ids) mapped by d2t offsets."""
+    config, weights = _target(target_dir)
+    gen = torch.Generator().manual_seed(seed)
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+
+    def rand(*shape, scale=0.02):
+        return torch.randn(*shape, generator=gen) * scale
+
+    ids = torch.tensor(sorted(draft_vocab_ids), dtype=torch.long)
+    t2d = torch.zeros(config["vocab_size"], dtype=torch.bool)
+    t2d[ids] = True
+    tensors = {
+        "fc.weight": rand(hidden, 3 * hidden),
+        "midlayer.input_layernorm.weight": torch.ones(hidden),
+        "midlayer.hidden_norm.weight": torch.ones(hidden),
+        "midlayer.post_attention_layernorm.weight": torch.ones(hidden),
+        "midlayer.self_attn.q_proj.weight": rand(heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.k_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.v_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+        "midlayer.mlp.gate_proj.weight": rand(inter, hidden),
+        "midlayer.mlp.up_proj.weight": rand(inter, hidden),
+        "midlayer.mlp.down_proj.weight": rand(hidden, inter),
+        "norm.weight": torch.ones(hidden),
+        "lm_head.weight": weights["lm_head.weight"][ids].clone() * 3,
+        "d2t": ids - torch.arange(len(ids)),
+        "t2d": t2d,
+    }
+    head_config = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "num_hidden_layers": 1,
+        "vocab_size": config["vocab_size"],
+        "draft_vocab_size": len(ids),
+        "max_position_embeddings": config["max_position_embeddings"],
+        "rms_norm_eps": config["rms_norm_eps"],
+        "rope_parameters": config.get("rope_parameters", {"rope_theta": 10000.0, "rope_type": "default"}),
+        "tie_word_embeddings": False,
+        "target_hidden_size": hidden,
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": aux_layer_ids, "use_aux_hidden_state": True},
+        "torch_dtype": "float32",
+    }
+    return _save(out, head_config, tensors)
+
+
+def write_medusa(target_dir: Path, out: Path, num_heads: int, seed: int = 0) -> Path:
+    """A MEDUSA head set (MedusaModel): ``num_heads`` residual blocks on the target's last hidden
+    state, each with its own lm_head (initialised from the target's)."""
+    config, weights = _target(target_dir)
+    gen = torch.Generator().manual_seed(seed)
+    hidden = config["hidden_size"]
+    tensors = {}
+    for i in range(num_heads):
+        tensors[f"blocks.{i}.layers.0.weight"] = torch.randn(hidden, hidden, generator=gen) * 0.3
+        tensors[f"lm_heads.{i}.weight"] = weights["lm_head.weight"].clone()
+    head_config = {
+        "architectures": ["MedusaModel"],
+        "model_type": "medusa",
+        "hidden_size": hidden,
+        "vocab_size": config["vocab_size"],
+        "num_heads": num_heads,
+        "num_hidden_layers": 1,
+        "truncated_vocab_size": config["vocab_size"],
+        "torch_dtype": "float32",
+    }
+    return _save(out, head_config, tensors)
+
+
+def _save(out: Path, config: dict, tensors: dict) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    return out
