@@ -168,16 +168,19 @@ def exact_step_distribution(target, draft, vocab, k_max, transform):
                 complete(prefix + [v], prob * float(p[v]))
             return
         q = transformed(draft, prefix, transform)
-        reached_mass[k] += prob
-        accepted_mass[k] += prob * float(sampling.acceptance_rate(p, q))
         residual = sampling.residual_probs(p, q)
-        reject_total = 0.0
+        reject_total = accept_total = 0.0
         for x in range(vocab):
             if float(q[x]) == 0.0:
                 continue
             accept = min(1.0, float(p[x]) / float(q[x]))
             step(prefix + [x], prob * float(q[x]) * accept)
+            accept_total += float(q[x]) * accept
             reject_total += float(q[x]) * (1 - accept)
+        # the algorithm's acceptance at this prefix is sum_v min(p_v, q_v)
+        assert abs(accept_total - float(sampling.acceptance_rate(p, q))) < 1e-12
+        reached_mass[k] += prob
+        accepted_mass[k] += prob * accept_total
         for v in range(vocab):
             complete(prefix + [v], prob * reject_total * float(residual[v]))
 
