@@ -16,7 +16,9 @@ What it changes, and why (details in docs/verification.md):
    falls back to one-hot q for the *whole batch* when one request is missing, which is wrong for
    sampled drafts). A request whose q is unknown gets q = 0, which rejects its drafts and samples
    from p: exact, at the cost of that step's speedup.
-4. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
+4. Seeded requests whose prefill is chunked no longer crash the CPU engine (vLLM rewinds their
+   generator with ``set_offset``, which CPU generators lack); see :func:`_wrap_sample_tokens`.
+5. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
    V2 runner (GPU with Triton) has its own sampler classes that these patches do not cover.
 """
 
@@ -232,6 +234,29 @@ def lk_get_spec_decode_draft_probs(self, spec_decode_metadata):
     return torch.cat(rows, dim=0).contiguous()
 
 
+def _wrap_sample_tokens(original):
+    @functools.wraps(original)
+    def sample_tokens(self, *args, **kwargs):
+        # vLLM rewinds the generator of a request whose sampled token is discarded (a partial
+        # prefill chunk) with Generator.set_offset, which CPU generators do not have: seeded
+        # requests with chunked prefill crash the engine on CPU. Keep those generators out of
+        # this step instead, so the discarded sample never touches them (exactly what the rewind
+        # intends); CUDA generators keep vLLM's path.
+        generators = self.input_batch.generators
+        discarded = self.discard_request_mask.np[: self.input_batch.num_reqs].nonzero()[0]
+        held = {
+            int(i): generators.pop(int(i))
+            for i in discarded
+            if int(i) in generators and generators[int(i)].device.type == "cpu"
+        }
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            generators.update(held)
+
+    return sample_tokens
+
+
 def apply() -> bool:
     """Install the patches in this process; returns False (and logs why) if vLLM is unsupported."""
     global _applied
@@ -261,5 +286,6 @@ def apply() -> bool:
     runner = gpu_model_runner.GPUModelRunner
     runner.propose_draft_token_ids = _wrap_propose_draft_token_ids(runner.propose_draft_token_ids)
     runner._get_spec_decode_draft_probs = lk_get_spec_decode_draft_probs
+    runner.sample_tokens = _wrap_sample_tokens(runner.sample_tokens)
     _applied = True
     return True
