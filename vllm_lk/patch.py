@@ -38,22 +38,25 @@ SUPPORTED_VLLM = ("0.32.",)
 _applied = False
 
 
-def _noise_and_uniforms(
+def _draws(
     generators: dict[int, torch.Generator],
-    rows: list[int],
-    num_uniforms: list[int],
+    num_uniforms: list[int],  # [R] U[0,1) draws wanted per row
+    k_max: int,
     vocab: int,
     device: torch.device,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-row U[0,1) draws (float64) and Exp(1) noise [len(rows), V]; seeded rows use their
-    request's generator (uniforms first, then noise), the rest the global generator."""
-    noise = torch.empty(len(rows), vocab, dtype=torch.float32, device=device).exponential_()
-    uniforms = []
-    for i, (row, count) in enumerate(zip(rows, num_uniforms)):
-        gen = generators.get(row)
-        uniforms.append(torch.rand(count, dtype=torch.float64, device=device, generator=gen))
-        if gen is not None:
-            noise[i].exponential_(generator=gen)
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([R, k_max] float64 uniforms, [R, V] Exp(1) noise)
+    """Randomness for one step: rows whose request has a seed draw from its generator (uniforms
+    first, then noise, so a seeded request's stream does not depend on its batch); the other rows
+    share one draw from the global generator."""
+    rows = len(num_uniforms)
+    uniforms = torch.rand(rows, k_max, dtype=torch.float64, device=device)
+    noise = torch.empty(rows, vocab, dtype=torch.float32, device=device).exponential_()
+    for row, gen in generators.items():
+        if row < rows:
+            count = num_uniforms[row]
+            if count:
+                uniforms[row, :count] = torch.rand(count, dtype=torch.float64, device=device, generator=gen)
+            noise[row].exponential_(generator=gen)
     return uniforms, noise
 
 
@@ -62,17 +65,18 @@ def _per_token(values: torch.Tensor | None, counts: torch.Tensor) -> torch.Tenso
 
 
 def lk_apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
-    """[N, V] target logits -> log p after temperature/top-k/top-p (masked tokens: -inf)."""
+    """[N, V] target logits -> logits / T with tokens outside top-k/top-p at -inf, in place
+    (vLLM hands this function a private float32 copy). All-greedy batches need only the argmax."""
     if sampling_metadata.all_greedy:
-        return logits  # verification only needs the argmax
+        return logits
     counts = torch.diff(cu_num_draft_tokens.to(torch.long), prepend=cu_num_draft_tokens.new_zeros(1))
-    probs = sampling.sampling_probs(
+    return sampling.sampling_logits(
         logits,
         _per_token(sampling_metadata.temperature, counts),
         _per_token(sampling_metadata.top_k, counts),
         _per_token(sampling_metadata.top_p, counts),
+        inplace=True,
     )
-    return probs.log()
 
 
 def lk_rejection_sample(
@@ -95,26 +99,24 @@ def lk_rejection_sample(
     batch, k_max = len(num_draft_tokens), max_spec_len
     device = target_logits.device
     counts = torch.tensor(num_draft_tokens, dtype=torch.long, device=device)
-    starts = torch.cumsum(counts, 0) - counts
-    slots = torch.arange(k_max, device=device)
-    flat = (starts[:, None] + slots[None, :]).clamp_max(max(target_logits.shape[0] - 1, 0))  # [B, K]
-    in_range = slots[None, :] < counts[:, None]
-
-    target_probs = target_logits.to(torch.float32).softmax(dim=-1)[flat]  # [B, K, V]
-    drafts = torch.where(in_range, draft_token_ids.to(torch.long)[flat], sampling.PLACEHOLDER)
-    padded_q = None if draft_probs is None else draft_probs.to(torch.float32)[flat]
+    rows = sampling.padded_rows(counts, k_max)  # [B, K]
+    drafts = torch.where(
+        torch.arange(k_max, device=device)[None, :] < counts[:, None],
+        draft_token_ids.to(torch.long)[rows] if draft_token_ids.numel() else torch.zeros_like(rows),
+        sampling.PLACEHOLDER,
+    )
     if sampling_metadata.all_greedy:
         is_greedy = torch.ones(batch, dtype=torch.bool, device=device)
     else:
         is_greedy = sampling_metadata.temperature == 0
-    uniform_rows, noise = _noise_and_uniforms(
-        sampling_metadata.generators, list(range(batch)), num_draft_tokens, target_probs.shape[-1], device
-    )
-    uniforms = torch.zeros(batch, k_max, dtype=torch.float64, device=device)
-    for row, draws in enumerate(uniform_rows):
-        uniforms[row, : len(draws)] = draws
-    output, num_accepted = sampling.verify(
-        drafts, counts, padded_q, target_probs, bonus_token_ids[:, 0], is_greedy, uniforms, noise
+    if sampling_metadata.all_greedy:  # argmax chain: no randomness needed
+        uniforms = torch.zeros(batch, k_max, dtype=torch.float64, device=device)
+        noise = torch.ones(batch, target_logits.shape[-1], device=device)
+    else:
+        uniforms, noise = _draws(sampling_metadata.generators, num_draft_tokens, k_max, target_logits.shape[-1], device)
+    output, _ = sampling.verify(
+        drafts, counts, draft_probs, target_logits.to(torch.float32), rows, bonus_token_ids[:, 0],
+        is_greedy, uniforms, noise,
     )
     return output.to(torch.int32)
 
@@ -139,8 +141,11 @@ def draft_sample(logits, sampling_metadata):
     row_generators = {
         row: gen for req, gen in sampling_metadata.generators.items() for row in range(req * factor, (req + 1) * factor)
     }
-    _, noise = _noise_and_uniforms(row_generators, list(range(rows)), [0] * rows, q.shape[-1], q.device)
-    draft_ids = torch.where(temperature == 0, logits.argmax(dim=-1), sampling.sample_with_noise(q, noise))
+    _, noise = _draws(row_generators, [0] * rows, 0, q.shape[-1], q.device)
+    draft_ids = sampling.sample_with_noise(q, noise)
+    greedy = temperature == 0
+    if bool(greedy.any()):
+        draft_ids = torch.where(greedy, logits.argmax(dim=-1), draft_ids)
     return draft_ids, q
 
 

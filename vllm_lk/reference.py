@@ -42,42 +42,52 @@ def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k=None, 
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def verify(draft_token_ids, num_drafts, draft_probs, target_probs, bonus_token_ids, is_greedy, uniforms, exp_noise):
+def _softmax(row) -> list[float]:
+    values = [float(x) for x in row]
+    peak = max(values)
+    weights = [math.exp(v - peak) if v != float("-inf") else 0.0 for v in values]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def verify(draft_token_ids, num_drafts, draft_probs, target_logits, token_rows, bonus_token_ids, is_greedy, uniforms, exp_noise):
     batch, k_max = draft_token_ids.shape
-    vocab = target_probs.shape[-1]
+    vocab = target_logits.shape[-1]
     output = torch.full((batch, k_max + 1), -1, dtype=torch.long)
     accepted = torch.zeros(batch, dtype=torch.long)
     for b in range(batch):
         emitted = []
         rejected_at = None
         for k in range(int(num_drafts[b])):
+            row = int(token_rows[b, k])
             x = int(draft_token_ids[b, k])
-            p = target_probs[b, k]
+            p = _softmax(target_logits[row])
             if bool(is_greedy[b]):
-                ok = x == int(p.argmax())
+                ok = x == max(range(vocab), key=lambda v: (p[v], -v))
             else:
-                q_x = 1.0 if draft_probs is None else float(draft_probs[b, k, x]) if x >= 0 else 0.0
-                ok = x >= 0 and q_x > 0 and float(uniforms[b, k]) * q_x < float(p[x])
+                q_x = 1.0 if draft_probs is None else float(draft_probs[row, x]) if x >= 0 else 0.0
+                ok = x >= 0 and q_x > 0 and float(uniforms[b, k]) * q_x < p[x]
             if not ok:
                 rejected_at = k
                 break
             emitted.append(x)
         if rejected_at is None:
             token = int(bonus_token_ids[b])
-        elif bool(is_greedy[b]):
-            token = int(target_probs[b, rejected_at].argmax())
         else:
-            p = target_probs[b, rejected_at]
-            if draft_probs is None:
-                q = torch.zeros(vocab, dtype=p.dtype)
-                x = int(draft_token_ids[b, rejected_at])
-                if x >= 0:
-                    q[x] = 1.0
+            row = int(token_rows[b, rejected_at])
+            p = _softmax(target_logits[row])
+            if bool(is_greedy[b]):
+                token = max(range(vocab), key=lambda v: (p[v], -v))
             else:
-                q = draft_probs[b, rejected_at].to(p.dtype)
-            residual = torch.tensor([max(0.0, float(p[v]) - float(q[v])) for v in range(vocab)], dtype=p.dtype)
-            dist = residual / residual.sum() if float(residual.sum()) > 0 else p
-            token = int((dist / exp_noise[b].to(dist.dtype)).argmax())
+                x = int(draft_token_ids[b, rejected_at])
+                if draft_probs is None:
+                    q = [1.0 if v == x else 0.0 for v in range(vocab)]
+                else:
+                    q = [float(w) for w in draft_probs[row]]
+                residual = [max(0.0, p[v] - q[v]) for v in range(vocab)]
+                total = sum(residual)
+                dist = [r / total for r in residual] if total > 0 else p
+                token = max(range(vocab), key=lambda v: (dist[v] / float(exp_noise[b, v]), -v))
         accepted[b] = len(emitted)
         emitted.append(token)
         output[b, : len(emitted)] = torch.tensor(emitted)

@@ -22,13 +22,14 @@ import torch
 PLACEHOLDER = -1  # output slot with no token (rejected tail), as in vLLM
 
 
-def sampling_probs(
+def sampling_logits(
     logits: torch.Tensor,  # [N, V]
     temperature: torch.Tensor,  # [N]; rows with 0 (greedy) are scaled by 1
     top_k: torch.Tensor | None = None,  # [N] int; >= V or <= 0 keeps everything
     top_p: torch.Tensor | None = None,  # [N] float; 1.0 keeps everything
-) -> torch.Tensor:  # [N, V], rows sum to 1, in logits' dtype (>= float32)
-    """softmax(logits / T) restricted to the top-k tokens, then to the top-p nucleus.
+    inplace: bool = False,  # scale ``logits`` in place (it must be float32/float64)
+) -> torch.Tensor:  # [N, V]: logits / T with tokens outside top-k/top-p at -inf
+    """The request's sampling transforms; softmax of the result is the distribution sampled.
 
     The same rules as vLLM's sampler (``apply_top_k_top_p``), so a speculative step samples from
     exactly the distribution the request gets without speculation: top-k keeps every token whose
@@ -39,22 +40,38 @@ def sampling_probs(
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     vocab = logits.shape[1]
     temperature = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).to(dtype)
-    scaled = logits.to(dtype) / temperature[:, None]
-    if top_k is None and top_p is None:
-        return scaled.softmax(dim=-1)
-    sorted_logits, order = scaled.sort(dim=-1, stable=True)  # ascending
+    if inplace and logits.dtype == dtype:
+        scaled = logits.div_(temperature[:, None])
+    else:
+        scaled = logits.to(dtype) / temperature[:, None]
+    if (top_k is None and top_p is None) or scaled.shape[0] == 0:
+        return scaled
     if top_k is not None:
         k = top_k.to(torch.long)
         k = torch.where((k <= 0) | (k > vocab), torch.full_like(k, vocab), k)
+        if top_p is None:  # top-k alone needs no full sort
+            kth_largest = scaled.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+            return scaled.masked_fill_(scaled < kth_largest, float("-inf"))
+    sorted_logits, order = scaled.sort(dim=-1, stable=True)  # ascending
+    if top_k is not None:
         kth_largest = sorted_logits.gather(1, (vocab - k)[:, None])
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
+        sorted_logits.masked_fill_(sorted_logits < kth_largest, float("-inf"))
     if top_p is not None:
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum_(dim=-1)
         drop = cumulative <= (1 - top_p.to(dtype))[:, None]
         drop[:, -1] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    restricted = torch.empty_like(scaled).scatter_(1, order, sorted_logits)
-    return restricted.softmax(dim=-1)
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    return scaled.scatter_(1, order, sorted_logits)
+
+
+def sampling_probs(
+    logits: torch.Tensor,  # [N, V]
+    temperature: torch.Tensor,  # [N]
+    top_k: torch.Tensor | None = None,  # [N]
+    top_p: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [N, V], rows sum to 1, float32 (float64 for float64 logits)
+    """softmax(logits / T) restricted to the top-k tokens, then to the top-p nucleus."""
+    return sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
 
 
 def acceptance_rate(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
@@ -87,8 +104,9 @@ def sample_with_noise(
 def verify(
     draft_token_ids: torch.Tensor,  # [B, K] int; slots at or past num_drafts are ignored
     num_drafts: torch.Tensor,  # [B] int, 0..K
-    draft_probs: torch.Tensor | None,  # [B, K, V] q the drafts were sampled from; None: one-hot q
-    target_probs: torch.Tensor,  # [B, K, V] p at each draft position
+    draft_probs: torch.Tensor | None,  # [N, V] q the drafts were drawn from; None: one-hot q
+    target_logits: torch.Tensor,  # [N, V] p = softmax(target_logits) at each draft position
+    token_rows: torch.Tensor,  # [B, K] long: row of slot (b, k) in the [N, V] tensors
     bonus_token_ids: torch.Tensor,  # [B] int, drawn from p at position num_drafts (argmax if greedy)
     is_greedy: torch.Tensor,  # [B] bool, temperature 0
     uniforms: torch.Tensor,  # [B, K] U[0, 1) draws for acceptance
@@ -102,44 +120,51 @@ def verify(
     draws it with its own sampler, penalties and all). A draft with q(x) = 0 or a negative id is
     rejected: it cannot have been drawn from q. One-hot q (``draft_probs=None``) is exact only for
     drafts that were chosen deterministically (argmax, n-gram).
+
+    The [N, V] tensors stay flat, as vLLM lays them out (requests' draft positions back to back):
+    the step reads one log-sum-exp per row, the drafted tokens' entries, and full rows only at
+    each request's stopping position, so its cost is one pass over the target logits.
     """
     batch, k_max = draft_token_ids.shape
-    vocab = target_probs.shape[-1]
+    vocab = target_logits.shape[-1]
     assert num_drafts.shape == (batch,) and is_greedy.shape == (batch,) and bonus_token_ids.shape == (batch,)
-    assert target_probs.shape == (batch, k_max, vocab), target_probs.shape
-    assert uniforms.shape == (batch, k_max) and exp_noise.shape == (batch, vocab)
-    assert draft_probs is None or draft_probs.shape == (batch, k_max, vocab), draft_probs.shape
-    device = target_probs.device
+    assert token_rows.shape == (batch, k_max) and uniforms.shape == (batch, k_max)
+    assert exp_noise.shape == (batch, vocab), exp_noise.shape
+    assert draft_probs is None or draft_probs.shape == target_logits.shape, (draft_probs.shape, target_logits.shape)
+    device = target_logits.device
     rows = torch.arange(batch, device=device)
     output = torch.full((batch, k_max + 1), PLACEHOLDER, dtype=torch.long, device=device)
-    if k_max == 0:
+    if k_max == 0 or target_logits.shape[0] == 0:
         output[:, 0] = bonus_token_ids
         return output, torch.zeros(batch, dtype=torch.long, device=device)
     in_range = torch.arange(k_max, device=device)[None, :] < num_drafts[:, None]  # [B, K]
     drafts = draft_token_ids.to(torch.long)
-    safe_drafts = drafts.clamp_min(0)[..., None]  # [B, K, 1]
-
-    target_argmax = target_probs.argmax(dim=-1)  # [B, K]
-    p_draft = target_probs.gather(-1, safe_drafts)[..., 0]  # [B, K]
+    safe_drafts = drafts.clamp_min(0)  # [B, K]
+    log_norm = torch.logsumexp(target_logits, dim=-1)  # [N]
+    p_draft = (target_logits[token_rows, safe_drafts] - log_norm[token_rows]).exp()  # [B, K]
     if draft_probs is None:
         q_draft = torch.ones_like(p_draft)
     else:
-        q_draft = draft_probs.gather(-1, safe_drafts)[..., 0].to(p_draft.dtype)
+        q_draft = draft_probs[token_rows, safe_drafts].to(p_draft.dtype)
     accept_sampled = (q_draft > 0) & (uniforms.to(p_draft.dtype) * q_draft < p_draft)
-    accept_greedy = drafts == target_argmax
-    accept = torch.where(is_greedy[:, None], accept_greedy, accept_sampled) & in_range & (drafts >= 0)
+    accept = accept_sampled
+    if bool(is_greedy.any()):
+        target_argmax = target_logits.argmax(dim=-1)[token_rows]  # [B, K]
+        accept = torch.where(is_greedy[:, None], drafts == target_argmax, accept_sampled)
+    accept = accept & in_range & (drafts >= 0)
     num_accepted = accept.to(torch.long).cumprod(dim=1).sum(dim=1)  # [B]
 
     # After a rejection at slot j = num_accepted: residual sample (argmax of p_j if greedy).
     slot = num_accepted.clamp_max(k_max - 1)
-    p_slot = target_probs[rows, slot]  # [B, V]
+    slot_rows = token_rows[rows, slot]  # [B]
+    p_slot = target_logits[slot_rows].softmax(dim=-1)  # [B, V]
     if draft_probs is None:
-        q_slot = torch.nn.functional.one_hot(safe_drafts[rows, slot, 0], vocab).to(p_slot.dtype)
-        q_slot = q_slot * (drafts[rows, slot] >= 0)[:, None]
+        q_slot = torch.nn.functional.one_hot(safe_drafts[rows, slot], vocab).to(p_slot.dtype)
+        q_slot *= (drafts[rows, slot] >= 0)[:, None]
     else:
-        q_slot = draft_probs[rows, slot].to(p_slot.dtype)
+        q_slot = draft_probs[slot_rows].to(p_slot.dtype)
     residual_token = sample_with_noise(residual_probs(p_slot, q_slot), exp_noise.to(p_slot.dtype))
-    residual_token = torch.where(is_greedy, target_argmax[rows, slot], residual_token)
+    residual_token = torch.where(is_greedy, p_slot.argmax(dim=-1), residual_token)
     rejected = num_accepted < num_drafts
     stop_token = torch.where(rejected, residual_token, bonus_token_ids.to(torch.long))
 
@@ -147,3 +172,12 @@ def verify(
     output[:, :k_max] = torch.where(positions < num_accepted[:, None], drafts, PLACEHOLDER)
     output[rows, num_accepted] = stop_token
     return output, num_accepted
+
+
+def padded_rows(num_drafts: torch.Tensor, k_max: int) -> torch.Tensor:  # [B, K] long
+    """``token_rows`` for drafts laid out back to back ([N, V] with N = sum num_drafts); slots past
+    a request's drafts point at a valid row and are masked by ``num_drafts``."""
+    counts = num_drafts.to(torch.long)
+    starts = torch.cumsum(counts, 0) - counts
+    rows = starts[:, None] + torch.arange(k_max, device=counts.device)[None, :]
+    return rows.clamp(0, max(int(counts.sum()) - 1, 0))

@@ -28,23 +28,28 @@ def make_llm(target, draft, method="draft_model"):
 
     return LLM(
         model=str(target), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1,
-        max_model_len=512, seed=0, disable_log_stats=False,
+        max_model_len=512, seed=0, per_request_spec_decode_metrics="detailed",
         speculative_config={"method": method, "model": str(draft), "num_speculative_tokens": K},
     )
 
 
-def spec_counters(llm) -> tuple[float, list[float]]:
-    metrics = {m.name: m for m in llm.get_metrics()}
-    return metrics["vllm:spec_decode_num_drafts"].value, list(metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values)
+def acceptance_counts(outputs) -> tuple[list[int], list[int]]:
+    """Per draft position: (steps that drafted it, steps that accepted it), from each request's
+    own per-step record (engine-wide Prometheus counters are shared by every LLM in a process)."""
+    drafted, accepted = [0] * K, [0] * K
+    for out in outputs:
+        metrics = out.outputs[0].spec_decode_metrics
+        for num_drafted, num_accepted in zip(metrics.per_step_drafted, metrics.per_step_accepted):
+            for k in range(num_drafted):
+                drafted[k] += 1
+                accepted[k] += k < num_accepted
+    return drafted, accepted
 
 
-def per_position_acceptance(llm, run) -> list[float]:
-    """Acceptance per draft position over the requests ``run()`` generates."""
-    drafts0, accepted0 = spec_counters(llm)
-    run()
-    drafts1, accepted1 = spec_counters(llm)
-    assert drafts1 > drafts0, "no speculative steps happened"
-    return [(a1 - a0) / (drafts1 - drafts0) for a0, a1 in zip(accepted0, accepted1)]
+def per_position_acceptance(outputs) -> list[float]:
+    drafted, accepted = acceptance_counts(outputs)
+    assert drafted[0] > 0, "no speculative steps happened"
+    return [a / d for a, d in zip(accepted, drafted)]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +96,7 @@ def test_identical_draft_is_always_accepted(identity_llm, params):
 
     prompts = ["def main(", "import os\n", "class Stack:\n", "x = "] * 4
     sp = SamplingParams(max_tokens=32, ignore_eos=True, **params)
-    acceptance = per_position_acceptance(identity_llm, lambda: identity_llm.generate(prompts, sp, use_tqdm=False))
+    acceptance = per_position_acceptance(identity_llm.generate(prompts, sp, use_tqdm=False))
     assert len(acceptance) == K
     assert min(acceptance) >= 0.98, acceptance
 
@@ -115,14 +120,18 @@ def next_token_probs(model, prefixes: list[list[int]], temperature, top_k=None, 
     )
 
 
-def generate_tokens(llm, prompt_ids, count, max_tokens, seeded=True, **params):
+def generate(llm, prompt_ids, count, max_tokens, seeded=True, **params):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=prompt_ids)] * count
     sps = [SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=1000 + i if seeded else None, **params)
            for i in range(count)]
-    return [list(out.outputs[0].token_ids) for out in llm.generate(prompts, sps, use_tqdm=False)]
+    return llm.generate(prompts, sps, use_tqdm=False)
+
+
+def generate_tokens(llm, prompt_ids, count, max_tokens, seeded=True, **params):
+    return [list(out.outputs[0].token_ids) for out in generate(llm, prompt_ids, count, max_tokens, seeded, **params)]
 
 
 @pytest.mark.parametrize("temperature,seeded", [(1.0, True), (0.6, False)], ids=["T1-seeded", "T0.6-unseeded"])
@@ -174,7 +183,7 @@ def test_sampled_drafts_are_accepted_below_one_but_not_never(any_drafter_llm):
 
     llm = any_drafter_llm
     sp = SamplingParams(max_tokens=24, ignore_eos=True, temperature=1.0)
-    acceptance = per_position_acceptance(llm, lambda: llm.generate(["import ", "def f("] * 8, sp, use_tqdm=False))
+    acceptance = per_position_acceptance(llm.generate(["import ", "def f("] * 8, sp, use_tqdm=False))
     assert 0.0 < acceptance[0] < 0.98, acceptance
 
 
@@ -233,13 +242,11 @@ def test_per_position_acceptance_matches_sum_of_min(spec_llm, target_model, tiny
         analytic.append(sum(level.values()))
 
     n = 4000
-    drafts0, accepted0 = spec_counters(spec_llm)
-    generate_tokens(spec_llm, prompt, n, max_tokens=2, **params)
-    drafts1, accepted1 = spec_counters(spec_llm)
-    steps = drafts1 - drafts0
-    assert steps == n, "expected exactly one speculative step per request"
+    drafted, accepted = acceptance_counts(generate(spec_llm, prompt, n, max_tokens=2, **params))
+    assert drafted == [n] * K, "expected exactly one speculative step of K drafts per request"
+    steps = n
     for k in range(K):
-        measured = (accepted1[k] - accepted0[k]) / steps
+        measured = accepted[k] / steps
         sigma = (analytic[k] * (1 - analytic[k]) / steps) ** 0.5
         assert abs(measured - analytic[k]) <= 3 * sigma, (k, measured, analytic[k], sigma)
 

@@ -43,6 +43,12 @@ def test_sampling_probs_matches_reference(vocab):
             torch.testing.assert_close(fast.sum(-1), torch.ones(6), rtol=0, atol=1e-12)
 
 
+def test_sampling_transforms_accept_an_empty_batch():
+    empty = torch.zeros(0, 7)
+    for k, p in ((None, None), (torch.zeros(0, dtype=torch.long), None), (None, torch.zeros(0)), (torch.zeros(0, dtype=torch.long), torch.zeros(0))):
+        assert sampling.sampling_probs(empty, torch.zeros(0), k, p).shape == (0, 7)
+
+
 def test_sampling_probs_uses_vllms_top_k_top_p_rules():
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
@@ -59,26 +65,30 @@ def test_sampling_probs_uses_vllms_top_k_top_p_rules():
 
 
 def random_verify_inputs(gen, batch, k_max, vocab, with_q=True):
-    draft_probs = torch.softmax(torch.randn(batch, k_max, vocab, generator=gen) * 2, -1) if with_q else None
-    target_probs = torch.softmax(torch.randn(batch, k_max + 1, vocab, generator=gen) * 2, -1)
-    target_probs[0] = torch.nn.functional.one_hot(torch.arange(k_max + 1) % vocab, vocab)  # point masses
+    """Flat vLLM layout: the drafts of all requests back to back in [N, V] tensors."""
+    num_drafts = torch.randint(0, k_max + 1, (batch,), generator=gen)
+    num_drafts[:3] = k_max
+    rows = sampling.padded_rows(num_drafts, k_max)
+    n = int(num_drafts.sum())
+    target_logits = torch.randn(n, vocab, generator=gen) * 2
+    target_logits[0] = float("-inf")  # a point mass
+    target_logits[0, 1] = 0.0
     drafts = torch.randint(0, vocab, (batch, k_max), generator=gen)
     drafts[1, 0] = -1  # an invalid draft id is always rejected
-    if with_q:
-        draft_probs[2, 0] = 0.0
-        draft_probs[2, 0, drafts[2, 0]] = 0.0  # q(x) = 0: cannot have been drawn, rejected
-        draft_probs[2, 0, (drafts[2, 0] + 1) % vocab] = 1.0
-    num_drafts = torch.randint(0, k_max + 1, (batch,), generator=gen)
+    draft_probs = torch.softmax(torch.randn(n, vocab, generator=gen) * 2, -1) if with_q else None
+    if with_q:  # q(x) = 0 for the drafted token: cannot have been drawn, rejected
+        row = int(rows[2, 0])
+        draft_probs[row] = 0.0
+        draft_probs[row, (drafts[2, 0] + 1) % vocab] = 1.0
     greedy = torch.rand(batch, generator=gen) < 0.3
     uniforms = torch.rand(batch, k_max, generator=gen)
     noise = torch.empty(batch, vocab).exponential_(generator=gen)
-    bonus = bonus_tokens(target_probs, num_drafts, greedy, gen)
-    return drafts, num_drafts, draft_probs, target_probs[:, :k_max], bonus, greedy, uniforms, noise
+    bonus = bonus_tokens(torch.softmax(torch.randn(batch, vocab, generator=gen), -1), greedy, gen)
+    return drafts, num_drafts, draft_probs, target_logits, rows, bonus, greedy, uniforms, noise
 
 
-def bonus_tokens(target_probs, num_drafts, greedy, gen):
+def bonus_tokens(p_bonus, greedy, gen):
     """What vLLM's sampler gives: a draw from p at the bonus position (argmax when greedy)."""
-    p_bonus = target_probs[torch.arange(len(num_drafts)), num_drafts]
     drawn = torch.multinomial(p_bonus, 1, generator=gen)[:, 0]
     return torch.where(greedy, p_bonus.argmax(-1), drawn)
 
@@ -96,23 +106,24 @@ def test_verify_equals_the_plain_loop(with_q, k_max, vocab):
 
 
 def test_verify_acceptance_threshold_is_p_over_q():
-    p = torch.tensor([[[0.2, 0.5, 0.3]]])
-    q = torch.tensor([[[0.4, 0.4, 0.2]]])
+    logits = torch.tensor([[0.2, 0.5, 0.3]]).log()
+    q = torch.tensor([[0.4, 0.4, 0.2]])
+    rows = torch.tensor([[0]])
     bonus = torch.tensor([2])
     draft = torch.tensor([[0]])  # p/q = 0.5
     noise = torch.ones(1, 3)
     for u, expected in ((0.4999999, 1), (0.5000001, 0)):
-        _, acc = sampling.verify(draft, torch.tensor([1]), q, p, bonus, torch.tensor([False]), torch.tensor([[u]]), noise)
+        _, acc = sampling.verify(draft, torch.tensor([1]), q, logits, rows, bonus, torch.tensor([False]), torch.tensor([[u]]), noise)
         assert int(acc) == expected
     draft = torch.tensor([[1]])  # p/q = 1.25 >= 1: always accepted
-    _, acc = sampling.verify(draft, torch.tensor([1]), q, p, bonus, torch.tensor([False]), torch.tensor([[0.9999999]]), noise)
+    _, acc = sampling.verify(draft, torch.tensor([1]), q, logits, rows, bonus, torch.tensor([False]), torch.tensor([[0.9999999]]), noise)
     assert int(acc) == 1
 
 
 def test_greedy_rows_follow_the_argmax_chain():
-    p = torch.softmax(torch.tensor([[[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]]]), -1)
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
     bonus = torch.tensor([2])  # argmax at the bonus position
-    args = (p, bonus, torch.tensor([True]), torch.zeros(1, 2), torch.ones(1, 3))
+    args = (logits, torch.tensor([[0, 1]]), bonus, torch.tensor([True]), torch.zeros(1, 2), torch.ones(1, 3))
     out, acc = sampling.verify(torch.tensor([[1, 0]]), torch.tensor([2]), None, *args)
     assert out.tolist() == [[1, 0, 2]] and int(acc) == 2
     out, acc = sampling.verify(torch.tensor([[1, 2]]), torch.tensor([2]), None, *args)
@@ -265,9 +276,10 @@ def test_chi_square_verify_samples_the_target(transform, greedy_share):
     draft_probs = torch.stack([Q[code(drafts[:, :k])] for k in range(k_max)], 1)
     greedy = torch.rand(n, generator=gen) < greedy_share
     num_drafts = torch.full((n,), k_max)
-    bonus = bonus_tokens(target_probs, num_drafts, greedy, gen)
+    bonus = bonus_tokens(target_probs[:, k_max], greedy, gen)
     out, _ = sampling.verify(
-        drafts, num_drafts, draft_probs, target_probs[:, :k_max], bonus, greedy,
+        drafts, num_drafts, draft_probs.reshape(n * k_max, vocab), target_probs[:, :k_max].log().reshape(n * k_max, vocab),
+        sampling.padded_rows(num_drafts, k_max), bonus, greedy,
         torch.rand(n, k_max, generator=gen), torch.empty(n, vocab).exponential_(generator=gen),
     )
     sampled = ~greedy

@@ -1,0 +1,109 @@
+"""Verification and draft-sampling cost per engine step: vllm_lk vs stock vLLM 0.32 (CPU).
+
+Times the functions the plugin replaces, on the same inputs, side by side in one process:
+  verify: apply_sampling_constraints + rejection_sample (stock C++ kernels vs vllm_lk.sampling)
+  draft:  the draft-token sampler (stock compute_probs_and_sample_next_token vs vllm_lk's)
+Stock runs at temperature only (with top_k it crashes the engine on CPU); vllm_lk is also timed
+with top-k/top-p. Writes JSON (--json) and prints a table.
+
+    python benchmarks/verify_cost.py --vocab 4096 32000 --json results/verify_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def sampling_metadata(batch: int, temperature: float, top_k: int | None, top_p: float | None, seeded: bool):
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    return SamplingMetadata(
+        temperature=torch.full((batch,), temperature, dtype=torch.float32),
+        all_greedy=False, all_random=True,
+        top_p=None if top_p is None else torch.full((batch,), top_p, dtype=torch.float32),
+        top_k=None if top_k is None else torch.full((batch,), top_k, dtype=torch.int32),
+        generators={i: torch.Generator().manual_seed(i) for i in range(batch)} if seeded else {},
+        max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
+        frequency_penalties=torch.zeros(batch), presence_penalties=torch.zeros(batch),
+        repetition_penalties=torch.ones(batch), output_token_ids=[[] for _ in range(batch)],
+        allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors(),
+    )
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[4096, 32000])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--k", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import rejection_sampler as rs
+    from vllm.v1.spec_decode import llm_base_proposer
+
+    current_platform.register_triton_kernel_overrides()  # the stock CPU kernels, as in a worker
+    stock = (rs.apply_sampling_constraints, rs.rejection_sample, llm_base_proposer.compute_probs_and_sample_next_token)
+    from vllm_lk import patch
+
+    torch.manual_seed(0)
+    rows = []
+    for vocab in args.vocab:
+        for batch in args.batch:
+            for k in args.k:
+                n = batch * k
+                target_logits = torch.randn(n, vocab)
+                draft_logits = torch.randn(batch, vocab)
+                draft_probs = torch.softmax(torch.randn(n, vocab), -1)
+                drafts = torch.multinomial(draft_probs, 1)[:, 0].to(torch.int32)
+                cu = torch.arange(1, batch + 1, dtype=torch.int32) * k
+                bonus = torch.randint(0, vocab, (batch, 1), dtype=torch.int64)
+                plain = sampling_metadata(batch, 0.8, None, None, seeded=False)
+                filtered = sampling_metadata(batch, 0.8, 50, 0.9, seeded=True)
+
+                def verify(asc, rej, sm):
+                    logits = asc(target_logits.clone(), cu, sm)
+                    return rej(drafts, [k] * batch, k, cu, draft_probs, logits, bonus, sm)
+
+                row = {"vocab": vocab, "batch": batch, "k": k}
+                row["stock_verify_ms"] = median_ms(lambda: verify(stock[0], stock[1], plain), args.repeats)
+                row["lk_verify_ms"] = median_ms(
+                    lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, plain), args.repeats)
+                row["lk_verify_topk_topp_seeded_ms"] = median_ms(
+                    lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, filtered), args.repeats)
+                row["stock_draft_ms"] = median_ms(lambda: stock[2](draft_logits.clone(), plain, False), args.repeats)
+                row["lk_draft_ms"] = median_ms(lambda: patch.draft_sample(draft_logits, plain), args.repeats)
+                row["verify_ratio"] = row["lk_verify_ms"] / row["stock_verify_ms"]
+                row["draft_ratio"] = row["lk_draft_ms"] / row["stock_draft_ms"]
+                rows.append(row)
+                print(
+                    f"V={vocab:6d} B={batch:3d} K={k}  verify stock {row['stock_verify_ms']:7.3f} ms  "
+                    f"lk {row['lk_verify_ms']:7.3f} ms ({row['verify_ratio']:.2f}x)  "
+                    f"lk+topk/topp/seeds {row['lk_verify_topk_topp_seeded_ms']:7.3f} ms  |  "
+                    f"draft stock {row['stock_draft_ms']:6.3f} lk {row['lk_draft_ms']:6.3f} ({row['draft_ratio']:.2f}x)",
+                    flush=True,
+                )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
