@@ -68,6 +68,14 @@ def tiny_medusa(tiny_target, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mlp(tiny_target, tmp_path_factory) -> Path:
+    """MLP speculator (3 stages, untied) for ``tiny_target``."""
+    from tests.heads import write_mlp_speculator
+
+    return write_mlp_speculator(tiny_target, tmp_path_factory.mktemp("models") / "tiny-mlp", n_predict=3)
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 

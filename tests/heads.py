@@ -100,3 +100,34 @@ def _save(out: Path, config: dict, tensors: dict) -> Path:
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
     return out
+
+
+def write_mlp_speculator(target_dir: Path, out: Path, n_predict: int, tie_weights: bool = False, seed: int = 0) -> Path:
+    """An MLP speculator (MLPSpeculatorPreTrainedModel, IBM fms-extras layout) with inner_dim =
+    emb_dim = the target's hidden size; heads start from the target's lm_head."""
+    config, weights = _target(target_dir)
+    gen = torch.Generator().manual_seed(seed)
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    stages = 1 if tie_weights else n_predict
+    tensors = {}
+    for i in range(stages):
+        tensors[f"speculator.emb.{i}.weight"] = torch.randn(vocab, hidden, generator=gen) * 0.5
+        tensors[f"speculator.ln.{i}.weight"] = torch.ones(hidden)
+        tensors[f"speculator.ln.{i}.bias"] = torch.zeros(hidden)
+        tensors[f"speculator.head.{i}.weight"] = weights["lm_head.weight"].clone()
+    for i in range(2 if tie_weights else n_predict):
+        tensors[f"speculator.proj.{i}.weight"] = torch.randn(hidden, hidden, generator=gen) / hidden**0.5
+    head_config = {
+        "architectures": ["MLPSpeculatorPreTrainedModel"],
+        "model_type": "mlp_speculator",
+        "vocab_size": vocab,
+        "emb_dim": hidden,
+        "inner_dim": hidden,
+        "n_predict": n_predict,
+        "top_k_tokens_per_head": [1] * n_predict,
+        "n_candidates": 1,
+        "tie_weights": tie_weights,
+        "scale_input": True,
+        "torch_dtype": "float32",
+    }
+    return _save(out, head_config, tensors)

@@ -8,7 +8,8 @@ What it changes, and why (details in docs/verification.md):
    result back (the values are uninitialised memory), so T > 0 verification is lossy on CPU and
    top-k crashes. Ours expands with ``repeat_interleave`` and applies vLLM's own top-k/top-p rules.
    Penalties, bad words and the bonus-token sampler stay vLLM's.
-2. Drafting (``SpecDecodeBaseProposer``: draft_model, eagle, eagle3, mtp, dflash; and MEDUSA): drafts are
+2. Drafting (``SpecDecodeBaseProposer``: draft_model, eagle, eagle3, mtp, dflash; MEDUSA; and the
+   MLP speculator, whose model class and proposer vLLM 0.32 lacks — vllm_lk.heads): drafts are
    sampled from q = softmax(draft_logits / T) after the request's top-k/top-p, with the request's
    generator when it has a seed, and that q goes to verification. Stock vLLM drafts argmax by
    default and, in "probabilistic" mode, ignores top-k/top-p and seeds.
@@ -31,33 +32,12 @@ import os
 import torch
 
 from vllm_lk import sampling
+from vllm_lk.proposers import LKMLPProposer, draft_sample, draws, lk_medusa_propose, take_last_draft_probs
 
 logger = logging.getLogger("vllm.plugins.vllm_lk.patch")
 
 SUPPORTED_VLLM = ("0.32.",)
 _applied = False
-
-
-def _draws(
-    generators: dict[int, torch.Generator],
-    num_uniforms: list[int],  # [R] U[0,1) draws wanted per row
-    k_max: int,
-    vocab: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:  # ([R, k_max] float64 uniforms, [R, V] Exp(1) noise)
-    """Randomness for one step: rows whose request has a seed draw from its generator (uniforms
-    first, then noise, so a seeded request's stream does not depend on its batch); the other rows
-    share one draw from the global generator."""
-    rows = len(num_uniforms)
-    uniforms = torch.rand(rows, k_max, dtype=torch.float64, device=device)
-    noise = torch.empty(rows, vocab, dtype=torch.float32, device=device).exponential_()
-    for row, gen in generators.items():
-        if row < rows:
-            count = num_uniforms[row]
-            if count:
-                uniforms[row, :count] = torch.rand(count, dtype=torch.float64, device=device, generator=gen)
-            noise[row].exponential_(generator=gen)
-    return uniforms, noise
 
 
 def _per_token(values: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor | None:
@@ -113,59 +93,12 @@ def lk_rejection_sample(
         uniforms = torch.zeros(batch, k_max, dtype=torch.float64, device=device)
         noise = torch.ones(batch, target_logits.shape[-1], device=device)
     else:
-        uniforms, noise = _draws(sampling_metadata.generators, num_draft_tokens, k_max, target_logits.shape[-1], device)
+        uniforms, noise = draws(sampling_metadata.generators, num_draft_tokens, k_max, target_logits.shape[-1], device)
     output, _ = sampling.verify(
         drafts, counts, draft_probs, target_logits.to(torch.float32), rows, bonus_token_ids[:, 0],
         is_greedy, uniforms, noise,
     )
     return output.to(torch.int32)
-
-
-def draft_sample(logits, sampling_metadata):
-    """Draft tokens drawn from q = sampling_probs(draft logits), and q ([R, V] float32).
-
-    ``logits`` has one row per request, or K rows per request (request-major) for parallel
-    drafting. Greedy requests get the argmax (their q is never used by verification).
-    """
-    if sampling_metadata.all_greedy:
-        return logits.argmax(dim=-1), None
-    rows = logits.shape[0]
-    factor = rows // sampling_metadata.temperature.shape[0]
-
-    def expand(values):
-        return values if values is None or factor == 1 else values.repeat_interleave(factor)
-
-    temperature = expand(sampling_metadata.temperature)
-    q = sampling.sampling_probs(logits, temperature, expand(sampling_metadata.top_k), expand(sampling_metadata.top_p))
-    q = q.to(torch.float32)
-    row_generators = {
-        row: gen for req, gen in sampling_metadata.generators.items() for row in range(req * factor, (req + 1) * factor)
-    }
-    _, noise = _draws(row_generators, [0] * rows, 0, q.shape[-1], q.device)
-    draft_ids = sampling.sample_with_noise(q, noise)
-    greedy = temperature == 0
-    if bool(greedy.any()):
-        draft_ids = torch.where(greedy, logits.argmax(dim=-1), draft_ids)
-    return draft_ids, q
-
-
-def lk_sample_from_logits(self, logits, sampling_metadata):
-    return draft_sample(logits, sampling_metadata)
-
-
-def lk_medusa_propose(self, num_speculative_tokens, target_hidden_states, sampling_metadata, slot_mappings=None):
-    """MEDUSA: head k's q is its own softmax (it sees the same hidden state as every head);
-    stock vLLM drafts argmax and gives no q."""
-    assert num_speculative_tokens == self.num_speculative_tokens
-    head_logits = self.model.compute_logits(self.model(target_hidden_states))  # K x [B, V]
-    drafts = [draft_sample(logits, sampling_metadata) for logits in head_logits]
-    probs = [q for _, q in drafts]
-    self._lk_last_draft_probs = None if any(q is None for q in probs) else torch.stack(probs, dim=1)  # [B, K, V]
-    return torch.stack([ids for ids, _ in drafts], dim=1)
-
-
-def _take_last_draft_probs(self):
-    return self.__dict__.get("_lk_last_draft_probs")
 
 
 def _wrap_proposer_init(original):
@@ -188,10 +121,34 @@ def _wrap_proposer_init(original):
 ONE_HOT = "one-hot"  # marker: this request's drafts were chosen deterministically
 
 
+def _last_token_rows(sample_hidden_states, sampled_token_ids, spec_decode_metadata):
+    """[B, H]: each request's hidden state at its last sampled token (as vLLM's MEDUSA path)."""
+    if spec_decode_metadata is None or sample_hidden_states.shape[0] == len(sampled_token_ids):
+        return sample_hidden_states
+    indices, offset = [], 0
+    for num_draft, tokens in zip(spec_decode_metadata.num_draft_tokens, sampled_token_ids):
+        indices.append(offset + max(len(tokens), 1) - 1)
+        offset += num_draft + 1
+    return sample_hidden_states[indices]
+
+
+def _propose_mlp(runner, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                 sample_hidden_states, aux_hidden_states, spec_decode_metadata, *rest, **kwargs):
+    runner._draft_probs = None
+    runner._draft_prob_req_ids = None
+    hidden = _last_token_rows(sample_hidden_states, sampled_token_ids, spec_decode_metadata)
+    last = torch.tensor([t[-1] if len(t) else 0 for t in sampled_token_ids], dtype=torch.long, device=hidden.device)
+    drafts = runner.drafter.propose_mlp(hidden, last, sampling_metadata)
+    return drafts
+
+
 def _wrap_propose_draft_token_ids(original):
     @functools.wraps(original)
     def propose_draft_token_ids(self, *args, **kwargs):
-        drafts = original(self, *args, **kwargs)
+        if isinstance(self.drafter, LKMLPProposer):
+            drafts = _propose_mlp(self, *args, **kwargs)
+        else:
+            drafts = original(self, *args, **kwargs)
         if self._draft_probs is None and hasattr(self.drafter, "take_last_draft_probs"):
             # drafters the runner does not ask for q (MEDUSA)
             probs = self.drafter.take_last_draft_probs()
@@ -262,6 +219,27 @@ def _wrap_sample_tokens(original):
     return sample_tokens
 
 
+def _wrap_runner_init(original, runner_module):
+    """Build vllm_lk's proposer for method="mlp_speculator" (stock 0.32 raises "Unknown
+    speculative decoding method"): route it through the runner's pluggable custom-class branch."""
+    stock_factory = runner_module.create_custom_proposer
+
+    @functools.wraps(original)
+    def __init__(self, vllm_config, *args, **kwargs):
+        spec = vllm_config.speculative_config
+        if spec is None or spec.method != "mlp_speculator":
+            return original(self, vllm_config, *args, **kwargs)
+        spec.method = "custom_class"
+        runner_module.create_custom_proposer = LKMLPProposer
+        try:
+            original(self, vllm_config, *args, **kwargs)
+        finally:
+            spec.method = "mlp_speculator"
+            runner_module.create_custom_proposer = stock_factory
+
+    return __init__
+
+
 def apply() -> bool:
     """Install the patches in this process; returns False (and logs why) if vLLM is unsupported."""
     global _applied
@@ -285,10 +263,16 @@ def apply() -> bool:
     rejection_sampler.rejection_sample = lk_rejection_sample
     proposer = llm_base_proposer.SpecDecodeBaseProposer
     proposer.__init__ = _wrap_proposer_init(proposer.__init__)
-    proposer._sample_from_logits = lk_sample_from_logits
+    proposer._sample_from_logits = lambda self, logits, sampling_metadata: draft_sample(logits, sampling_metadata)
     medusa.MedusaProposer.propose = lk_medusa_propose
-    medusa.MedusaProposer.take_last_draft_probs = _take_last_draft_probs
+    medusa.MedusaProposer.take_last_draft_probs = take_last_draft_probs
+    from vllm import ModelRegistry
+
+    from vllm_lk.heads.mlp_speculator import ARCHITECTURE, LKMLPSpeculator
+
+    ModelRegistry.register_model(ARCHITECTURE, LKMLPSpeculator)
     runner = gpu_model_runner.GPUModelRunner
+    runner.__init__ = _wrap_runner_init(runner.__init__, gpu_model_runner)
     runner.propose_draft_token_ids = _wrap_propose_draft_token_ids(runner.propose_draft_token_ids)
     runner._get_spec_decode_draft_probs = lk_get_spec_decode_draft_probs
     runner.sample_tokens = _wrap_sample_tokens(runner.sample_tokens)

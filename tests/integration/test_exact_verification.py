@@ -67,13 +67,17 @@ def spec_llm(tiny_target, tiny_draft):
     llm.llm_engine.engine_core.shutdown()
 
 
-@pytest.fixture(scope="module", params=["draft_model", "eagle3", "medusa"])
+HEAD_FIXTURES = {"eagle3": "tiny_eagle3", "medusa": "tiny_medusa", "mlp_speculator": "tiny_mlp"}
+
+
+@pytest.fixture(scope="module", params=["draft_model", "eagle3", "medusa", "mlp_speculator"])
 def any_drafter_llm(request, tiny_target):
-    """One engine per drafter kind (EAGLE-3 with a truncated draft vocabulary)."""
+    """One engine per drafter kind (EAGLE-3 with a truncated draft vocabulary; the MLP
+    speculator runs on vllm_lk's own model class and proposer)."""
     if request.param == "draft_model":
         yield request.getfixturevalue("spec_llm")
         return
-    head = request.getfixturevalue("tiny_eagle3" if request.param == "eagle3" else "tiny_medusa")
+    head = request.getfixturevalue(HEAD_FIXTURES[request.param])
     llm = make_llm(tiny_target, head, method=request.param)
     yield llm
     llm.llm_engine.engine_core.shutdown()

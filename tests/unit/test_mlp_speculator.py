@@ -1,0 +1,68 @@
+"""vllm_lk's MLP speculator model class: the stage formula and checkpoint loading (tied and not),
+against a direct restatement."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_lk.heads.mlp_speculator import LKMLPSpeculator
+
+
+def make(n_predict=3, num_spec=3, tie=False, scale_input=True, emb_dim=8, inner_dim=8, vocab=11):
+    hf = SimpleNamespace(n_predict=n_predict, emb_dim=emb_dim, inner_dim=inner_dim, vocab_size=vocab,
+                         tie_weights=tie, scale_input=scale_input)
+    spec = SimpleNamespace(draft_model_config=SimpleNamespace(hf_config=hf), num_speculative_tokens=num_spec)
+    return LKMLPSpeculator(vllm_config=SimpleNamespace(speculative_config=spec))
+
+
+def random_checkpoint(model, gen):
+    return {f"speculator.{name}": torch.randn(p.shape, generator=gen) for name, p in model.named_parameters()}
+
+
+def test_stage_formula():
+    model = make()
+    gen = torch.Generator().manual_seed(0)
+    model.load_weights(random_checkpoint(model, gen).items())
+    hidden = torch.randn(4, 8, generator=gen)
+    tokens = torch.tensor([0, 3, 7, 10])
+    state = model.initial_state(hidden)
+    rms = lambda x: x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(state, rms(hidden) / math.sqrt(2))
+    for stage in range(3):
+        new_state, logits = model.step(stage, state, tokens)
+        sw = 0.5 ** (0.5 / 3)
+        ew = math.sqrt((1 - sw**2) * 8 / 2)
+        pre = state @ model.proj[stage].weight.T * sw + model.emb[stage].weight[tokens] * ew
+        expected = torch.nn.functional.gelu(rms(pre) * model.ln[stage].weight + model.ln[stage].bias)
+        torch.testing.assert_close(new_state, expected)
+        torch.testing.assert_close(logits, expected @ model.head[stage].weight.T)
+        state, tokens = new_state, logits.argmax(-1)
+
+
+def test_tied_checkpoint_shares_stages_and_accepts_per_stage_names():
+    model = make(tie=True)
+    assert model.emb[0] is model.emb[2] and model.head[0] is model.head[1] and model.proj[1] is model.proj[2]
+    assert model.proj[0] is not model.proj[1]
+    gen = torch.Generator().manual_seed(1)
+    head = torch.randn(11, 8, generator=gen)
+    weights = {"speculator.head.2.weight": head, "speculator.proj.2.weight": torch.ones(8, 8)}
+    loaded = model.load_weights(weights.items())
+    assert loaded == {"head.0.weight", "proj.1.weight"}
+    torch.testing.assert_close(model.head[1].weight, head)
+
+
+def test_bad_checkpoints_are_refused():
+    model = make()
+    with pytest.raises(ValueError, match="unexpected"):
+        model.load_weights([("speculator.extra.0.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match="checkpoint"):
+        model.load_weights([("speculator.head.0.weight", torch.zeros(3, 3))])
+    with pytest.raises(ValueError, match="n_predict"):
+        make(n_predict=2, num_spec=3)
+
+
+def test_stages_beyond_n_predict_in_a_checkpoint_are_ignored():
+    model = make(n_predict=2, num_spec=2)
+    assert model.load_weights([("speculator.head.5.weight", torch.zeros(11, 8))]) == set()

@@ -1,0 +1,117 @@
+"""MLP speculator (IBM fms-extras style) as a vLLM 0.32 model class.
+
+vLLM 0.32 ships ``MLPSpeculator`` without a forward pass and with its registry entry commented
+out; this class replaces it under the same architecture name, ``MLPSpeculatorPreTrainedModel``,
+with the same checkpoint layout (``speculator.{emb,proj,ln,head}.{i}.weight``, ``ln.{i}.bias``).
+
+Stage i (0-based) turns the previous state and the previous token into the next state:
+
+    state_0 = target's final hidden state at the last accepted token (ln0(h) / sqrt(2) if scale_input)
+    state_{i+1} = gelu(ln_i(proj_i(state_i) * state_weight + emb_i(token_i) * emb_weight))
+    logits_i = head_i(state_{i+1}),  token_{i+1} ~ q_i = softmax(transforms(logits_i))
+
+with state_weight = 0.5 ** (0.5 / n_predict) and emb_weight = sqrt((1 - state_weight**2) * inner/2).
+With ``tie_weights`` all stages share emb, ln and head, and stages >= 1 share proj (fms-extras).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+ARCHITECTURE = "MLPSpeculatorPreTrainedModel"
+
+
+class RMSLayerNorm(nn.Module):
+    """fms ``LayerNormParameterized(use_mean=False)``: x / rms(x), then optional weight and bias."""
+
+    def __init__(self, dim: int, affine: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x if self.weight is None else x * self.weight + self.bias
+
+
+class LKMLPSpeculator(nn.Module):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__()
+        # vLLM builds draft models with the *target's* VllmConfig; the draft's config is here.
+        config = vllm_config.speculative_config.draft_model_config.hf_config
+        self.n_predict = config.n_predict
+        num_spec = vllm_config.speculative_config.num_speculative_tokens
+        if num_spec > self.n_predict:
+            raise ValueError(
+                f"num_speculative_tokens={num_spec} exceeds the MLP speculator's n_predict={self.n_predict}"
+            )
+        self.emb_dim = config.emb_dim
+        self.inner_dim = config.inner_dim or config.emb_dim
+        self.vocab_size = config.vocab_size
+        self.tie_weights = bool(config.tie_weights)
+        self.scale_input = bool(config.scale_input)
+        n, inner = self.n_predict, self.inner_dim
+
+        def stages(make, first=None):
+            if self.tie_weights:
+                shared = make()
+                return nn.ModuleList(([first] if first is not None else []) + [shared] * (n - (first is not None)))
+            return nn.ModuleList(([first] if first is not None else []) + [make() for _ in range(n - (first is not None))])
+
+        self.emb = stages(lambda: nn.Embedding(self.vocab_size, inner))
+        self.proj = stages(lambda: nn.Linear(inner, inner, bias=False), first=nn.Linear(self.emb_dim, inner, bias=False))
+        self.ln = stages(lambda: RMSLayerNorm(inner))
+        self.head = stages(lambda: nn.Linear(inner, self.vocab_size, bias=False))
+        self.ln0 = RMSLayerNorm(self.emb_dim, affine=False) if self.scale_input else None
+        self.state_weight = 0.5 ** (0.5 / n)
+        self.emb_weight = math.sqrt((1 - self.state_weight**2) * (inner / 2))
+
+    def initial_state(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, emb_dim]
+        return self.ln0(hidden) / math.sqrt(2) if self.ln0 is not None else hidden
+
+    def step(self, stage: int, state: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next state [B, inner], logits [B, V]) of ``stage`` from state [B, *] and tokens [B]."""
+        state = self.proj[stage](state) * self.state_weight + self.emb[stage](tokens) * self.emb_weight
+        state = nn.functional.gelu(self.ln[stage](state))
+        return state, self.head[stage](state)
+
+    # vLLM's model interface: the proposer calls step() directly; these exist for the loader.
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        state, logits = self.initial_state(hidden), []
+        for stage in range(self.n_predict):
+            state, stage_logits = self.step(stage, state, tokens)
+            tokens = stage_logits.argmax(-1)
+            logits.append(stage_logits)
+        return logits
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.emb[0](input_ids)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.head[0](hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            name = name.removeprefix("speculator.")
+            if self.tie_weights:  # every stage's copy of a tied module is the same parameter
+                name = re.sub(r"^(emb|ln|head)\.\d+\.", r"\1.0.", name)
+                name = re.sub(r"^proj\.([1-9]\d*)\.", "proj.1.", name)
+            stage = re.match(r"^\w+\.(\d+)\.", name)
+            if stage and int(stage.group(1)) >= self.n_predict:
+                continue
+            if name not in params:
+                raise ValueError(f"unexpected MLP speculator weight {name!r}")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"MLP speculator weight {name}: checkpoint {tuple(tensor.shape)}, model {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            loaded.add(name)
+        return loaded

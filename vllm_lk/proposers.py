@@ -1,0 +1,117 @@
+"""Draft sampling shared by every drafter, and the proposers vLLM 0.32 lacks.
+
+Every drafter samples its draft tokens with :func:`draft_sample`: q = softmax of the draft
+logits after the request's temperature / top-k / top-p (the same transforms as the target), with
+the request's generator when it has a seed, and that q goes to verification.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_lk import sampling
+
+
+def draws(
+    generators: dict[int, torch.Generator],
+    num_uniforms: list[int],  # [R] U[0,1) draws wanted per row
+    k_max: int,
+    vocab: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([R, k_max] float64 uniforms, [R, V] Exp(1) noise)
+    """Randomness for one step: rows whose request has a seed draw from its generator (uniforms
+    first, then noise, so a seeded request's stream does not depend on its batch); the other rows
+    share one draw from the global generator."""
+    rows = len(num_uniforms)
+    uniforms = torch.rand(rows, k_max, dtype=torch.float64, device=device)
+    noise = torch.empty(rows, vocab, dtype=torch.float32, device=device).exponential_()
+    for row, gen in generators.items():
+        if row < rows:
+            count = num_uniforms[row]
+            if count:
+                uniforms[row, :count] = torch.rand(count, dtype=torch.float64, device=device, generator=gen)
+            noise[row].exponential_(generator=gen)
+    return uniforms, noise
+
+
+def draft_sample(logits, sampling_metadata):
+    """Draft tokens drawn from q = sampling_probs(draft logits), and q ([R, V] float32).
+
+    ``logits`` has one row per request, or K rows per request (request-major) for parallel
+    drafting. Greedy requests get the argmax (their q is never used by verification).
+    """
+    if sampling_metadata.all_greedy:
+        return logits.argmax(dim=-1), None
+    rows = logits.shape[0]
+    factor = rows // sampling_metadata.temperature.shape[0]
+
+    def expand(values):
+        return values if values is None or factor == 1 else values.repeat_interleave(factor)
+
+    temperature = expand(sampling_metadata.temperature)
+    q = sampling.sampling_probs(logits, temperature, expand(sampling_metadata.top_k), expand(sampling_metadata.top_p))
+    q = q.to(torch.float32)
+    row_generators = {
+        row: gen for req, gen in sampling_metadata.generators.items() for row in range(req * factor, (req + 1) * factor)
+    }
+    _, noise = draws(row_generators, [0] * rows, 0, q.shape[-1], q.device)
+    draft_ids = sampling.sample_with_noise(q, noise)
+    greedy = temperature == 0
+    if bool(greedy.any()):
+        draft_ids = torch.where(greedy, logits.argmax(dim=-1), draft_ids)
+    return draft_ids, q
+
+
+def lk_medusa_propose(self, num_speculative_tokens, target_hidden_states, sampling_metadata, slot_mappings=None):
+    """MEDUSA: head k's q is its own softmax (it sees the same hidden state as every head);
+    stock vLLM drafts argmax and gives no q."""
+    assert num_speculative_tokens == self.num_speculative_tokens
+    head_logits = self.model.compute_logits(self.model(target_hidden_states))  # K x [B, V]
+    drafts = [draft_sample(logits, sampling_metadata) for logits in head_logits]
+    probs = [q for _, q in drafts]
+    self._lk_last_draft_probs = None if any(q is None for q in probs) else torch.stack(probs, dim=1)  # [B, K, V]
+    return torch.stack([ids for ids, _ in drafts], dim=1)
+
+
+def take_last_draft_probs(self):
+    return self.__dict__.get("_lk_last_draft_probs")
+
+
+class LKMLPProposer:
+    """Proposer for ``method="mlp_speculator"`` (vLLM 0.32 has none): K sequential stages of
+    :class:`vllm_lk.heads.mlp_speculator.LKMLPSpeculator`, each sampling its token from q."""
+
+    def __init__(self, vllm_config) -> None:
+        self.vllm_config = vllm_config
+        self.num_speculative_tokens = vllm_config.speculative_config.num_speculative_tokens
+        self.model = None
+        self._lk_last_draft_probs = None
+
+    def load_model(self, target_model) -> None:
+        from vllm.model_executor.model_loader import get_model
+
+        self.model = get_model(
+            vllm_config=self.vllm_config, model_config=self.vllm_config.speculative_config.draft_model_config
+        )
+
+    def propose(self, *args, **kwargs):
+        raise RuntimeError("vllm_lk: MLP speculator drafts are proposed through propose_mlp (patched runner)")
+
+    @torch.no_grad()
+    def propose_mlp(
+        self,
+        hidden_states: torch.Tensor,  # [B, H] target's final hidden state at each request's last token
+        last_token_ids: torch.Tensor,  # [B] that token
+        sampling_metadata,
+    ) -> torch.Tensor:  # [B, K] draft token ids
+        state = self.model.initial_state(hidden_states.to(self.model.proj[0].weight.dtype))
+        tokens, ids, probs = last_token_ids, [], []
+        for stage in range(self.num_speculative_tokens):
+            state, logits = self.model.step(stage, state, tokens)
+            tokens, q = draft_sample(logits.float(), sampling_metadata)
+            ids.append(tokens)
+            probs.append(q)
+        self._lk_last_draft_probs = None if any(q is None for q in probs) else torch.stack(probs, dim=1)
+        return torch.stack(ids, dim=1)
+
+    take_last_draft_probs = take_last_draft_probs
