@@ -32,7 +32,14 @@ import os
 import torch
 
 from vllm_lk import sampling
-from vllm_lk.proposers import LKMLPProposer, draft_sample, draws, lk_medusa_propose, take_last_draft_probs
+from vllm_lk.proposers import (
+    LKMLPProposer,
+    draft_sample,
+    lk_medusa_propose,
+    noise_draws,
+    take_last_draft_probs,
+    uniform_draws,
+)
 
 logger = logging.getLogger("vllm.plugins.vllm_lk.patch")
 
@@ -89,14 +96,14 @@ def lk_rejection_sample(
         is_greedy = torch.ones(batch, dtype=torch.bool, device=device)
     else:
         is_greedy = sampling_metadata.temperature == 0
+    generators, vocab = sampling_metadata.generators, target_logits.shape[-1]
     if sampling_metadata.all_greedy:  # argmax chain: no randomness needed
         uniforms = torch.zeros(batch, k_max, dtype=torch.float64, device=device)
-        noise = torch.ones(batch, target_logits.shape[-1], device=device)
     else:
-        uniforms, noise = draws(sampling_metadata.generators, num_draft_tokens, k_max, target_logits.shape[-1], device)
+        uniforms = uniform_draws(generators, num_draft_tokens, k_max, device)
     output, _ = sampling.verify(
         drafts, counts, draft_probs, target_logits.to(torch.float32), rows, bonus_token_ids[:, 0],
-        is_greedy, uniforms, noise,
+        is_greedy, uniforms, lambda rows: noise_draws(generators, rows, vocab, device),
     )
     return output.to(torch.int32)
 

@@ -12,26 +12,35 @@ import torch
 from vllm_lk import sampling
 
 
-def draws(
-    generators: dict[int, torch.Generator],
-    num_uniforms: list[int],  # [R] U[0,1) draws wanted per row
+def uniform_draws(
+    generators: dict[int, torch.Generator],  # request row -> its generator (seeded requests)
+    counts: list[int],  # [R] draws wanted per row
     k_max: int,
+    device: torch.device,
+) -> torch.Tensor:  # [R, k_max] float64 U[0, 1)
+    """Acceptance draws: seeded rows from their own generator, the rest from the global one."""
+    uniforms = torch.rand(len(counts), k_max, dtype=torch.float64, device=device)
+    for row, gen in generators.items():
+        if row < len(counts) and counts[row]:
+            uniforms[row, : counts[row]] = torch.rand(counts[row], dtype=torch.float64, device=device, generator=gen)
+    return uniforms
+
+
+def noise_draws(
+    generators: dict[int, torch.Generator],
+    rows: torch.Tensor,  # [R] long, the request rows that need a categorical draw
     vocab: int,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:  # ([R, k_max] float64 uniforms, [R, V] Exp(1) noise)
-    """Randomness for one step: rows whose request has a seed draw from its generator (uniforms
-    first, then noise, so a seeded request's stream does not depend on its batch); the other rows
-    share one draw from the global generator."""
-    rows = len(num_uniforms)
-    uniforms = torch.rand(rows, k_max, dtype=torch.float64, device=device)
-    noise = torch.empty(rows, vocab, dtype=torch.float32, device=device).exponential_()
-    for row, gen in generators.items():
-        if row < rows:
-            count = num_uniforms[row]
-            if count:
-                uniforms[row, :count] = torch.rand(count, dtype=torch.float64, device=device, generator=gen)
-            noise[row].exponential_(generator=gen)
-    return uniforms, noise
+) -> torch.Tensor:  # [R, V] float32 Exp(1)
+    """Exponential-race noise for one categorical draw per row; seeded rows use their generator,
+    so a seeded request's stream depends only on its own outcomes, not on its batch."""
+    noise = torch.empty(len(rows), vocab, dtype=torch.float32, device=device).exponential_()
+    if generators:
+        for i, row in enumerate(rows.tolist()):
+            gen = generators.get(row)
+            if gen is not None:
+                noise[i].exponential_(generator=gen)
+    return noise
 
 
 def draft_sample(logits, sampling_metadata):
@@ -54,7 +63,7 @@ def draft_sample(logits, sampling_metadata):
     row_generators = {
         row: gen for req, gen in sampling_metadata.generators.items() for row in range(req * factor, (req + 1) * factor)
     }
-    _, noise = draws(row_generators, [0] * rows, 0, q.shape[-1], q.device)
+    noise = noise_draws(row_generators, torch.arange(rows), q.shape[-1], q.device)
     draft_ids = sampling.sample_with_noise(q, noise)
     greedy = temperature == 0
     if bool(greedy.any()):

@@ -17,6 +17,8 @@ draws them from per-request generators.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 PLACEHOLDER = -1  # output slot with no token (rejected tail), as in vLLM
@@ -110,7 +112,7 @@ def verify(
     bonus_token_ids: torch.Tensor,  # [B] int, drawn from p at position num_drafts (argmax if greedy)
     is_greedy: torch.Tensor,  # [B] bool, temperature 0
     uniforms: torch.Tensor,  # [B, K] U[0, 1) draws for acceptance
-    exp_noise: torch.Tensor,  # [B, V] Exp(1) draws for the residual sample
+    exp_noise: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],  # [B, V] Exp(1), or rows [R] -> [R, V]
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([B, K+1] int64 tokens, PLACEHOLDER-padded; [B] accepted)
     """One verification step for a batch; greedy and sampled requests may be mixed.
 
@@ -122,55 +124,64 @@ def verify(
     drafts that were chosen deterministically (argmax, n-gram).
 
     The [N, V] tensors stay flat, as vLLM lays them out (requests' draft positions back to back):
-    the step reads one log-sum-exp per row, the drafted tokens' entries, and full rows only at
-    each request's stopping position, so its cost is one pass over the target logits.
+    the step reads one log-sum-exp per row and the drafted tokens' entries; full rows only for
+    requests that need a residual sample. ``exp_noise`` may be a function so that noise is drawn
+    only for those rows (it is called once, with their indices).
     """
     batch, k_max = draft_token_ids.shape
     vocab = target_logits.shape[-1]
     assert num_drafts.shape == (batch,) and is_greedy.shape == (batch,) and bonus_token_ids.shape == (batch,)
     assert token_rows.shape == (batch, k_max) and uniforms.shape == (batch, k_max)
-    assert exp_noise.shape == (batch, vocab), exp_noise.shape
+    assert callable(exp_noise) or exp_noise.shape == (batch, vocab), exp_noise.shape
     assert draft_probs is None or draft_probs.shape == target_logits.shape, (draft_probs.shape, target_logits.shape)
     device = target_logits.device
-    rows = torch.arange(batch, device=device)
     output = torch.full((batch, k_max + 1), PLACEHOLDER, dtype=torch.long, device=device)
     if k_max == 0 or target_logits.shape[0] == 0:
         output[:, 0] = bonus_token_ids
         return output, torch.zeros(batch, dtype=torch.long, device=device)
-    in_range = torch.arange(k_max, device=device)[None, :] < num_drafts[:, None]  # [B, K]
+    slots = torch.arange(k_max, device=device)[None, :]  # [1, K]
     drafts = draft_token_ids.to(torch.long)
     safe_drafts = drafts.clamp_min(0)  # [B, K]
     log_norm = torch.logsumexp(target_logits, dim=-1)  # [N]
-    p_draft = (target_logits[token_rows, safe_drafts] - log_norm[token_rows]).exp()  # [B, K]
+    p_draft = (target_logits[token_rows, safe_drafts] - log_norm[token_rows]).exp_()  # [B, K]
     if draft_probs is None:
-        q_draft = torch.ones_like(p_draft)
+        accept = uniforms < p_draft  # q(x) = 1
     else:
         q_draft = draft_probs[token_rows, safe_drafts].to(p_draft.dtype)
-    accept_sampled = (q_draft > 0) & (uniforms.to(p_draft.dtype) * q_draft < p_draft)
-    accept = accept_sampled
-    if bool(is_greedy.any()):
-        target_argmax = target_logits.argmax(dim=-1)[token_rows]  # [B, K]
-        accept = torch.where(is_greedy[:, None], drafts == target_argmax, accept_sampled)
-    accept = accept & in_range & (drafts >= 0)
+        accept = (q_draft > 0) & (uniforms.to(p_draft.dtype) * q_draft < p_draft)
+    greedy_rows = is_greedy.nonzero()[:, 0]
+    if greedy_rows.numel():
+        argmax = target_logits[token_rows[greedy_rows]].argmax(dim=-1)  # [G, K]
+        accept[greedy_rows] = drafts[greedy_rows] == argmax
+    accept &= (slots < num_drafts[:, None]) & (drafts >= 0)
     num_accepted = accept.to(torch.long).cumprod(dim=1).sum(dim=1)  # [B]
 
-    # After a rejection at slot j = num_accepted: residual sample (argmax of p_j if greedy).
-    slot = num_accepted.clamp_max(k_max - 1)
-    slot_rows = token_rows[rows, slot]  # [B]
-    p_slot = target_logits[slot_rows].softmax(dim=-1)  # [B, V]
-    if draft_probs is None:
-        q_slot = torch.nn.functional.one_hot(safe_drafts[rows, slot], vocab).to(p_slot.dtype)
-        q_slot *= (drafts[rows, slot] >= 0)[:, None]
-    else:
-        q_slot = draft_probs[slot_rows].to(p_slot.dtype)
-    residual_token = sample_with_noise(residual_probs(p_slot, q_slot), exp_noise.to(p_slot.dtype))
-    residual_token = torch.where(is_greedy, p_slot.argmax(dim=-1), residual_token)
+    # Stop token: the bonus if every draft was accepted, else at the rejected slot the residual
+    # sample (sampled requests) or the argmax (greedy requests).
+    stop_token = bonus_token_ids.to(torch.long).clone()
     rejected = num_accepted < num_drafts
-    stop_token = torch.where(rejected, residual_token, bonus_token_ids.to(torch.long))
+    rows = rejected.nonzero()[:, 0]
+    if rows.numel():
+        slot = num_accepted[rows]
+        slot_rows = token_rows[rows, slot]  # [R]
+        logits = target_logits[slot_rows]  # [R, V]
+        greedy = is_greedy[rows]
+        token = logits.argmax(dim=-1)
+        sampled = (~greedy).nonzero()[:, 0]
+        if sampled.numel():
+            p_slot = logits[sampled].softmax(dim=-1)
+            if draft_probs is None:
+                drafted = drafts[rows[sampled], slot[sampled]]
+                q_slot = torch.nn.functional.one_hot(drafted.clamp_min(0), vocab).to(p_slot.dtype)
+                q_slot *= (drafted >= 0)[:, None]
+            else:
+                q_slot = draft_probs[slot_rows[sampled]].to(p_slot.dtype)
+            noise = exp_noise(rows[sampled]) if callable(exp_noise) else exp_noise[rows[sampled]]
+            token[sampled] = sample_with_noise(residual_probs(p_slot, q_slot), noise.to(p_slot.dtype))
+        stop_token[rows] = token
 
-    positions = torch.arange(k_max, device=device)[None, :]
-    output[:, :k_max] = torch.where(positions < num_accepted[:, None], drafts, PLACEHOLDER)
-    output[rows, num_accepted] = stop_token
+    output[:, :k_max] = torch.where(slots < num_accepted[:, None], drafts, PLACEHOLDER)
+    output[torch.arange(batch, device=device), num_accepted] = stop_token
     return output, num_accepted
 
 

@@ -24,6 +24,7 @@ def fresh_plugin(monkeypatch):
     handler of our own on its logger (vLLM's handler is not configured in the test process)."""
     monkeypatch.delenv("VLLM_LK_DISABLE", raising=False)
     module = importlib.reload(vllm_lk.plugin)
+    module._ensure_vllm_logging()  # as in a vLLM process; configuring later would drop our handler
     handler = ListHandler()
     module.logger.addHandler(handler)
     old_level = module.logger.level

@@ -81,9 +81,11 @@ class LKMLPSpeculator(nn.Module):
         state = nn.functional.gelu(self.ln[stage](state))
         return state, self.head[stage](state)
 
-    # vLLM's model interface: the proposer calls step() directly; these exist for the loader.
-    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
-        state, logits = self.initial_state(hidden), []
+    # vLLM's model interface (checked when the class is registered); the proposer calls step().
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """Greedy chain of all stages from the last tokens ``input_ids`` [B] and the target's
+        hidden states [B, H] (``positions`` unused: the speculator has no attention)."""
+        tokens, state, logits = input_ids, self.initial_state(hidden_states), []
         for stage in range(self.n_predict):
             state, stage_logits = self.step(stage, state, tokens)
             tokens = stage_logits.argmax(-1)
