@@ -92,18 +92,16 @@ def lk_rejection_sample(
         draft_token_ids.to(torch.long)[rows] if draft_token_ids.numel() else torch.zeros_like(rows),
         sampling.PLACEHOLDER,
     )
-    if sampling_metadata.all_greedy:
-        is_greedy = torch.ones(batch, dtype=torch.bool, device=device)
-    else:
-        is_greedy = sampling_metadata.temperature == 0
     generators, vocab = sampling_metadata.generators, target_logits.shape[-1]
     if sampling_metadata.all_greedy:  # argmax chain: no randomness needed
+        is_greedy = torch.ones(batch, dtype=torch.bool, device=device)
         uniforms = torch.zeros(batch, k_max, dtype=torch.float64, device=device)
     else:
+        is_greedy = sampling_metadata.temperature == 0
         uniforms = uniform_draws(generators, num_draft_tokens, k_max, device)
     output, _ = sampling.verify(
         drafts, counts, draft_probs, target_logits.to(torch.float32), rows, bonus_token_ids[:, 0],
-        is_greedy, uniforms, lambda rows: noise_draws(generators, rows, vocab, device),
+        is_greedy, uniforms, lambda rejected: noise_draws(generators, rejected, vocab, device),
     )
     return output.to(torch.int32)
 

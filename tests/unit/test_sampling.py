@@ -103,6 +103,10 @@ def test_verify_equals_the_plain_loop(with_q, k_max, vocab):
         slow_out, slow_acc = reference.verify(*inputs)
         assert torch.equal(fast_out, slow_out)
         assert torch.equal(fast_acc, slow_acc)
+        # noise drawn on demand, only for the rows that need a residual sample
+        asked = []
+        lazy = sampling.verify(*inputs[:-1], lambda rows: asked.append(rows) or inputs[-1][rows])[0]
+        assert torch.equal(lazy, fast_out) and len(asked) <= 1
 
 
 def test_verify_acceptance_threshold_is_p_over_q():
