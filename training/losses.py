@@ -31,6 +31,9 @@ from typing import Literal
 import torch
 
 LossKind = Literal["kl", "tv", "lk-hybrid", "lk-alpha"]
+# Elements per chunk of [tokens, vocab] temporaries: 2^21 fp32 = 8 MiB each, small enough to stay
+# in cache-friendly sizes (measured: 64 x 32k-token chunks run 2.2x faster than 1024 x 32k).
+CHUNK_ELEMENTS = 2**21
 ALPHA_FLOOR = 1e-6  # -log alpha and its 1/alpha gradient are clamped here (alpha = 0 only for disjoint supports)
 
 
@@ -109,9 +112,11 @@ def draft_loss(
     draft_ids: torch.Tensor | None = None,  # [Vd] target id of each draft id (truncated vocab)
     eta: float = 3.0,
     lambda_per_token: bool = False,
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,  # tokens per chunk; default: CHUNK_ELEMENTS // vocab
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (scalar loss, [N] alpha, [N] KL), no grad on the last two
     """One head's loss, mean over tokens. See the module docstring for the formulas."""
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // target_logits.shape[1])
     assert draft_logits.dim() == 2 and target_logits.dim() == 2 and draft_logits.shape[0] == target_logits.shape[0]
     if draft_ids is None:
         assert draft_logits.shape[1] == target_logits.shape[1], (draft_logits.shape, target_logits.shape)
