@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.vocab import draft_maps
+
 
 def _target(target_dir: Path) -> tuple[dict, dict]:
     config = json.loads((Path(target_dir) / "config.json").read_text())
@@ -30,8 +32,7 @@ def write_eagle3(target_dir: Path, out: Path, draft_vocab_ids: list[int], aux_la
         return torch.randn(*shape, generator=gen) * scale
 
     ids = torch.tensor(sorted(draft_vocab_ids), dtype=torch.long)
-    t2d = torch.zeros(config["vocab_size"], dtype=torch.bool)
-    t2d[ids] = True
+    d2t, t2d = draft_maps(ids, config["vocab_size"])
     tensors = {
         "fc.weight": rand(hidden, 3 * hidden),
         "midlayer.input_layernorm.weight": torch.ones(hidden),
@@ -46,7 +47,7 @@ def write_eagle3(target_dir: Path, out: Path, draft_vocab_ids: list[int], aux_la
         "midlayer.mlp.down_proj.weight": rand(hidden, inter),
         "norm.weight": torch.ones(hidden),
         "lm_head.weight": weights["lm_head.weight"][ids].clone() * 3,
-        "d2t": ids - torch.arange(len(ids)),
+        "d2t": d2t,
         "t2d": t2d,
     }
     head_config = {
