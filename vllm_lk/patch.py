@@ -19,12 +19,16 @@ What it changes, and why (details in docs/verification.md):
    from p: exact, at the cost of that step's speedup.
 4. Seeded requests whose prefill is chunked no longer crash the CPU engine (vLLM rewinds their
    generator with ``set_offset``, which CPU generators lack); see :func:`_wrap_sample_tokens`.
-5. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
+5. Per-request speculative stats (vLLM's ``per_request_spec_decode_metrics``) reach the front end
+   with every output of a running request, not only at the end, so a server can show acceptance
+   live; per-step (drafted, accepted) with "detailed".
+6. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
    V2 runner (GPU with Triton) has its own sampler classes that these patches do not cover.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -245,6 +249,41 @@ def _wrap_runner_init(original, runner_module):
     return __init__
 
 
+def _wrap_update_from_output(original):
+    """Engine core: attach each running request's cumulative speculative stats to every output,
+    not only the final one, so the front end sees acceptance live (needs the engine argument
+    ``per_request_spec_decode_metrics`` = "summary" or "detailed"; "summary" is K+1 integers)."""
+
+    @functools.wraps(original)
+    def update_from_output(self, *args, **kwargs):
+        outputs_by_client = original(self, *args, **kwargs)
+        for engine_outputs in outputs_by_client.values():
+            for output in engine_outputs.outputs:
+                if output.spec_decode_metrics is not None:
+                    continue
+                request = self.requests.get(output.request_id)
+                metrics = getattr(request, "spec_decode_metrics", None)
+                if metrics is not None:  # a copy: the next step mutates the request's own
+                    output.spec_decode_metrics = copy.deepcopy(metrics)
+        return outputs_by_client
+
+    return update_from_output
+
+
+def _wrap_new_completion_output(original):
+    """Front end: pass the latest speculative stats on with every streamed output (stock vLLM
+    drops them until the request finishes)."""
+
+    @functools.wraps(original)
+    def _new_completion_output(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        if output.spec_decode_metrics is None and self.spec_decode_metrics is not None:
+            output.spec_decode_metrics = self.spec_decode_metrics
+        return output
+
+    return _new_completion_output
+
+
 def apply() -> bool:
     """Install the patches in this process; returns False (and logs why) if vLLM is unsupported."""
     global _applied
@@ -281,5 +320,12 @@ def apply() -> bool:
     runner.propose_draft_token_ids = _wrap_propose_draft_token_ids(runner.propose_draft_token_ids)
     runner._get_spec_decode_draft_probs = lk_get_spec_decode_draft_probs
     runner.sample_tokens = _wrap_sample_tokens(runner.sample_tokens)
+
+    from vllm.v1.core.sched import scheduler
+    from vllm.v1.engine import output_processor
+
+    scheduler.Scheduler.update_from_output = _wrap_update_from_output(scheduler.Scheduler.update_from_output)
+    state = output_processor.RequestState
+    state._new_completion_output = _wrap_new_completion_output(state._new_completion_output)
     _applied = True
     return True
