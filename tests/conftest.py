@@ -76,11 +76,6 @@ def tiny_mlp(tiny_target, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
 def venv_bin() -> Path:
     """bin/ of the interpreter running the tests (where the `vllm-lk` script is installed)."""
     import sys

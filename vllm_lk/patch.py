@@ -147,8 +147,7 @@ def _propose_mlp(runner, scheduler_output, sampled_token_ids, sampling_metadata,
     runner._draft_prob_req_ids = None
     hidden = _last_token_rows(sample_hidden_states, sampled_token_ids, spec_decode_metadata)
     last = torch.tensor([t[-1] if len(t) else 0 for t in sampled_token_ids], dtype=torch.long, device=hidden.device)
-    drafts = runner.drafter.propose_mlp(hidden, last, sampling_metadata)
-    return drafts
+    return runner.drafter.propose_mlp(hidden, last, sampling_metadata)
 
 
 def _wrap_propose_draft_token_ids(original):
