@@ -52,6 +52,14 @@ def tiny_target(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_eagle(tiny_target, tmp_path_factory) -> Path:
+    """EAGLE-1 head for ``tiny_target`` (shares its embeddings and lm_head)."""
+    from tests.heads import write_eagle
+
+    return write_eagle(tiny_target, tmp_path_factory.mktemp("models") / "tiny-eagle")
+
+
+@pytest.fixture(scope="session")
 def tiny_eagle3(tiny_target, tmp_path_factory) -> Path:
     """EAGLE-3 head for ``tiny_target`` with a truncated draft vocabulary (295 of 512 tokens)."""
     from tests.heads import write_eagle3

@@ -132,3 +132,29 @@ def write_mlp_speculator(target_dir: Path, out: Path, n_predict: int, tie_weight
         "torch_dtype": "float32",
     }
     return _save(out, head_config, tensors)
+
+
+def write_eagle(target_dir: Path, out: Path, seed: int = 0) -> Path:
+    """An EAGLE-1 head (vLLM's EagleLlamaForCausalLM): fc over [embed; target hidden state] and one
+    decoder layer without input norm; embeddings and lm_head are shared with the target."""
+    config, _ = _target(target_dir)
+    gen = torch.Generator().manual_seed(seed)
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+
+    def rand(*shape, scale=0.02):
+        return torch.randn(*shape, generator=gen) * scale
+
+    tensors = {
+        "fc.weight": torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1) + rand(hidden, 2 * hidden),
+        "layers.0.self_attn.q_proj.weight": rand(heads * head_dim, hidden),
+        "layers.0.self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
+        "layers.0.self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
+        "layers.0.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+        "layers.0.mlp.gate_proj.weight": rand(inter, hidden),
+        "layers.0.mlp.up_proj.weight": rand(inter, hidden),
+        "layers.0.mlp.down_proj.weight": rand(hidden, inter),
+        "layers.0.post_attention_layernorm.weight": torch.ones(hidden),
+    }
+    head_config = dict(config, num_hidden_layers=1, architectures=["LlamaForCausalLM"])
+    return _save(out, head_config, tensors)

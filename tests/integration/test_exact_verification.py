@@ -67,10 +67,10 @@ def spec_llm(tiny_target, tiny_draft):
     llm.llm_engine.engine_core.shutdown()
 
 
-HEAD_FIXTURES = {"eagle3": "tiny_eagle3", "medusa": "tiny_medusa", "mlp_speculator": "tiny_mlp"}
+HEAD_FIXTURES = {"eagle": "tiny_eagle", "eagle3": "tiny_eagle3", "medusa": "tiny_medusa", "mlp_speculator": "tiny_mlp"}
 
 
-@pytest.fixture(scope="module", params=["draft_model", "eagle3", "medusa", "mlp_speculator"])
+@pytest.fixture(scope="module", params=["draft_model", "eagle", "eagle3", "medusa", "mlp_speculator"])
 def any_drafter_llm(request, tiny_target):
     """One engine per drafter kind (EAGLE-3 with a truncated draft vocabulary; the MLP
     speculator runs on vllm_lk's own model class and proposer)."""
