@@ -52,7 +52,7 @@ _applied = False
 
 
 def _per_token(values: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor | None:
-    return None if values is None else values.repeat_interleave(counts)
+    return None if values is None else values.repeat_interleave(counts, output_size=int(counts.sum()))
 
 
 def lk_apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
@@ -60,7 +60,7 @@ def lk_apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata
     (vLLM hands this function a private float32 copy). All-greedy batches need only the argmax."""
     if sampling_metadata.all_greedy:
         return logits
-    counts = torch.diff(cu_num_draft_tokens.to(torch.long), prepend=cu_num_draft_tokens.new_zeros(1))
+    counts = torch.diff(cu_num_draft_tokens, prepend=cu_num_draft_tokens.new_zeros(1))
     return sampling.sampling_logits(
         logits,
         _per_token(sampling_metadata.temperature, counts),
@@ -90,12 +90,16 @@ def lk_rejection_sample(
     batch, k_max = len(num_draft_tokens), max_spec_len
     device = target_logits.device
     counts = torch.tensor(num_draft_tokens, dtype=torch.long, device=device)
-    rows = sampling.padded_rows(counts, k_max)  # [B, K]
-    drafts = torch.where(
-        torch.arange(k_max, device=device)[None, :] < counts[:, None],
-        draft_token_ids.to(torch.long)[rows] if draft_token_ids.numel() else torch.zeros_like(rows),
-        sampling.PLACEHOLDER,
-    )
+    if min(num_draft_tokens) == k_max:  # every request has K drafts: the flat layout is [B, K]
+        rows = torch.arange(batch * k_max, device=device).view(batch, k_max)
+        drafts = draft_token_ids.view(batch, k_max)
+    else:
+        rows = sampling.padded_rows(counts, k_max)  # [B, K]
+        drafts = torch.where(
+            torch.arange(k_max, device=device)[None, :] < counts[:, None],
+            draft_token_ids.to(torch.long)[rows] if draft_token_ids.numel() else torch.zeros_like(rows),
+            sampling.PLACEHOLDER,
+        )
     generators, vocab = sampling_metadata.generators, target_logits.shape[-1]
     if sampling_metadata.all_greedy:  # argmax chain: no randomness needed
         is_greedy = torch.ones(batch, dtype=torch.bool, device=device)
