@@ -20,31 +20,42 @@ def _target(target_dir: Path) -> tuple[dict, dict]:
     return config, load_file(str(Path(target_dir) / "model.safetensors"))
 
 
+def _decoder_layer(prefix: str, config: dict, rand, attn_input: int) -> dict:
+    """Random attention + MLP weights of one Llama decoder layer whose attention reads
+    ``attn_input`` features (EAGLE-3's first layer reads [embed; hidden], twice the width)."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    return {
+        f"{prefix}.self_attn.q_proj.weight": rand(heads * head_dim, attn_input),
+        f"{prefix}.self_attn.k_proj.weight": rand(kv_heads * head_dim, attn_input),
+        f"{prefix}.self_attn.v_proj.weight": rand(kv_heads * head_dim, attn_input),
+        f"{prefix}.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+        f"{prefix}.mlp.gate_proj.weight": rand(inter, hidden),
+        f"{prefix}.mlp.up_proj.weight": rand(inter, hidden),
+        f"{prefix}.mlp.down_proj.weight": rand(hidden, inter),
+        f"{prefix}.post_attention_layernorm.weight": torch.ones(hidden),
+    }
+
+
+def _seeded_normal(seed: int, scale: float = 0.02):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, generator=gen) * scale
+
+
 def write_eagle3(target_dir: Path, out: Path, draft_vocab_ids: list[int], aux_layer_ids: list[int], seed: int = 0) -> Path:
     """An EAGLE-3 head (LlamaForCausalLMEagle3): one decoder layer over [embed; fc(aux states)],
     a truncated draft vocabulary ``draft_vocab_ids`` (sorted target ids) mapped by d2t offsets."""
     config, weights = _target(target_dir)
-    gen = torch.Generator().manual_seed(seed)
+    rand = _seeded_normal(seed)
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
-
-    def rand(*shape, scale=0.02):
-        return torch.randn(*shape, generator=gen) * scale
-
     ids = torch.tensor(sorted(draft_vocab_ids), dtype=torch.long)
     d2t, t2d = draft_maps(ids, config["vocab_size"])
     tensors = {
         "fc.weight": rand(hidden, 3 * hidden),
         "midlayer.input_layernorm.weight": torch.ones(hidden),
         "midlayer.hidden_norm.weight": torch.ones(hidden),
-        "midlayer.post_attention_layernorm.weight": torch.ones(hidden),
-        "midlayer.self_attn.q_proj.weight": rand(heads * head_dim, 2 * hidden),
-        "midlayer.self_attn.k_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
-        "midlayer.self_attn.v_proj.weight": rand(kv_heads * head_dim, 2 * hidden),
-        "midlayer.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
-        "midlayer.mlp.gate_proj.weight": rand(inter, hidden),
-        "midlayer.mlp.up_proj.weight": rand(inter, hidden),
-        "midlayer.mlp.down_proj.weight": rand(hidden, inter),
+        **_decoder_layer("midlayer", config, rand, attn_input=2 * hidden),
         "norm.weight": torch.ones(hidden),
         "lm_head.weight": weights["lm_head.weight"][ids].clone() * 3,
         "d2t": d2t,
@@ -138,23 +149,11 @@ def write_eagle(target_dir: Path, out: Path, seed: int = 0) -> Path:
     """An EAGLE-1 head (vLLM's EagleLlamaForCausalLM): fc over [embed; target hidden state] and one
     decoder layer without input norm; embeddings and lm_head are shared with the target."""
     config, _ = _target(target_dir)
-    gen = torch.Generator().manual_seed(seed)
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
-
-    def rand(*shape, scale=0.02):
-        return torch.randn(*shape, generator=gen) * scale
-
+    rand = _seeded_normal(seed)
+    hidden = config["hidden_size"]
     tensors = {
         "fc.weight": torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1) + rand(hidden, 2 * hidden),
-        "layers.0.self_attn.q_proj.weight": rand(heads * head_dim, hidden),
-        "layers.0.self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
-        "layers.0.self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
-        "layers.0.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
-        "layers.0.mlp.gate_proj.weight": rand(inter, hidden),
-        "layers.0.mlp.up_proj.weight": rand(inter, hidden),
-        "layers.0.mlp.down_proj.weight": rand(hidden, inter),
-        "layers.0.post_attention_layernorm.weight": torch.ones(hidden),
+        **_decoder_layer("layers.0", config, rand, attn_input=hidden),
     }
     head_config = dict(config, num_hidden_layers=1, architectures=["LlamaForCausalLM"])
     return _save(out, head_config, tensors)

@@ -191,8 +191,7 @@ def test_sampled_drafts_are_accepted_below_one_but_not_never(any_drafter_llm):
     assert 0.0 < acceptance[0] < 0.98, acceptance
 
 
-def test_seeded_requests_reproduce_in_any_batch(spec_llm, target_model):
-    _, tokenizer = target_model
+def test_seeded_requests_reproduce_in_any_batch(spec_llm):
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, top_p=0.95, seed=7)
