@@ -1,0 +1,54 @@
+"""The one schema for `vllm-lk train`: defaults, YAML keys and command-line flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from training.config import FrozenConfig
+
+DrafterKind = Literal["eagle3", "medusa", "mlp", "draft-model"]
+
+
+class TrainConfig(FrozenConfig):
+    drafter: DrafterKind = Field("medusa", description="draft architecture")
+    loss: Literal["kl", "tv", "lk-hybrid", "lk-alpha"] = Field("lk-hybrid", description="training objective")
+    num_heads: int = Field(3, ge=1, le=16, description="K: MEDUSA heads, MLP stages, EAGLE-3 TTT steps (draft-model: K served)")
+    eta: float | None = Field(None, ge=0, description="LK-hybrid eta in lambda = exp(-eta * sg[alpha]) (default: 10 for MEDUSA, else 3)")
+    gamma: float = Field(0.8, gt=0, le=1, description="head k is weighted gamma^(k-1)")
+    temperatures: list[float] = Field([1.0], min_length=1, description="training temperatures (p and q at T; several average)")
+    lambda_per_token: bool = Field(False, description="LK-hybrid lambda from each token's alpha instead of the batch mean")
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="sequences per optimizer step (global, split across DDP ranks)")
+    seq_len: int = Field(256, ge=8, description="tokens per training sequence (longer examples are truncated)")
+    lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps, then cosine decay to lr * min_lr_ratio")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of lr")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only)")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    seed: int = Field(0, description="seed for initialisation and data order")
+    precision: Literal["auto", "fp32", "bf16"] = Field("fp32", description="autocast dtype of the forward passes (losses are fp32 always); auto = bf16 where supported")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    log_every: int = Field(10, ge=1, description="steps between metric log lines")
+    eval_sequences: int = Field(16, ge=0, description="held-out sequences (taken from the data file, never trained on) for offline alpha")
+    draft_vocab_size: int | None = Field(None, ge=1, description="EAGLE-3: truncated draft vocabulary size (most frequent tokens; default: full)")
+    aux_layers: list[int] | None = Field(None, description="EAGLE-3: the three target layers fused (default: vLLM's (2, L//2, L-3), spread if not distinct)")
+    draft_num_layers: int = Field(1, ge=1, description="draft-model: decoder layers of the independent draft")
+    draft_hidden_size: int | None = Field(None, description="draft-model: width (default: half the target's, head_dim kept)")
+    mlp_inner_dim: int | None = Field(None, description="MLP speculator: inner width (default: the target's hidden size)")
+    medusa_num_layers: int = Field(1, ge=1, description="MEDUSA: residual blocks per head")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if any(t <= 0 for t in self.temperatures):
+            raise ValueError("temperatures must be > 0 (T=0 drafts are argmax; train at a small T instead)")
+        if self.aux_layers is not None and len(self.aux_layers) != 3:
+            raise ValueError("aux_layers must name exactly three target layers")
+        return self
+
+    def resolved_eta(self) -> float:
+        if self.eta is not None:
+            return self.eta
+        return 10.0 if self.drafter == "medusa" else 3.0
