@@ -1,0 +1,49 @@
+"""Draft architectures, one module each. Every module defines a ``Drafter`` subclass and
+
+    build(target_model, config: TrainConfig, token_counts: Tensor | None) -> Drafter
+        a fresh drafter for ``target_model`` (deterministic under the caller's torch seed;
+        ``token_counts`` [V] are training-data token frequencies, for truncated vocabularies)
+    load(path, target_model) -> Drafter
+        the drafter an ``export`` wrote to ``path`` (its forward equals the exported one's)
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+MODULES = {"eagle3": "eagle3", "medusa": "medusa", "mlp": "mlp", "draft-model": "draft_model"}
+# config.json "architectures" entry of an export -> drafter kind
+ARCHITECTURES = {
+    "LlamaForCausalLMEagle3": "eagle3",
+    "MedusaModel": "medusa",
+    "MLPSpeculatorPreTrainedModel": "mlp",
+    "LlamaForCausalLM": "draft-model",
+}
+
+
+def module(kind: str):
+    if kind not in MODULES:
+        raise ValueError(f"unknown drafter {kind!r}; choose one of {', '.join(MODULES)}")
+    return importlib.import_module(f"training.drafters.{MODULES[kind]}")
+
+
+def build_drafter(config, target_model, token_counts=None):
+    return module(config.drafter).build(target_model, config, token_counts)
+
+
+def exported_kind(path: str | Path) -> str:
+    """The drafter kind of an exported directory (from its config.json architecture)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: not an exported drafter (no config.json)")
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    for name in architectures:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    raise ValueError(f"{config_file}: architectures {architectures} is none of {', '.join(ARCHITECTURES)}")
+
+
+def load_drafter(path: str | Path, target_model):
+    return module(exported_kind(path)).load(Path(path), target_model)
