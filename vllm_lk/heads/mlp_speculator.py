@@ -1,8 +1,9 @@
-"""MLP speculator (IBM fms-extras style) as a vLLM 0.32 model class.
+"""MLP speculator (IBM fms-extras style): its math as a plain module, and the vLLM 0.32 model class.
 
 vLLM 0.32 ships ``MLPSpeculator`` without a forward pass and with its registry entry commented
-out; this class replaces it under the same architecture name, ``MLPSpeculatorPreTrainedModel``,
-with the same checkpoint layout (``speculator.{emb,proj,ln,head}.{i}.weight``, ``ln.{i}.bias``).
+out; :class:`LKMLPSpeculator` replaces it under the same architecture name,
+``MLPSpeculatorPreTrainedModel``, with the same checkpoint layout
+(``speculator.{emb,proj,ln,head}.{i}.weight``, ``ln.{i}.bias``).
 
 Stage i (0-based) turns the previous state and the previous token into the next state:
 
@@ -12,6 +13,9 @@ Stage i (0-based) turns the previous state and the previous token into the next 
 
 with state_weight = 0.5 ** (0.5 / n_predict) and emb_weight = sqrt((1 - state_weight**2) * inner/2).
 With ``tie_weights`` all stages share emb, ln and head, and stages >= 1 share proj (fms-extras).
+
+The math and the weight loading live in :class:`MLPSpeculatorCore`, built from plain arguments,
+so that serving (this vLLM class) and training (``training.drafters.mlp``) run the very same code.
 """
 
 from __future__ import annotations
@@ -40,65 +44,60 @@ class RMSLayerNorm(nn.Module):
         return x if self.weight is None else x * self.weight + self.bias
 
 
-class LKMLPSpeculator(nn.Module):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+class MLPSpeculatorCore(nn.Module):
+    """Parameters, stage math and checkpoint loading of the speculator, free of vLLM.
+
+    Parameter names (``emb.{i}.weight``, ...) are the checkpoint's without the ``speculator.``
+    prefix. Every method works on any leading shape ([B, *] when serving, [B, T, *] in training).
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        emb_dim: int,
+        inner_dim: int = 0,  # 0 or None: emb_dim (fms-extras convention)
+        n_predict: int,
+        tie_weights: bool = False,
+        scale_input: bool = False,
+    ) -> None:
         super().__init__()
-        # vLLM builds draft models with the *target's* VllmConfig; the draft's config is here.
-        config = vllm_config.speculative_config.draft_model_config.hf_config
-        self.n_predict = config.n_predict
-        num_spec = vllm_config.speculative_config.num_speculative_tokens
-        if num_spec > self.n_predict:
-            raise ValueError(
-                f"num_speculative_tokens={num_spec} exceeds the MLP speculator's n_predict={self.n_predict}"
-            )
-        self.emb_dim = config.emb_dim
-        self.inner_dim = config.inner_dim or config.emb_dim
-        self.vocab_size = config.vocab_size
-        self.tie_weights = bool(config.tie_weights)
-        self.scale_input = bool(config.scale_input)
-        n, inner = self.n_predict, self.inner_dim
+        self.n_predict = n_predict
+        self.emb_dim = emb_dim
+        self.inner_dim = inner_dim or emb_dim
+        self.vocab_size = vocab_size
+        self.tie_weights = bool(tie_weights)
+        self.scale_input = bool(scale_input)
+        n, inner = n_predict, self.inner_dim
 
         def stages(make, first=None):
+            head = [first] if first is not None else []
+            rest = n - len(head)
             if self.tie_weights:
                 shared = make()
-                return nn.ModuleList(([first] if first is not None else []) + [shared] * (n - (first is not None)))
-            return nn.ModuleList(([first] if first is not None else []) + [make() for _ in range(n - (first is not None))])
+                return nn.ModuleList(head + [shared] * rest)
+            return nn.ModuleList(head + [make() for _ in range(rest)])
 
-        self.emb = stages(lambda: nn.Embedding(self.vocab_size, inner))
-        self.proj = stages(lambda: nn.Linear(inner, inner, bias=False), first=nn.Linear(self.emb_dim, inner, bias=False))
+        self.emb = stages(lambda: nn.Embedding(vocab_size, inner))
+        self.proj = stages(lambda: nn.Linear(inner, inner, bias=False), first=nn.Linear(emb_dim, inner, bias=False))
         self.ln = stages(lambda: RMSLayerNorm(inner))
-        self.head = stages(lambda: nn.Linear(inner, self.vocab_size, bias=False))
-        self.ln0 = RMSLayerNorm(self.emb_dim, affine=False) if self.scale_input else None
+        self.head = stages(lambda: nn.Linear(inner, vocab_size, bias=False))
+        self.ln0 = RMSLayerNorm(emb_dim, affine=False) if self.scale_input else None
         self.state_weight = 0.5 ** (0.5 / n)
         self.emb_weight = math.sqrt((1 - self.state_weight**2) * (inner / 2))
 
-    def initial_state(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, emb_dim]
+    def initial_state(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., emb_dim] -> [..., emb_dim]
         return self.ln0(hidden) / math.sqrt(2) if self.ln0 is not None else hidden
 
     def step(self, stage: int, state: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(next state [B, inner], logits [B, V]) of ``stage`` from state [B, *] and tokens [B]."""
+        """(next state [..., inner], logits [..., V]) of ``stage`` from state [..., *] and tokens [...]."""
         state = self.proj[stage](state) * self.state_weight + self.emb[stage](tokens) * self.emb_weight
         state = nn.functional.gelu(self.ln[stage](state))
         return state, self.head[stage](state)
 
-    # vLLM's model interface (checked when the class is registered); the proposer calls step().
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor) -> list[torch.Tensor]:
-        """Greedy chain of all stages from the last tokens ``input_ids`` [B] and the target's
-        hidden states [B, H] (``positions`` unused: the speculator has no attention)."""
-        tokens, state, logits = input_ids, self.initial_state(hidden_states), []
-        for stage in range(self.n_predict):
-            state, stage_logits = self.step(stage, state, tokens)
-            tokens = stage_logits.argmax(-1)
-            logits.append(stage_logits)
-        return logits
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.emb[0](input_ids)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.head[0](hidden_states)
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (names with or without ``speculator.``) into the parameters;
+        returns the parameter names loaded. Tied checkpoints may name any stage's copy."""
         params = dict(self.named_parameters())
         loaded = set()
         for name, tensor in weights:
@@ -117,3 +116,41 @@ class LKMLPSpeculator(nn.Module):
                 params[name].copy_(tensor)
             loaded.add(name)
         return loaded
+
+
+class LKMLPSpeculator(MLPSpeculatorCore):
+    """The vLLM model class: :class:`MLPSpeculatorCore` configured from the draft's hf_config."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        # vLLM builds draft models with the *target's* VllmConfig; the draft's config is here.
+        config = vllm_config.speculative_config.draft_model_config.hf_config
+        num_spec = vllm_config.speculative_config.num_speculative_tokens
+        if num_spec > config.n_predict:
+            raise ValueError(
+                f"num_speculative_tokens={num_spec} exceeds the MLP speculator's n_predict={config.n_predict}"
+            )
+        super().__init__(
+            vocab_size=config.vocab_size,
+            emb_dim=config.emb_dim,
+            inner_dim=config.inner_dim,
+            n_predict=config.n_predict,
+            tie_weights=config.tie_weights,
+            scale_input=config.scale_input,
+        )
+
+    # vLLM's model interface (checked when the class is registered); the proposer calls step().
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """Greedy chain of all stages from the last tokens ``input_ids`` [B] and the target's
+        hidden states [B, H] (``positions`` unused: the speculator has no attention)."""
+        tokens, state, logits = input_ids, self.initial_state(hidden_states), []
+        for stage in range(self.n_predict):
+            state, stage_logits = self.step(stage, state, tokens)
+            tokens = stage_logits.argmax(-1)
+            logits.append(stage_logits)
+        return logits
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.emb[0](input_ids)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.head[0](hidden_states)

@@ -1,0 +1,118 @@
+"""MEDUSA heads (Cai et al. 2024) as vLLM 0.32 serves them (``MedusaModel``, method "medusa").
+
+Head k (1-based) reads the target's final normed hidden state h_t at the anchor row t — the row
+that produced the last sampled token x_{t+1} — and proposes x_{t+1+k}:
+
+    block_k(x) = x + silu(W_{k,j} x), applied for j = 1..num_layers (no bias)
+    logits_k = lm_head_k(block_k(h_t))
+
+which is ``vllm/model_executor/models/medusa.py`` (``ResidualBlock`` with ``medusa_fc_bias``
+unset, one ``ParallelLMHead`` per head, ``logit_scale`` 1, full vocabulary so no ``token_map``)
+and ``vllm_lk.proposers.lk_medusa_propose`` (q_k = softmax of head k's logits after the request's
+sampling transforms). Every head sees the same h_t, so heads are independent given the anchor:
+head k is verified against target row t+k and trained with ``select_rows(..., offset=k)``.
+
+Initialisation follows the MEDUSA reference: residual weights zero (each block starts as the
+identity, so head k starts as the target's own next-token head) and lm_heads copied from the
+target's lm_head (all trainable).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from training.drafters.base import Drafter, TargetOutputs, select_rows
+
+ARCHITECTURE = "MedusaModel"
+
+
+class ResidualBlock(nn.Module):
+    """vLLM's ``ResidualBlock``: x + silu(linear(x)) per layer, each layer on the previous output."""
+
+    def __init__(self, hidden_size: int, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(hidden_size, hidden_size, bias=False) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        for layer in self.layers:
+            x = x + nn.functional.silu(layer(x))
+        return x
+
+
+class MedusaDrafter(Drafter):
+    kind = "medusa"
+    vllm_method = "medusa"
+    default_eta = 10.0  # the paper's MEDUSA setting
+
+    def __init__(self, hidden_size: int, vocab_size: int, num_heads: int, num_layers: int, target_layers: int) -> None:
+        super().__init__()
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        self.num_heads, self.num_layers = num_heads, num_layers
+        self.hidden_layers = (target_layers,)  # the final normed state, as vLLM hands it to MEDUSA
+        self.blocks = nn.ModuleList(ResidualBlock(hidden_size, num_layers) for _ in range(num_heads))
+        self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, vocab_size, bias=False) for _ in range(num_heads))
+
+    def head_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:  # [..., H] -> K x [..., V]
+        """Every head's logits from the target's final normed hidden states (vLLM's
+        ``Medusa.forward`` then ``compute_logits``)."""
+        return [lm_head(block(hidden)) for block, lm_head in zip(self.blocks, self.lm_heads)]
+
+    def forward(self, target: TargetOutputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K pairs (head k's logits at anchor rows t, target logits at rows t+k)."""
+        hidden = target.hidden_states[self.hidden_layers[0]]  # [B, T, H]
+        assert hidden.shape[-1] == self.hidden_size, (hidden.shape, self.hidden_size)
+        return [select_rows(logits, target, offset=k) for k, logits in enumerate(self.head_logits(hidden), start=1)]
+
+    def hf_config(self) -> dict:
+        """config.json as vLLM's ``MedusaConfig`` reads it (keys as tests/heads.py::write_medusa)."""
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": "medusa",
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "num_heads": self.num_heads,
+            "num_hidden_layers": self.num_layers,
+            "truncated_vocab_size": self.vocab_size,
+            "medusa_fc_bias": False,
+            "torch_dtype": "float32",
+        }
+
+    def export(self, out: Path) -> None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(self.hf_config(), indent=2))
+        # parameter names are vLLM's (blocks.{k}.layers.{j}.weight, lm_heads.{k}.weight)
+        tensors = {name: p.detach().float().contiguous().clone() for name, p in self.named_parameters()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def build(target_model, config, token_counts=None) -> MedusaDrafter:
+    """Fresh heads for ``target_model``: zero residual weights, lm_heads = the target's lm_head."""
+    tc = target_model.config
+    drafter = MedusaDrafter(tc.hidden_size, tc.vocab_size, config.num_heads, config.medusa_num_layers, tc.num_hidden_layers)
+    lm_head = target_model.get_output_embeddings().weight.detach().float()  # [V, H]
+    with torch.no_grad():
+        for block in drafter.blocks:
+            for layer in block.layers:
+                layer.weight.zero_()
+        for head in drafter.lm_heads:
+            head.weight.copy_(lm_head)
+    return drafter
+
+
+def load(path: str | Path, target_model) -> MedusaDrafter:
+    """The drafter ``export`` wrote to ``path`` (strict: every tensor present, none extra)."""
+    path = Path(path)
+    hf = json.loads((path / "config.json").read_text())
+    if hf.get("truncated_vocab_size", hf["vocab_size"]) != hf["vocab_size"] or hf.get("medusa_fc_bias"):
+        raise ValueError(f"{path}: truncated vocabularies and biased MEDUSA blocks are not supported")
+    drafter = MedusaDrafter(
+        hf["hidden_size"], hf["vocab_size"], hf["num_heads"], hf["num_hidden_layers"], target_model.config.num_hidden_layers
+    )
+    drafter.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return drafter

@@ -1,0 +1,144 @@
+"""MLP speculator (IBM fms-extras; Wertheimer et al. 2024) trained for vllm_lk's serving path.
+
+The math is not restated here: the drafter holds a ``vllm_lk.heads.mlp_speculator.MLPSpeculatorCore``,
+the module that vLLM serves (``LKMLPSpeculator`` subclasses it), so training and serving run the
+same ``initial_state`` / ``step`` code and load checkpoints with the same ``load_weights``.
+
+What each stage consumes is what ``vllm_lk.proposers.LKMLPProposer.propose_mlp`` feeds it, given
+by ``vllm_lk.patch._propose_mlp``: at a verification step with anchor row t (the row that produced
+the last sampled token x_{t+1}),
+
+    state_0 = initial_state(h_t)                  h_t = target's final normed hidden state, row t
+    state_k, logits_k = step(k-1, state_{k-1}, token_k)
+    token_1 = x_{t+1} (the last sampled token);   token_k = draft k-1, for k >= 2
+
+and draft k is verified against target row t+k. Draft k-1 matters only if it was accepted, and
+then it equals x_{t+k}, so training teacher-forces token_k = x_{t+k} from the data (the target's
+own text) and pairs stage k with ``select_rows(..., offset=k)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.drafters.base import Drafter, TargetOutputs, select_rows
+from vllm_lk.heads.mlp_speculator import ARCHITECTURE, MLPSpeculatorCore
+
+
+def shift_left(input_ids: torch.Tensor, k: int) -> torch.Tensor:  # [B, T] -> [B, T]
+    """Column t holds x_{t+k}; the last k columns (no such token) hold 0 and are never trained."""
+    shifted = torch.zeros_like(input_ids)
+    shifted[:, : input_ids.shape[1] - k] = input_ids[:, k:]
+    return shifted
+
+
+class MLPDrafter(Drafter):
+    kind = "mlp"
+    vllm_method = "mlp_speculator"
+
+    def __init__(self, vocab_size: int, emb_dim: int, inner_dim: int, n_predict: int, target_layers: int, scale_input: bool = True) -> None:
+        super().__init__()
+        self.hidden_layers = (target_layers,)  # the final normed state, as vLLM hands it to the proposer
+        # untied stages: training has no reason to share them, and a tied export is a different layout
+        self.speculator = MLPSpeculatorCore(
+            vocab_size=vocab_size, emb_dim=emb_dim, inner_dim=inner_dim, n_predict=n_predict, scale_input=scale_input
+        )
+
+    @property
+    def num_heads(self) -> int:
+        return self.speculator.n_predict
+
+    def stage_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """K x [B, T, V]: stage k's logits at every anchor row t, teacher-forced with x_{t+1..t+k}.
+
+        hidden [B, T, emb_dim] (target's final normed state), input_ids [B, T]."""
+        state = self.speculator.initial_state(hidden)  # [B, T, emb_dim]
+        logits = []
+        for k in range(1, self.num_heads + 1):
+            state, stage = self.speculator.step(k - 1, state, shift_left(input_ids, k))  # [B, T, inner], [B, T, V]
+            logits.append(stage)
+        return logits
+
+    def forward(self, target: TargetOutputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K pairs (stage k's logits at anchor rows t, target logits at rows t+k)."""
+        hidden = target.hidden_states[self.hidden_layers[0]]  # [B, T, H]
+        assert hidden.shape[:2] == target.input_ids.shape, (hidden.shape, target.input_ids.shape)
+        stages = self.stage_logits(hidden, target.input_ids)
+        return [select_rows(logits, target, offset=k) for k, logits in enumerate(stages, start=1)]
+
+    def hf_config(self) -> dict:
+        """config.json as vLLM's ``MLPSpeculatorConfig`` reads it (keys as
+        tests/heads.py::write_mlp_speculator)."""
+        core = self.speculator
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": "mlp_speculator",
+            "vocab_size": core.vocab_size,
+            "emb_dim": core.emb_dim,
+            "inner_dim": core.inner_dim,
+            "n_predict": core.n_predict,
+            "top_k_tokens_per_head": [1] * core.n_predict,
+            "n_candidates": 1,
+            "tie_weights": False,
+            "scale_input": core.scale_input,
+            "torch_dtype": "float32",
+        }
+
+    def export(self, out: Path) -> None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(self.hf_config(), indent=2))
+        # parameter names are the checkpoint's: speculator.{emb,proj,ln,head}.{i}.weight, ln.{i}.bias
+        tensors = {name: p.detach().float().contiguous().clone() for name, p in self.named_parameters()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _rescaled(weight: torch.Tensor, std: float) -> torch.Tensor:
+    """``weight`` scaled to root-mean-square ``std`` (keeps its geometry, takes the init's scale)."""
+    return weight * (std / weight.pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+def build(target_model, config, token_counts=None) -> MLPDrafter:
+    """Fresh speculator for ``target_model``. fms-extras initialises every matrix N(0, 1/inner);
+    where shapes allow we start closer to the target: heads = the target's lm_head (which reads
+    a normed state, as the stage's gelu(ln(.)) output roughly is) and token embeddings = the
+    target's input embeddings rescaled to the fms scale (similar tokens start similar)."""
+    tc = target_model.config
+    inner = config.mlp_inner_dim or tc.hidden_size
+    drafter = MLPDrafter(tc.vocab_size, tc.hidden_size, inner, config.num_heads, tc.num_hidden_layers)
+    core, std = drafter.speculator, 1 / math.sqrt(inner)
+    lm_head = target_model.get_output_embeddings().weight.detach().float()  # [V, H]
+    embed = target_model.get_input_embeddings().weight.detach().float()  # [V, H]
+    with torch.no_grad():
+        for stage in range(core.n_predict):
+            core.proj[stage].weight.normal_(0.0, std)
+            if inner == tc.hidden_size:
+                core.emb[stage].weight.copy_(_rescaled(embed, std))
+                core.head[stage].weight.copy_(lm_head)
+            else:
+                core.emb[stage].weight.normal_(0.0, std)
+                core.head[stage].weight.normal_(0.0, std)
+    return drafter
+
+
+def load(path: str | Path, target_model) -> MLPDrafter:
+    """The drafter ``export`` wrote to ``path``, loaded through the serving class's
+    ``load_weights`` (so a layout mismatch fails here as it would in vLLM)."""
+    path = Path(path)
+    hf = json.loads((path / "config.json").read_text())
+    if hf.get("tie_weights"):
+        raise ValueError(f"{path}: tied MLP speculators are served but not trained here")
+    drafter = MLPDrafter(
+        hf["vocab_size"], hf["emb_dim"], hf.get("inner_dim") or hf["emb_dim"], hf["n_predict"],
+        target_model.config.num_hidden_layers, scale_input=bool(hf.get("scale_input")),
+    )
+    loaded = drafter.speculator.load_weights(load_file(str(path / "model.safetensors")).items())
+    missing = {name for name, _ in drafter.speculator.named_parameters()} - loaded
+    if missing:
+        raise ValueError(f"{path}: MLP speculator weights missing: {sorted(missing)}")
+    return drafter
