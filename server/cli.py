@@ -31,10 +31,86 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from training.config import resolve_config
+    from training.generate import GenerateConfig, generate
+
+    summary = generate(resolve_config(GenerateConfig, args), args.out)
+    print(json.dumps(summary))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.config import resolve_config
+    from training.evaluate import EvalConfig, evaluate_pair, save_result, summary_line
+
+    result = evaluate_pair(resolve_config(EvalConfig, args))
+    save_result(result, args.json)
+    print(summary_line(result))
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from vllm_lk.doctor import run
 
     return run()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.config import resolve_config
+    from training.train_config import TrainConfig
+    from training.trainer import TrainingDiverged, train
+
+    config = resolve_config(TrainConfig, args)
+    try:
+        result = train(config, args.target, args.data, args.out, resume=args.resume, device=args.device)
+    except TrainingDiverged as err:
+        print(f"vllm-lk train: stopped: {err}", file=sys.stderr)
+        return 3
+    if result:
+        keys = ("drafter_dir", "offline_alpha", "predicted_tau", "train_tokens_per_s", "seconds")
+        print(json.dumps({k: result[k] for k in keys}, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.trainer import export_run
+
+    result = export_run(args.run, args.out, device=args.device)
+    print(json.dumps({k: result[k] for k in ("drafter_dir", "steps", "offline_alpha", "predicted_tau")}, indent=2))
+    return 0
+
+
+def _add_training_commands(sub) -> None:
+    from training.config import add_config_args
+    from training.train_config import TrainConfig
+
+    train = sub.add_parser(
+        "train",
+        help="train a draft head for a target with KL, TV or an LK loss, and export it for vLLM",
+        description="Distil a drafter (EAGLE-3, MEDUSA, MLP speculator or an independent draft model) from "
+        "a frozen target on a JSONL file from `vllm-lk generate`. Single process, or data parallel under "
+        "`torchrun --nproc-per-node N -m server.cli train ...`. Writes checkpoints, config.yaml, "
+        "metrics.jsonl, tensorboard/, result.json and the exported drafter/ (with lk_metadata.json).",
+    )
+    train.add_argument("--target", type=Path, required=True, help="the target's HF model directory")
+    train.add_argument("--data", type=Path, required=True, help="training JSONL (from `vllm-lk generate`)")
+    train.add_argument("--out", type=Path, required=True, help="run directory")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    train.add_argument("--device", default="cpu", help="torch device (default: cpu; `cuda` under torchrun uses cuda:LOCAL_RANK)")
+    add_config_args(train, TrainConfig)
+    train.set_defaults(func=_train)
+
+    export = sub.add_parser(
+        "export",
+        help="export the latest checkpoint of a training run as a vLLM drafter directory",
+        description="Re-export a run's latest checkpoint (e.g. one that stopped early) with held-out alpha and "
+        "LK metadata. `vllm-lk train` already exports when it finishes.",
+    )
+    export.add_argument("--run", type=Path, required=True, help="run directory of `vllm-lk train`")
+    export.add_argument("--out", type=Path, default=None, help="drafter directory to write (default: RUN/drafter)")
+    export.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    export.set_defaults(func=_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then any vLLM engine arguments")
     serve.set_defaults(func=_serve)
 
+    from training.evaluate import EvalConfig
+    from training.generate import GenerateConfig
+
+    gen = sub.add_parser(
+        "generate",
+        help="regenerate responses with the target in vLLM (resumable JSONL for drafter training)",
+        description="Sample the target's own responses to prompts (JSONL {prompt}/{messages}, or "
+        "--prompts builtin:KIND:SPLIT:COUNT[:SEED] drawn from the toy corpus: KIND code|docstring, "
+        "SPLIT train|heldout). Writes one line per record {id, prompt|messages, completion, "
+        "prompt_token_ids, completion_token_ids, finish_reason}; a rerun skips ids already in OUT.",
+    )
+    gen.add_argument("--out", type=Path, required=True, help="output JSONL (appended to; settings kept in OUT.config.json)")
+    add_config_args(gen, GenerateConfig)
+    gen.set_defaults(func=_generate)
+
+    ev = sub.add_parser(
+        "eval",
+        help="serve target + drafter in vLLM: measured acceptance and tau beside the offline prediction",
+        description="Generate with speculative decoding, record per-position acceptance and tau = 1 + "
+        "accepted/steps, then predict both offline from the drafter's alpha on the same sequences.",
+    )
+    ev.add_argument("--json", type=Path, required=True, help="where to write the result JSON")
+    add_config_args(ev, EvalConfig)
+    ev.set_defaults(func=_eval)
+
     doctor = sub.add_parser("doctor", help="check that vLLM, transformers and the vllm_lk plugin work in this environment")
     doctor.set_defaults(func=_doctor)
+    _add_training_commands(sub)
     return parser
 
 

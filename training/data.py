@@ -84,3 +84,47 @@ def read_jsonl(path: str | Path) -> list[Record]:
     if not records:
         raise DataError(f"{path}: no records (empty file)")
     return records
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: the prompt's tokens then the target's response tokens."""
+
+    line: int
+    token_ids: tuple[int, ...]
+    response_start: int  # index of the first response token in token_ids
+
+
+def _token_list(value, where: str, key: str, vocab_size: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise DataError(f"{where}: '{key}' must be a list of integers")
+    bad = [t for t in value if not 0 <= t < vocab_size]
+    if bad:
+        raise DataError(f"{where}: '{key}' has token id {bad[0]} outside the target vocabulary [0, {vocab_size})")
+    return tuple(value)
+
+
+def read_examples(path: str | Path, vocab_size: int, tokenizer=None) -> list[Example]:
+    """Training sequences from a `vllm-lk generate` file (``prompt_token_ids`` +
+    ``completion_token_ids``), or from records with a ``completion`` text, tokenized with
+    ``tokenizer``. The whole file is validated first; errors name ``path:line``."""
+    path = Path(path)
+    records = read_jsonl(path)
+    examples = []
+    for record in records:
+        where = f"{path}:{record.line}"
+        extra = record.extra
+        if "prompt_token_ids" in extra or "completion_token_ids" in extra:
+            prompt_ids = _token_list(extra.get("prompt_token_ids"), where, "prompt_token_ids", vocab_size)
+            response_ids = _token_list(extra.get("completion_token_ids"), where, "completion_token_ids", vocab_size)
+        elif isinstance(extra.get("completion"), str):
+            if tokenizer is None:
+                raise DataError(f"{where}: record has text only; a tokenizer is needed to train on it")
+            prompt_ids = tuple(tokenizer(record.text(tokenizer), add_special_tokens=False)["input_ids"])
+            response_ids = tuple(tokenizer(extra["completion"], add_special_tokens=False)["input_ids"])
+        else:
+            raise DataError(f"{where}: no response to train on: expected 'completion_token_ids' (from `vllm-lk generate`) or a 'completion' string")
+        if not prompt_ids or not response_ids:
+            raise DataError(f"{where}: empty prompt or response")
+        examples.append(Example(line=record.line, token_ids=prompt_ids + response_ids, response_start=len(prompt_ids)))
+    return examples

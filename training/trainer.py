@@ -1,0 +1,371 @@
+"""`vllm-lk train`: distil a drafter from a frozen target with KL, TV or an LK loss.
+
+One process, or data parallel under ``torchrun --nproc-per-node N`` (gloo on CPU, nccl on CUDA):
+every rank runs the frozen target and the drafter on its share of each global batch; gradients are
+all-reduced so that the update equals the single-process one (each rank's loss is scaled by its
+share of the batch's trained rows). The data order is a pure function of (seed, step), so a resumed
+run sees exactly the batches an uninterrupted one would.
+
+A run directory holds: ``config.yaml`` (the resolved TrainConfig), ``metrics.jsonl`` (one JSON
+object per logged step), ``tensorboard/`` (the same scalars), ``checkpoints/`` (atomic, see
+training.checkpoint), ``drafter/`` (the export vLLM loads, with lk_metadata.json) and
+``result.json`` (held-out alpha per head, predicted tau, timings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm.auto import tqdm
+
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
+from training.data import Example, read_examples
+from training.drafters import build_drafter
+from training.export import export_drafter, file_sha256, predicted_tau
+from training.losses import multi_head_loss
+from training.target import load_target, run_target
+from training.train_config import TrainConfig
+from training.vocab import token_frequencies
+
+logger = logging.getLogger(__name__)
+
+# Fields a resumed run may change: they do not alter the optimisation trajectory up to the
+# checkpoint (more steps continue the same schedule only if steps is unchanged; see _check_resume).
+RUN_FILE = "run.json"  # where the target and data of a run live, for `vllm-lk export`
+RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradients became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group when launched by torchrun, else a single process."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def _all_reduce(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def split_examples(examples: list[Example], eval_count: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): ``eval_count`` examples chosen by a seeded permutation are never trained on."""
+    if eval_count >= len(examples):
+        raise ValueError(f"eval_sequences={eval_count} leaves no training data ({len(examples)} examples)")
+    order = np.random.default_rng(seed).permutation(len(examples))
+    held = set(order[:eval_count].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> list[int]:
+    """The global batch of ``step``: consecutive slices of one seeded permutation per epoch."""
+    indices = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, num_examples)
+        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        indices.append(int(order[offset]))
+    return indices
+
+
+def collate(examples: list[Example], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, T] input ids right-padded with ``pad_id``, [B, T] loss mask: row t is trained when
+    token t+1 is a response token). Causal attention makes right padding invisible to real rows."""
+    length = min(seq_len, max(len(e.token_ids) for e in examples))
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    for row, example in enumerate(examples):
+        tokens = example.token_ids[:length]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, max(example.response_start - 1, 0) : len(tokens) - 1] = True
+    return ids, mask
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and (device.type == "cuda" or torch.backends.mkldnn.is_available())):
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(drafter, config: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+def drafter_losses(drafter, target_model, ids, mask, config: TrainConfig, precision) -> tuple[torch.Tensor, list[float], int]:
+    """(loss, mean alpha per head at the first temperature, trained rows of head 1) of one batch."""
+    target = run_target(target_model, ids, mask, drafter.hidden_layers, precision)
+    with torch.autocast(ids.device.type, dtype=precision or torch.float32, enabled=precision is not None):
+        pairs = drafter(target)
+    loss, alphas = multi_head_loss(
+        [d for d, _ in pairs], [t for _, t in pairs], config.loss,
+        gamma=config.gamma, temperatures=tuple(config.temperatures), eta=config.resolved_eta(),
+        lambda_per_token=config.lambda_per_token, draft_ids=drafter.draft_ids,
+    )
+    return loss, alphas, int(pairs[0][0].shape[0])
+
+
+@torch.no_grad()
+def heldout_alpha(drafter, target_model, examples: list[Example], config: TrainConfig, pad_id: int, device) -> list[float]:
+    """Mean alpha per head over held-out examples (rows weighted equally), at the first temperature."""
+    drafter.eval()
+    totals, rows = None, 0
+    for start in range(0, len(examples), config.batch_size):
+        ids, mask = collate(examples[start : start + config.batch_size], config.seq_len, pad_id)
+        _, alphas, n = drafter_losses(drafter, target_model, ids.to(device), mask.to(device), config, None)
+        if n == 0:
+            continue
+        weighted = [a * n for a in alphas]
+        totals = weighted if totals is None else [t + w for t, w in zip(totals, weighted)]
+        rows += n
+    drafter.train()
+    return [t / rows for t in totals] if rows else []
+
+
+def _check_resume(saved: dict, config: TrainConfig) -> None:
+    ours = config.model_dump(mode="json")
+    changed = sorted(k for k in ours if ours[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise SystemExit(
+            f"cannot resume: the config differs from the checkpoint's in {', '.join(changed)} "
+            "(a resumed run must be the same run; start a new --out for a new one)"
+        )
+
+
+class MetricsLog:
+    """metrics.jsonl (append, flushed per line) and TensorBoard scalars, on rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.handle = (run_dir / "metrics.jsonl").open("a")
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, record["step"])
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    self.writer.add_scalar(f"{key}/head{i + 1}", item, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.handle.close()
+            self.writer.close()
+
+
+def _prepare(config: TrainConfig, target_dir: Path, data_path: Path, device):
+    target_model, tokenizer = load_target(target_dir)
+    target_model.to(device)
+    vocab_size = target_model.config.vocab_size
+    examples = read_examples(data_path, vocab_size, tokenizer)
+    train_set, eval_set = split_examples(examples, config.eval_sequences, config.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    counts = token_frequencies((e.token_ids[e.response_start :] for e in train_set), vocab_size)
+    torch.manual_seed(config.seed)
+    drafter = build_drafter(config, target_model, counts).to(device)
+    return target_model, drafter, train_set, eval_set, pad_id
+
+
+def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, out: str | Path, *, resume: bool = False, device: str = "cpu") -> dict:
+    """Train, checkpoint, export; returns the result record (also written to ``out/result.json``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank
+    ctx = init_distributed(device)
+    run_dir, target_dir, data_path = Path(out), Path(target_dir), Path(data_path)
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
+    started = time.time()
+    target_model, drafter, train_set, eval_set, pad_id = _prepare(config, target_dir, data_path, device)
+    optimizer = make_optimizer(drafter, config)
+    step = 0
+    if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
+        state = load_checkpoint(checkpoint)
+        _check_resume(state["config"], config)
+        drafter.load_state_dict(state["drafter"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        logger.info("resuming %s from %s (step %d)", run_dir, checkpoint.name, step)
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        sources = {"target": str(target_dir.resolve()), "data": str(data_path.resolve())}
+        write_text_atomic(run_dir / RUN_FILE, json.dumps(sources, indent=2) + "\n")
+    log = MetricsLog(run_dir, ctx.main)
+    precision = autocast_dtype(config.precision, device)
+    progress = tqdm(total=config.steps, initial=step, desc=f"train {config.drafter}/{config.loss}", unit="step", disable=not ctx.main)
+    last_good = step
+    timing = {"tokens": 0, "seconds": 0.0}
+    try:
+        while step < config.steps:
+            record = _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, pad_id, precision, device)
+            if not record["finite"]:
+                raise TrainingDiverged(
+                    f"non-finite loss or gradient at step {step + 1}; stopped without applying it. "
+                    f"The last good checkpoint (step {last_good}) is kept in {run_dir / 'checkpoints'}"
+                )
+            step += 1
+            timing["tokens"] += record["tokens"]
+            timing["seconds"] += record["seconds"]
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", alpha1=f"{record['alpha'][0]:.3f}")
+            if step % config.log_every == 0 or step == config.steps:
+                log.write({k: v for k, v in record.items() if k != "finite"})
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                if ctx.main:
+                    state = {"step": step, "drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "config": config.model_dump(mode="json")}
+                    save_checkpoint(run_dir, step, state, config.keep_checkpoints)
+                last_good = step
+                if ctx.world > 1:
+                    dist.barrier()
+    except TrainingDiverged as err:
+        log.write({"step": step + 1, "error": str(err)})
+        logger.error("%s", err)
+        raise
+    finally:
+        progress.close()
+        log.close()
+    if not ctx.main:
+        return {}
+    return _finish(config, drafter, target_model, (train_set, eval_set), (run_dir, run_dir / "drafter"), (target_dir, data_path), pad_id, device, timing, started)
+
+
+def _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, pad_id, precision, device) -> dict:
+    """One optimizer step on this rank's share of the global batch; returns its global metrics."""
+    began = time.perf_counter()
+    indices = batch_indices(step, len(train_set), config.batch_size, config.seed)[ctx.rank :: ctx.world]
+    ids, mask = collate([train_set[i] for i in indices], config.seq_len, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    lr = lr_at(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, alphas, rows = drafter_losses(drafter, target_model, ids, mask, config, precision)
+    # [rows, loss * rows, alpha_k * rows..., tokens, finite]: summed over ranks
+    stats = torch.tensor([rows, float(loss.detach()) * rows, *[a * rows for a in alphas], ids.numel(), float(bool(torch.isfinite(loss)))], dtype=torch.float64)
+    stats = _all_reduce(stats, ctx.world)
+    global_rows = max(stats[0].item(), 1.0)
+    # each rank's mean is weighted by its share of rows, so the all-reduced mean gradient is the
+    # gradient of the global per-row mean (what one process with the whole batch computes)
+    (loss * (rows * ctx.world / global_rows)).backward()
+    params = [p for p in drafter.parameters() if p.grad is not None]
+    if ctx.world > 1:
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= ctx.world
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+    finite = stats[-1].item() == ctx.world and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - began
+    count = len(alphas)
+    return {
+        "step": step + 1,
+        "loss": stats[1].item() / global_rows,
+        "alpha": [stats[2 + k].item() / global_rows for k in range(count)],
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "rows": int(stats[0].item()),
+        "tokens": int(stats[2 + count].item()),
+        "seconds": seconds,
+        "tokens_per_s": stats[2 + count].item() / seconds,
+        "finite": finite,
+    }
+
+
+def _finish(config, drafter, target_model, splits, dirs, sources, pad_id, device, timing, started) -> dict:
+    """Held-out alpha, export with LK metadata, result.json and a one-line summary."""
+    (train_set, eval_set), (run_dir, drafter_dir), (target_dir, data_path) = splits, dirs, sources
+    alphas = heldout_alpha(drafter, target_model, eval_set, config, pad_id, device)
+    metadata = {
+        "num_speculative_tokens": config.num_heads,
+        "loss": config.loss,
+        "eta": config.resolved_eta(),
+        "gamma": config.gamma,
+        "temperatures": list(config.temperatures),
+        "lambda_per_token": config.lambda_per_token,
+        "data": {"path": str(data_path.resolve()), "sha256": file_sha256(data_path), "train_examples": len(train_set), "heldout_examples": len(eval_set)},
+        "offline_alpha": alphas,
+        "offline_temperature": config.temperatures[0],
+        "predicted_tau": predicted_tau(alphas, config.num_heads) if alphas else None,
+        "steps": config.steps,
+        "train_config": config.model_dump(mode="json"),
+    }
+    drafter_dir = export_drafter(drafter, drafter_dir, target_dir=target_dir, metadata=metadata)
+    result = {
+        **metadata,
+        "run_dir": str(run_dir.resolve()),
+        "drafter_dir": str(drafter_dir.resolve()),
+        "train_tokens_per_s": timing["tokens"] / timing["seconds"] if timing["seconds"] else None,
+        "seconds": time.time() - started,
+    }
+    write_text_atomic(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    shown = " ".join(f"{a:.3f}" for a in alphas)
+    logger.info(
+        "trained %s with %s for %d steps: held-out alpha per head %s, predicted tau %.3f at K=%d; drafter in %s",
+        config.drafter, config.loss, config.steps, shown, result["predicted_tau"] or float("nan"), config.num_heads, drafter_dir,
+    )
+    return result
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, device: str = "cpu") -> dict:
+    """Export the latest checkpoint of ``run_dir`` (e.g. of a run that stopped early), with
+    held-out alpha and LK metadata, to ``out`` (default: ``run_dir/drafter``)."""
+    run_dir = Path(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise SystemExit(f"{run_dir}: no checkpoint to export")
+    state = load_checkpoint(checkpoint)
+    config = TrainConfig(**state["config"]).model_copy(update={"steps": state["step"]})
+    sources = json.loads((run_dir / RUN_FILE).read_text())
+    target_dir, data_path = Path(sources["target"]), Path(sources["data"])
+    target_model, drafter, train_set, eval_set, pad_id = _prepare(config, target_dir, data_path, torch.device(device))
+    drafter.load_state_dict(state["drafter"])
+    drafter_dir = Path(out) if out is not None else run_dir / "drafter"
+    no_timing = {"tokens": 0, "seconds": 0.0}
+    return _finish(config, drafter, target_model, (train_set, eval_set), (run_dir, drafter_dir), (target_dir, data_path), pad_id, device, no_timing, time.time())
