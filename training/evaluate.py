@@ -1,0 +1,286 @@
+"""Serve a (target, drafter) pair in vLLM, measure acceptance, and set it beside the offline prediction.
+
+Measured (vLLM with the vllm_lk plugin, each request's per-step (drafted, accepted) record):
+
+    acceptance at position k = steps that accepted drafts 1..k / steps that drafted position k
+    tau (mean acceptance length) = 1 + accepted draft tokens / verification steps
+
+tau counts the bonus token: a step that accepts j drafts emits j + 1 tokens.
+
+Predicted (no vLLM: transformers forward of the target and the drafter over the *same* prompt +
+generated sequences, rows of generated tokens only, as in training):
+
+    alpha_k = E_rows[ sum_v min(p_v, q_v) ]      at T > 0 (training.losses.draft_loss's alpha)
+    alpha_k = E_rows[ 1[argmax q = argmax p] ]   at T = 0 (greedy agreement)
+    predicted acceptance at position k = prod_{j<=k} alpha_j
+    predicted tau = 1 + sum_{k=1..K} prod_{j<=k} alpha_j
+
+The product assumes acceptances at successive positions are independent, each with its average
+rate; in truth they correlate (an easy context makes every position easy, which makes the served
+products larger), and a head's rows are teacher-forced on target tokens while serving conditions
+position k > 1 on the drafts accepted before it. Position 1 has no such assumption: its prediction
+differs from the measurement only by sampling noise and by which rows serving happens to verify.
+An independent draft model has one head; its alpha is used for every position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from training.generate import (
+    EngineFields,
+    context_limit,
+    encode_prompts,
+    load_prompts,
+    make_llm,
+    record_id,
+    record_seed,
+    resolve_target,
+)
+
+logger = logging.getLogger(__name__)
+
+# drafter kind (training.drafters) -> speculative_config["method"]
+VLLM_METHODS = {"eagle3": "eagle3", "medusa": "medusa", "mlp": "mlp_speculator", "draft-model": "draft_model"}
+INDEPENDENCE = "predicted acceptance at k = prod_{j<=k} alpha_j: positions assumed independent, each at its mean alpha"
+
+
+class EvalConfig(EngineFields):
+    """`vllm-lk eval`: one served measurement and its offline prediction."""
+
+    target: Path | None = Field(None, description="HF target directory (default: the toy target, built if missing)")
+    drafter: Path | None = Field(None, description="exported drafter directory (required)")
+    method: Literal["eagle3", "medusa", "mlp_speculator", "draft_model"] | None = Field(
+        None, description="vLLM speculative method (default: from the drafter's config.json architecture)"
+    )
+    prompts: str = Field("builtin:code:heldout:32", description="JSONL prompts file or builtin:KIND:SPLIT:COUNT[:SEED] (see generate)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature of the served requests and of the offline alpha (0 = greedy)")
+    num_speculative_tokens: int = Field(3, ge=1, le=16, description="K: drafts per verification step")
+    max_tokens: int = Field(128, ge=2, description="tokens generated per prompt")
+    seed: int = Field(0, description="run seed; each request samples with a seed derived from it and its id")
+    offline_batch_size: int = Field(8, ge=1, description="sequences per transformers forward in the offline prediction")
+
+
+def vllm_method(config: EvalConfig) -> tuple[str, str | None]:
+    """(vLLM method, drafter kind or None when the config.json names no known architecture)."""
+    from training.drafters import exported_kind
+
+    try:
+        kind = exported_kind(config.drafter)
+    except ValueError:
+        if config.method is None:
+            raise
+        kind = None
+    return config.method or VLLM_METHODS[kind], kind
+
+
+# ----------------------------------------------------------------------------------------------
+# served
+
+
+def acceptance_counts(outputs, k: int) -> tuple[list[int], list[int]]:
+    """Per draft position: (steps that drafted it, steps that accepted it and every earlier one)."""
+    drafted, accepted = [0] * k, [0] * k
+    for out in outputs:
+        metrics = out.outputs[0].spec_decode_metrics
+        if metrics is None:
+            continue
+        for num_drafted, num_accepted in zip(metrics.per_step_drafted, metrics.per_step_accepted):
+            for position in range(num_drafted):
+                drafted[position] += 1
+                accepted[position] += position < num_accepted
+    return drafted, accepted
+
+
+def decode_rate(outputs) -> float | None:
+    """Decode throughput of the batch: tokens after each request's first, over the span from the
+    first first-token to the last token (prefill excluded); None without per-request stats."""
+    stats = [out.metrics for out in outputs if getattr(out, "metrics", None) is not None]
+    if len(stats) != len(outputs) or not stats:
+        return None
+    tokens = sum(len(out.outputs[0].token_ids) - 1 for out in outputs)
+    span = max(s.last_token_ts for s in stats) - min(s.first_token_ts for s in stats)
+    return tokens / span if span > 0 else None
+
+
+def serve(config: EvalConfig, target: Path, method: str, records, token_ids) -> tuple[dict, list]:
+    """Generate every prompt with speculation; returns (measured numbers, [(sequence, prompt_len)])."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    k = config.num_speculative_tokens
+    llm = make_llm(
+        target, config, seed=config.seed, disable_log_stats=False, per_request_spec_decode_metrics="detailed",
+        speculative_config={"method": method, "model": str(config.drafter), "num_speculative_tokens": k},
+    )
+    try:
+        params = [SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens,
+                                 seed=record_seed(config.seed, record_id(r))) for r in records]
+        started = time.perf_counter()
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=True)
+        seconds = time.perf_counter() - started
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    drafted, accepted = acceptance_counts(outputs, k)
+    steps = sum(len(out.outputs[0].spec_decode_metrics.per_step_drafted) for out in outputs if out.outputs[0].spec_decode_metrics)
+    output_tokens = sum(len(out.outputs[0].token_ids) for out in outputs)
+    measured = {
+        "tau": 1 + sum(accepted) / steps if steps else math.nan,
+        "per_position_acceptance": [a / d if d else math.nan for a, d in zip(accepted, drafted)],
+        "drafted_per_position": drafted,
+        "accepted_per_position": accepted,
+        "verification_steps": steps,
+        "accepted_tokens": sum(accepted),
+        "draft_tokens": sum(drafted),
+        "requests": len(outputs),
+        "output_tokens": output_tokens,
+        "seconds": seconds,
+        "output_tokens_per_s": output_tokens / seconds,
+        "decode_tokens_per_s": decode_rate(outputs),
+    }
+    sequences = [(list(out.prompt_token_ids) + list(out.outputs[0].token_ids), len(out.prompt_token_ids)) for out in outputs]
+    return measured, sequences
+
+
+# ----------------------------------------------------------------------------------------------
+# offline
+
+
+def pad_batch(sequences: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [B, T] and the loss mask [B, T] of rows whose next token was
+    generated (row t predicts token t+1), exactly the rows training distils on. Right padding
+    needs no attention mask: causal attention never lets a row see the padding after it."""
+    width = max(len(seq) for seq, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [B, T]
+    loss_mask = torch.zeros(len(sequences), width, dtype=torch.bool)  # [B, T]
+    for b, (seq, prompt_len) in enumerate(sequences):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        loss_mask[b, prompt_len - 1 : len(seq) - 1] = True
+    return input_ids, loss_mask
+
+
+def head_alpha(
+    draft_logits: torch.Tensor,  # [N, Vd]
+    target_logits: torch.Tensor,  # [N, V]
+    temperature: float,
+    draft_ids: torch.Tensor | None,  # [Vd] target id of each draft id, or None (full vocabulary)
+) -> torch.Tensor:  # [N] per-row acceptance probability
+    """alpha per row: sum min(p, q) at T > 0 (the exact acceptance probability of one sampled
+    draft), greedy agreement at T = 0 (a greedy draft is accepted iff it is the target's argmax)."""
+    from training.losses import draft_loss
+
+    if temperature == 0:
+        draft_top = draft_logits.argmax(-1)
+        if draft_ids is not None:
+            draft_top = draft_ids[draft_top]
+        return (draft_top == target_logits.argmax(-1)).float()
+    _, alpha, _ = draft_loss(draft_logits.float(), target_logits.float(), "tv", temperature=temperature, draft_ids=draft_ids)
+    return alpha
+
+
+@torch.no_grad()
+def offline_alphas(config: EvalConfig, target: Path, sequences) -> tuple[list[float], list[int]]:
+    """(mean alpha, rows) per drafter head over ``sequences`` [(token ids, prompt length)]."""
+    from training.drafters import load_drafter
+    from training.target import load_target, run_target
+
+    model, tokenizer = load_target(target)
+    drafter = load_drafter(config.drafter, model).eval()
+    draft_ids = drafter.draft_ids
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sums: list[float] = []
+    counts: list[int] = []
+    ordered = sorted(sequences, key=lambda s: len(s[0]))  # similar lengths per batch: less padding
+    for start in range(0, len(ordered), config.offline_batch_size):
+        input_ids, loss_mask = pad_batch(ordered[start : start + config.offline_batch_size], pad_id)
+        outputs = run_target(model, input_ids, loss_mask, hidden_layers=tuple(drafter.hidden_layers))
+        for head, (draft_logits, target_logits) in enumerate(drafter(outputs)):
+            alpha = head_alpha(draft_logits, target_logits, config.temperature, draft_ids)
+            if head == len(sums):
+                sums.append(0.0)
+                counts.append(0)
+            sums[head] += float(alpha.sum())
+            counts[head] += alpha.numel()
+    return [s / c if c else math.nan for s, c in zip(sums, counts)], counts
+
+
+def predict(alphas: list[float], k: int) -> dict:
+    """Per-position acceptance prod_{j<=k} alpha_j and tau = 1 + their sum (module docstring)."""
+    if len(alphas) == 1:
+        alphas = alphas * k  # an independent draft model: one head, drafted k times
+    if len(alphas) < k:
+        raise ValueError(f"the drafter has {len(alphas)} heads, fewer than num_speculative_tokens={k}")
+    per_position = [math.prod(alphas[: j + 1]) for j in range(k)]
+    return {"alpha_per_position": alphas[:k], "per_position_acceptance": per_position, "tau": 1 + sum(per_position)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole evaluation
+
+
+def evaluate_pair(config: EvalConfig) -> dict:
+    """Serve the pair, then predict the same numbers offline on the generated sequences.
+
+    Everything that can fail fast (drafter kind, prompts, prompt lengths) is checked before the
+    engine starts. Returns a JSON-ready dict: "served", "offline", the resolved config.
+    """
+    from transformers import AutoTokenizer
+
+    if config.drafter is None:
+        raise ValueError("--drafter is required (an exported drafter directory)")
+    target = resolve_target(config.target)
+    config = config.model_copy(update={"target": target})
+    method, kind = vllm_method(config)
+    records = load_prompts(config.prompts, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    token_ids = encode_prompts(records, tokenizer, config.prompts, context_limit(target, config))
+
+    measured, sequences = serve(config, target, method, records, token_ids)
+    started = time.perf_counter()
+    alphas, rows = offline_alphas(config, target, sequences)
+    prediction = predict(alphas, config.num_speculative_tokens)
+    prediction.update(alpha_per_head=alphas, rows_per_head=rows, seconds=time.perf_counter() - started, assumption=INDEPENDENCE)
+    return {
+        "target": str(target),
+        "drafter": str(config.drafter),
+        "drafter_kind": kind,
+        "method": method,
+        "num_speculative_tokens": config.num_speculative_tokens,
+        "temperature": config.temperature,
+        "served": measured,
+        "offline": prediction,
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def summary_line(result: dict) -> str:
+    served, offline = result["served"], result["offline"]
+
+    def fmt(values):
+        return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+    rate = served["decode_tokens_per_s"] or served["output_tokens_per_s"]
+    return (
+        f"{result['method']} K={result['num_speculative_tokens']} T={result['temperature']:g} on "
+        f"{served['requests']} prompts: tau served {served['tau']:.3f} vs predicted {offline['tau']:.3f}; "
+        f"acceptance per position served {fmt(served['per_position_acceptance'])} vs predicted "
+        f"{fmt(offline['per_position_acceptance'])}; {served['verification_steps']} steps, {rate:.1f} decode tok/s"
+    )
+
+
+def save_result(result: dict, path: str | Path) -> None:
+    """Write the JSON atomically (a temporary sibling renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,425 @@
+"""Regenerate responses with the target itself (vLLM, offline), resumably, for drafter training.
+
+The paper distils the draft on the *target's own* responses, not on the dataset's: a draft is
+served against the target's distribution, so that is the distribution it must learn. This module
+takes prompts (a JSONL file of ``{"prompt"}`` / ``{"messages"}`` records, or a built-in set drawn
+from the toy corpus) and writes one line per record:
+
+    {"id", "prompt" | "messages", "completion", "prompt_token_ids", "completion_token_ids",
+     "finish_reason"}
+
+Resumable: every line carries its input's id (the record's ``"id"``, else its line number), a
+rerun skips ids already written and appends the rest. Each line goes out in one ``write`` of the
+whole line to an ``O_APPEND`` file, so a kill leaves at most a tail without its newline; the next
+run drops that tail with a warning. Lines appear in *finish* order, not input order (requests
+run concurrently); readers key on ``id``. Each record's sampling seed is derived from the run
+seed and its id, so a resumed run produces what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from training import corpus as corpus_lib
+from training.config import FrozenConfig
+from training.data import DataError, Record, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+BUILTIN = "builtin"
+KINDS = ("code", "docstring")
+SPLITS = ("train", "heldout")
+# fields of a run that change what is written; a resumed run must agree on all of them
+OUTPUT_FIELDS = ("target", "prompts", "temperature", "top_p", "max_tokens", "seed")
+
+
+class EngineFields(FrozenConfig):
+    """vLLM engine settings shared by `generate` and `eval` (CPU-safe defaults)."""
+
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="serving dtype (CPU bf16 kernels need AVX512-BF16)")
+    enforce_eager: bool = Field(True, description="no CUDA graphs / torch.compile (slow to start, no gain on CPU)")
+    gpu_memory_utilization: float = Field(0.15, gt=0, le=1, description="share of device memory (host memory on CPU) for weights + KV cache")
+    max_model_len: int | None = Field(None, ge=16, description="longest prompt + completion (default: the target's max_position_embeddings)")
+    max_num_seqs: int | None = Field(None, ge=1, description="requests run concurrently (default: vLLM's)")
+
+
+class GenerateConfig(EngineFields):
+    """`vllm-lk generate`: what to regenerate and how to sample it."""
+
+    target: Path | None = Field(None, description="HF target directory (default: the toy target, built if missing)")
+    prompts: str = Field(
+        "builtin:code:train:200",
+        description="JSONL file of {prompt}/{messages} records, or builtin:KIND:SPLIT:COUNT[:SEED] with KIND "
+        "code (continue a stdlib file prefix) | docstring (chat: write the function) and SPLIT train | heldout",
+    )
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold")
+    max_tokens: int = Field(256, ge=1, description="most tokens generated per record")
+    seed: int = Field(0, description="run seed; each record samples with a seed derived from this and its id")
+
+
+# ----------------------------------------------------------------------------------------------
+# built-in prompt sets from the toy corpus
+
+
+@functools.lru_cache(maxsize=4)
+def _split_files(split: str, heldout_every: int, corpus_dir: str | None) -> tuple[corpus_lib.SourceFile, ...]:
+    sources = corpus_lib.read_sources(Path(corpus_dir) if corpus_dir else None)
+    train, heldout = corpus_lib.split_sources(sources, heldout_every)
+    return tuple(train if split == "train" else heldout)
+
+
+def _code_prompt(text: str, rng: random.Random, min_chars: int, max_chars: int) -> str | None:
+    """A window of whole lines of ``text`` (``min_chars``..``max_chars`` long) that starts the
+    continuation at a random line boundary; None if the file is too short."""
+    ends = [i + 1 for i, ch in enumerate(text) if ch == "\n" and i + 1 >= min_chars]
+    if not ends:
+        return None
+    end = rng.choice(ends)
+    start = end - rng.randint(min_chars, max_chars)
+    if start > 0:
+        start = text.find("\n", start) + 1  # first whole line inside the window
+    window = text[max(0, start) : end]
+    return window if len(window) >= min_chars // 2 and window.strip() else None
+
+
+def _docstrings(text: str, max_chars: int = 2000) -> list[str]:
+    """The docstrings ``corpus.docstring_examples`` pairs with code (>= 20 characters, function
+    <= ``max_chars``), without slicing out each function: that slicing re-splits the whole file
+    per function, which made a 200-prompt train set take ~20 s."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    starts = [0]
+    for line in text.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    docs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            size = starts[min(node.end_lineno, len(starts) - 1)] - starts[node.lineno - 1]
+            if doc and len(doc) >= 20 and size <= max_chars:
+                docs.append(doc.strip())
+    return docs
+
+
+def _docstring_examples(files, rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """(docstring, relpath) pairs: at most two per file in a first pass over the (shuffled)
+    files so a set spans many files, then the remaining examples round-robin if still short."""
+    chosen, leftovers = [], []
+    for source in files:
+        examples = _docstrings(source.text)
+        rng.shuffle(examples)
+        chosen += [(doc, source.relpath) for doc in examples[:2]]
+        leftovers.append([(doc, source.relpath) for doc in examples[2:]])
+        if len(chosen) >= count:
+            return chosen[:count]
+    while len(chosen) < count and any(leftovers):
+        for rest in leftovers:
+            if rest and len(chosen) < count:
+                chosen.append(rest.pop(0))
+    return chosen
+
+
+def builtin_prompts(
+    kind: str,
+    split: str,
+    count: int,
+    seed: int = 0,
+    *,
+    heldout_every: int | None = None,
+    corpus_dir: Path | None = None,
+    min_chars: int = 200,
+    max_chars: int = 800,
+) -> list[Record]:
+    """``count`` prompts drawn deterministically (same arguments, same Python -> same prompts).
+
+    kind "code": a window of a source file ending at a line boundary, to be continued.
+    kind "docstring": a chat request whose user turn is a function's docstring, exactly as the toy
+    target's chat training examples ask (it answers with the function).
+    split "heldout" draws only from the corpus files the toy target never trains on (the split
+    is by path hash, ``heldout_every`` as the target was built with; default the toy default).
+    Each record's extra holds its ``id`` ("KIND:SPLIT:SEED:INDEX") and ``source`` file.
+    """
+    from training.toy import ToyTargetConfig
+
+    if kind not in KINDS or split not in SPLITS:
+        raise ValueError(f"builtin prompts: kind must be one of {KINDS} and split one of {SPLITS}, got {kind!r}, {split!r}")
+    if count < 1:
+        raise ValueError(f"builtin prompts: count must be >= 1, got {count}")
+    every = heldout_every or ToyTargetConfig().heldout_every
+    files = list(_split_files(split, every, str(corpus_dir) if corpus_dir else None))
+    if not files:
+        raise ValueError(f"builtin prompts: the {split} split of the corpus is empty")
+    rng = random.Random(f"{kind}:{split}:{seed}")  # str seeds are hashed with sha512: stable across runs
+    rng.shuffle(files)
+    records = []
+    if kind == "docstring":
+        for doc, relpath in _docstring_examples(files, rng, count):
+            messages = ({"role": "user", "content": doc},)
+            records.append(Record(line=len(records) + 1, messages=messages,
+                                  extra={"id": f"{kind}:{split}:{seed}:{len(records)}", "source": relpath}))
+    else:
+        for attempt in range(count * 20):
+            if len(records) == count:
+                break
+            source = files[attempt % len(files)]
+            prompt = _code_prompt(source.text, rng, min_chars, max_chars)
+            if prompt is not None:
+                records.append(Record(line=len(records) + 1, prompt=prompt,
+                                      extra={"id": f"{kind}:{split}:{seed}:{len(records)}", "source": source.relpath}))
+    if len(records) < count:
+        raise ValueError(f"builtin prompts: the {split} split yields only {len(records)} {kind} prompts, asked for {count}")
+    return records
+
+
+def parse_builtin(spec: str) -> tuple[str, str, int, int]:
+    """"builtin:KIND:SPLIT:COUNT[:SEED]" -> (kind, split, count, seed)."""
+    parts = spec.split(":")
+    if parts[0] != BUILTIN or len(parts) not in (4, 5):
+        raise ValueError(f"expected builtin:KIND:SPLIT:COUNT[:SEED], got {spec!r}")
+    try:
+        count, seed = int(parts[3]), int(parts[4]) if len(parts) == 5 else 0
+    except ValueError:
+        raise ValueError(f"{spec!r}: COUNT and SEED must be integers") from None
+    return parts[1], parts[2], count, seed
+
+
+def toy_corpus_settings(target: Path | None) -> dict:
+    """heldout_every / corpus_dir a toy target was built with, so its held-out split is honoured."""
+    from training.toy import read_metadata
+
+    metadata = read_metadata(target) if target is not None else None
+    if not metadata:
+        return {}
+    config = metadata.get("config", {})
+    return {"heldout_every": config.get("heldout_every"), "corpus_dir": config.get("corpus_dir")}
+
+
+def load_prompts(spec: str, target: Path | None = None) -> list[Record]:
+    """Records of a JSONL file, or of a built-in set; ids are validated (unique, str or int)."""
+    if spec.startswith(BUILTIN + ":"):
+        kind, split, count, seed = parse_builtin(spec)
+        records = builtin_prompts(kind, split, count, seed, **toy_corpus_settings(target))
+    else:
+        records = read_jsonl(spec)
+    seen: dict = {}
+    for record in records:
+        rid = record_id(record, spec)
+        if rid in seen:
+            raise DataError(f"{spec}:{record.line}: id {rid!r} repeats line {seen[rid]}")
+        seen[rid] = record.line
+    return records
+
+
+def record_id(record: Record, where: str = "<prompts>") -> str | int:
+    """The record's own "id" (string or integer), else its 1-based line number."""
+    rid = record.extra.get("id", record.line)
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise DataError(f"{where}:{record.line}: 'id' must be a string or an integer, got {rid!r}")
+    return rid
+
+
+# ----------------------------------------------------------------------------------------------
+# the output file: resume and whole-line appends
+
+
+def read_done(out: Path) -> set:
+    """Ids already written to ``out``. A last line without its newline (a run killed mid-write)
+    is dropped with a warning and cut off the file, so appends start on a fresh line; any other
+    unreadable line is an error naming ``out:line`` (the file is not ours to overwrite)."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]  # b"" when there is no newline at all
+    if len(complete) < len(data):
+        logger.warning("%s: dropping a truncated last line (%d bytes) left by an interrupted run", out, len(data) - len(complete))
+        with out.open("r+b") as handle:
+            handle.truncate(len(complete))
+    done = set()
+    for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{out}:{number}: not a generate output line ({err.msg}); refusing to append") from None
+        if not isinstance(obj, dict) or "id" not in obj:
+            raise DataError(f"{out}:{number}: not a generate output line (no 'id'); refusing to append")
+        done.add(obj["id"])
+    return done
+
+
+def append_line(fd: int, obj: dict) -> None:
+    """One JSON line in a single write (O_APPEND): a kill cannot interleave or half-write it
+    except by cutting the very write, which leaves only the tail that ``read_done`` drops."""
+    data = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def check_run_config(out: Path, config: GenerateConfig) -> None:
+    """Record the settings that shape the output next to it (``OUT.config.json``); a resumed run
+    with different ones would mix two distributions in one file, so it is refused."""
+    sidecar = out.with_name(out.name + ".config.json")
+    current = config.model_dump(mode="json")
+    if sidecar.exists() and out.exists() and out.stat().st_size:
+        previous = json.loads(sidecar.read_text())
+        changed = {k: (previous.get(k), current[k]) for k in OUTPUT_FIELDS if previous.get(k) != current[k]}
+        if changed:
+            detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"{out} was generated with other settings ({detail}); use another --out or the same settings")
+    sidecar.write_text(json.dumps(current, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine
+
+
+def engine_kwargs(config: EngineFields) -> dict:
+    kwargs = dict(dtype=config.dtype, enforce_eager=config.enforce_eager, gpu_memory_utilization=config.gpu_memory_utilization)
+    if config.max_model_len is not None:
+        kwargs["max_model_len"] = config.max_model_len
+    if config.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = config.max_num_seqs
+    return kwargs
+
+
+def context_limit(target: Path, config: EngineFields) -> int | None:
+    if config.max_model_len is not None:
+        return config.max_model_len
+    model_config = json.loads((Path(target) / "config.json").read_text())
+    return model_config.get("max_position_embeddings")
+
+
+def encode_prompts(records: list[Record], tokenizer, where: str, limit: int | None) -> list[list[int]]:
+    """Prompt token ids: completion prompts as the tokenizer encodes text (special tokens as
+    vLLM adds them), chat records through the chat template (which writes its own specials).
+    A prompt that leaves no room to generate under ``limit`` is an error naming its line."""
+    encoded = []
+    for record in records:
+        if record.prompt is not None:
+            ids = tokenizer(record.prompt)["input_ids"]
+        else:
+            ids = tokenizer(record.text(tokenizer), add_special_tokens=False)["input_ids"]
+        if limit is not None and len(ids) >= limit:
+            raise DataError(f"{where}:{record.line}: prompt is {len(ids)} tokens, the context limit is {limit}")
+        encoded.append(list(ids))
+    return encoded
+
+
+def record_seed(seed: int, rid) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{rid!r}".encode()).digest()[:4], "little")
+
+
+def resolve_target(target: Path | None) -> Path:
+    if target is None:
+        from training.toy import ToyTargetConfig, build_toy_target
+
+        target = Path(build_toy_target(ToyTargetConfig())["path"])
+    if not (Path(target) / "config.json").is_file():
+        raise FileNotFoundError(f"{target}: not a HF model directory (no config.json)")
+    return Path(target).resolve()
+
+
+def make_llm(target: Path, config: EngineFields, **extra):
+    from vllm import LLM
+
+    return LLM(model=str(target), **engine_kwargs(config), **extra)
+
+
+def generate(config: GenerateConfig, out: str | Path, llm=None) -> dict:
+    """Write the target's responses for every prompt not yet in ``out``; returns counts.
+
+    Everything is validated (prompts, ids, lengths, the settings of an existing ``out``) before
+    an engine starts. ``llm``: an already running ``vllm.LLM`` on the same target (tests share
+    one); otherwise one is started and shut down here.
+    """
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    target = resolve_target(config.target)
+    config = config.model_copy(update={"target": target})
+    records = load_prompts(config.prompts, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    token_ids = encode_prompts(records, tokenizer, config.prompts, context_limit(target, config))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_run_config(out, config)
+    done = read_done(out)
+    pending = [(r, ids) for r, ids in zip(records, token_ids) if record_id(r) not in done]
+    summary = {"out": str(out), "records": len(records), "skipped": len(records) - len(pending), "written": 0}
+    if stray := done - {record_id(r) for r in records}:
+        logger.warning("%s holds %d ids that are not in %s", out, len(stray), config.prompts)
+    if not pending:
+        logger.info("%s: all %d records already generated", out, len(records))
+        return summary
+    own_llm = llm is None
+    if own_llm:
+        llm = make_llm(target, config, seed=config.seed)
+    try:
+        summary["written"] = _run(llm, config, pending, out, len(records) - len(pending), len(records))
+    finally:
+        if own_llm:
+            llm.llm_engine.engine_core.shutdown()
+    return summary
+
+
+def _run(llm, config: GenerateConfig, pending, out: Path, initial: int, total: int) -> int:
+    """Submit every pending record and append each as it finishes (finish order)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    by_request = {}
+    for index, (record, ids) in enumerate(pending):
+        params = SamplingParams(
+            temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
+            seed=record_seed(config.seed, record_id(record)),
+        )
+        request_id = f"gen-{index}"
+        engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
+        by_request[request_id] = record
+    written = 0
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        with tqdm(total=total, initial=initial, desc="generate", unit="rec") as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        append_line(fd, output_record(by_request[output.request_id], output))
+                        written += 1
+                        bar.update(1)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written
+
+
+def output_record(record: Record, output) -> dict:
+    """The line the trainer reads (exactly these keys)."""
+    completion = output.outputs[0]
+    line = {"id": record_id(record)}
+    if record.prompt is not None:
+        line["prompt"] = record.prompt
+    else:
+        line["messages"] = [dict(m) for m in record.messages]
+    line.update(
+        completion=completion.text,
+        prompt_token_ids=list(output.prompt_token_ids),
+        completion_token_ids=list(completion.token_ids),
+        finish_reason=completion.finish_reason,
+    )
+    return line
