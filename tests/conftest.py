@@ -99,3 +99,23 @@ def clean_env() -> dict[str, str]:
     env.pop("VLLM_PLUGINS", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_train_data(tmp_path_factory) -> Path:
+    """Training JSONL for trainer tests: stdlib source files split into a first-lines prompt and a
+    completion (text records; the trainer tokenizes them with the target's tokenizer). Real
+    regenerated data comes from `vllm-lk generate`, tested on its own."""
+    import json
+
+    from training import corpus
+
+    train_sources, _ = corpus.split_sources(corpus.read_sources(), TINY_TARGET.heldout_every)
+    out = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with out.open("w") as handle:
+        for source in train_sources[:96]:
+            text = source.text[:1500]
+            cut = text.find("\n", 40)
+            if cut > 0:
+                handle.write(json.dumps({"prompt": text[: cut + 1], "completion": text[cut + 1 :]}) + "\n")
+    return out
