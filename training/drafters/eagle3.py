@@ -1,0 +1,337 @@
+"""EAGLE-3 head (Li et al. 2025) exactly as vLLM 0.32 serves ``LlamaForCausalLMEagle3`` (method
+"eagle3"), trained with training-time test (TTT) unrolled over K draft steps.
+
+What vLLM computes when serving this head (read from the installed 0.32 sources):
+
+- ``Eagle3LlamaForCausalLM.combine_hidden_states`` (models/llama_eagle3.py): g_t = fc(cat(a_t^l for
+  the three aux ids l, ascending)), no norm before fc. Aux id l is ``hidden + residual`` after l
+  target layers (``_maybe_add_hidden_state`` in models/interfaces.py), i.e. HF hidden_states[l];
+  vLLM collects them in layer order whatever order the config lists, so the ids are kept sorted.
+- First draft pass (``SpecDecodeBaseProposer.set_inputs_first_pass``, v1/spec_decode/
+  llm_base_proposer.py): every row t the target just ran gets input id x_{t+1} (ids shifted by
+  one; the last row gets the token just sampled), position t, hidden g_t, and writes its K/V.
+- The one decoder layer (``LlamaDecoderLayer.forward``, layer_idx 0, norm_before_residual unset):
+      residual = h;  a = attn(cat(input_layernorm(embed(x)), hidden_norm(h)))
+      residual = residual + a;  out = residual + mlp(post_attention_layernorm(residual))
+  then ``LlamaModel.forward``'s final fused norm returns (norm(out), out): logits come from
+  lm_head(norm(out)); the *pre-norm* ``out`` is the hidden state fed to the next draft step.
+- Steps k > 1 (``propose``'s loop): input = the previous draft token, position + 1
+  (``eagle_step_update_slot_mapping_and_metadata``), hidden = the previous pre-norm output; the
+  single query attends to the KV cache: first-pass keys at positions <= t and the keys the
+  earlier steps of this proposal wrote at t+1 .. t+k-1 (later first passes overwrite those).
+- ``compute_logits``: lm_head over the draft vocabulary, scattered to target id d + d2t[d].
+- Embeddings: the checkpoint has no ``embed_tokens``, so ``_maybe_share_embeddings`` gives the
+  draft the target's; here they are a frozen buffer referencing the target's, never exported.
+
+Training (TTT): anchor row t, step k (1-based) reads the data token x_{t+k} (teacher forcing:
+when drafts 1..k-1 were accepted they equal the data tokens) at position t+k-1 and predicts
+x_{t+k+1}, verified against target row t+k: ``select_rows(logits_k, target, offset=k)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from training.drafters.base import Drafter, TargetOutputs, select_rows
+from training.vocab import draft_maps, select_draft_vocab
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+SPECIAL_IDS = range(5)  # always in a truncated draft vocabulary (the toy tokenizer's specials)
+
+
+@dataclass(frozen=True)
+class Eagle3Geometry:
+    """Sizes of the head; the target's where vLLM requires it (embeddings are shared)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    aux_layers: tuple[int, int, int]
+    num_steps: int  # K: TTT steps (trained), also the K to serve with
+
+
+def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
+    """vLLM's default (2, L//2, L-3) when distinct, else three ids spread evenly over 1..L-1."""
+    ids = (2, num_layers // 2, num_layers - 3)
+    if len(set(ids)) == 3 and all(0 < i < num_layers for i in ids):
+        return ids
+    if num_layers < 4:
+        raise ValueError(f"EAGLE-3 needs three distinct aux layers in 1..L-1; the target has L={num_layers}")
+    return tuple(round(1 + i * (num_layers - 2) / 2) for i in range(3))  # type: ignore[return-value]
+
+
+def check_aux_layers(ids, num_layers: int) -> tuple[int, int, int]:
+    ids = tuple(sorted(int(i) for i in ids))
+    if len(set(ids)) != 3 or not all(0 <= i < num_layers for i in ids):
+        raise ValueError(f"aux_layers {ids} must be three distinct ids in 0..{num_layers - 1}")
+    return ids  # type: ignore[return-value]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H], fp32 statistics as vLLM
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Neox-style rotary embedding (vLLM's ``get_rope`` default, HF's rotate_half).
+    x [B, h, T, d], positions [T] -> [B, h, T, d]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [d/2]
+    angles = positions.to(torch.float32)[:, None] * inv_freq  # [T, d/2]
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # [T, d]
+    half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], dim=-1)
+    return (x.float() * cos + half.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Llama attention whose projections read the 2H-wide [embed; hidden] input."""
+
+    def __init__(self, g: Eagle3Geometry) -> None:
+        super().__init__()
+        self.g = g
+        h, d = g.hidden_size, g.head_dim
+        self.q_proj = nn.Linear(2 * h, g.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(2 * h, g.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(2 * h, g.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(g.num_heads * d, h, bias=False)
+
+    def _heads(self, x: torch.Tensor, count: int) -> torch.Tensor:  # [B, T, count*d] -> [B, num_heads, T, d]
+        b, t, _ = x.shape
+        x = x.view(b, t, count, self.g.head_dim).transpose(1, 2)
+        return x.repeat_interleave(self.g.num_heads // count, dim=1)  # GQA: head i reads kv head i // rep
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """x [B, T, 2H] at ``positions`` [T]; appends this step's (k, v) to ``cache``; -> [B, T, H]."""
+        g = self.g
+        q = rotate(self._heads(self.q_proj(x), g.num_heads), positions, g.rope_theta)  # [B, h, T, d]
+        k = rotate(self._heads(self.k_proj(x), g.num_kv_heads), positions, g.rope_theta)  # [B, h, T, d]
+        v = self._heads(self.v_proj(x), g.num_kv_heads)  # [B, h, T, d]
+        cache.append((k, v))
+        out = ttt_attention(q, cache, g.head_dim**-0.5)  # [B, h, T, d]
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, g.num_heads * g.head_dim))
+
+
+def ttt_attention(q: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
+    """Attention of step k = len(cache) as vLLM's KV cache holds it. q [B, h, T, d] (row = anchor t);
+    cache[0] = step-1 keys/values [B, h, T, d] read causally (key row <= anchor row); cache[j]
+    (j >= 1) = step j+1's, read only at the query's own anchor (the diagonal). -> [B, h, T, d]."""
+    k1, v1 = cache[0]
+    t = q.shape[2]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()  # [T, T] query row >= key row
+    scores = (q @ k1.transpose(-1, -2)) * scale  # [B, h, T, T]
+    scores = scores.masked_fill(~causal, float("-inf"))
+    diagonal = [(q * k).sum(-1, keepdim=True) * scale for k, _ in cache[1:]]  # (k-1) x [B, h, T, 1]
+    probs = torch.cat([scores, *diagonal], dim=-1).float().softmax(-1).to(q.dtype)  # [B, h, T, T+k-1]
+    out = probs[..., :t] @ v1  # [B, h, T, d]
+    for j, (_, v) in enumerate(cache[1:]):
+        out = out + probs[..., t + j, None] * v
+    return out
+
+
+class MLP(nn.Module):
+    def __init__(self, g: Eagle3Geometry) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(g.hidden_size, g.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(g.hidden_size, g.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(g.intermediate_size, g.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MidLayer(nn.Module):
+    """The head's one decoder layer (checkpoint prefix ``midlayer.``)."""
+
+    def __init__(self, g: Eagle3Geometry) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
+        self.hidden_norm = RMSNorm(g.hidden_size, g.rms_norm_eps)
+        self.self_attn = Attention(g)
+        self.post_attention_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
+        self.mlp = MLP(g)
+
+    def forward(self, embeds, hidden, positions, cache) -> torch.Tensor:
+        """embeds, hidden [B, T, H] -> the pre-norm output [B, T, H] (what vLLM feeds back).
+        input_layernorm normalises the embeddings, hidden_norm the hidden half; the residual is
+        the un-normed hidden state (vLLM's ``_norm_after_residual``)."""
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)  # [B, T, 2H]
+        residual = hidden + self.self_attn(x, positions, cache)  # [B, T, H]
+        return residual + self.mlp(self.post_attention_layernorm(residual))
+
+
+class Eagle3Drafter(Drafter):
+    kind = "eagle3"
+    vllm_method = "eagle3"
+    default_eta = 3.0
+
+    def __init__(self, g: Eagle3Geometry, embed_weight: torch.Tensor, draft_vocab: torch.Tensor | None) -> None:
+        super().__init__()
+        self.g = g
+        self.hidden_layers = g.aux_layers
+        h = g.hidden_size
+        self.fc = nn.Linear(3 * h, h, bias=False)
+        self.midlayer = MidLayer(g)
+        self.norm = RMSNorm(h, g.rms_norm_eps)
+        vd = g.vocab_size if draft_vocab is None else draft_vocab.shape[0]
+        self.lm_head = nn.Linear(h, vd, bias=False)
+        # the target's token embeddings: shared in serving, so a frozen reference, not a parameter
+        self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)  # [V, H]
+        self.register_buffer("draft_vocab", draft_vocab, persistent=True)  # [Vd] target ids, or None
+
+    @property
+    def draft_ids(self) -> torch.Tensor | None:
+        return self.draft_vocab
+
+    def unroll(self, input_ids: torch.Tensor, aux: torch.Tensor) -> list[torch.Tensor]:
+        """input_ids [B, T], aux [B, T, 3H] (aux states of row t, ascending layer ids) ->
+        K x [B, T, Vd]: step k's logits at anchor row t (they predict x_{t+k+1}). Rows whose
+        input token x_{t+k} lies past the end read token 0; select_rows never trains them."""
+        b, t = input_ids.shape
+        hidden = self.fc(aux)  # [B, T, H] step 1's hidden: g_t
+        positions = torch.arange(t, device=input_ids.device)  # [T]
+        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        logits = []
+        for step in range(1, self.g.num_steps + 1):
+            tokens = F.pad(input_ids[:, step:], (0, min(step, t)))  # [B, T] x_{t+step} at row t
+            embeds = F.embedding(tokens, self.embed_weight)  # [B, T, H]
+            hidden = self.midlayer(embeds, hidden, positions + (step - 1), cache)  # [B, T, H] pre-norm
+            logits.append(self.lm_head(self.norm(hidden)))  # [B, T, Vd]
+        return logits
+
+    def forward(self, target: TargetOutputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K pairs (step k's logits at anchor rows t, target logits at rows t+k)."""
+        aux = torch.cat([target.hidden_states[i] for i in self.g.aux_layers], dim=-1)  # [B, T, 3H]
+        assert aux.shape[-1] == 3 * self.g.hidden_size, (aux.shape, self.g.hidden_size)
+        steps = self.unroll(target.input_ids, aux)
+        return [select_rows(logits, target, offset=k) for k, logits in enumerate(steps, start=1)]
+
+    def hf_config(self) -> dict:
+        """config.json in tests/heads.py::write_eagle3's layout, plus ``ttt_steps`` (vLLM ignores it)."""
+        g = self.g
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": "llama",
+            "hidden_size": g.hidden_size,
+            "intermediate_size": g.intermediate_size,
+            "num_attention_heads": g.num_heads,
+            "num_key_value_heads": g.num_kv_heads,
+            "head_dim": g.head_dim,
+            "hidden_act": "silu",
+            "num_hidden_layers": 1,
+            "vocab_size": g.vocab_size,
+            "draft_vocab_size": self.lm_head.out_features,
+            "max_position_embeddings": g.max_position_embeddings,
+            "rms_norm_eps": g.rms_norm_eps,
+            "rope_parameters": {"rope_theta": g.rope_theta, "rope_type": "default"},
+            "tie_word_embeddings": False,
+            "target_hidden_size": g.hidden_size,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(g.aux_layers), "use_aux_hidden_state": True},
+            "ttt_steps": g.num_steps,
+            "torch_dtype": "float32",
+        }
+
+    def export(self, out: Path) -> None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(self.hf_config(), indent=2))
+        # parameter names are the checkpoint's (fc., midlayer., norm., lm_head.); no embed_tokens
+        tensors = {name: p.detach().float().contiguous().clone() for name, p in self.named_parameters()}
+        if self.draft_vocab is not None:  # full vocabulary: vLLM has no d2t parameter to load into
+            tensors["d2t"], tensors["t2d"] = draft_maps(self.draft_vocab.cpu(), self.g.vocab_size)
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _rope_theta(rope: dict | None, legacy_theta: float | None = None) -> float:
+    """rope_theta of a plain (unscaled) rotary embedding; other rope types are refused."""
+    rope = rope or {"rope_theta": legacy_theta or 10000.0}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope scaling {rope} is not supported by the EAGLE-3 drafter")
+    return float(rope["rope_theta"])
+
+
+def build(target_model, config, token_counts: torch.Tensor | None = None) -> Eagle3Drafter:
+    """A fresh head for ``target_model``: linears N(0, initializer_range), lm_head = the target's
+    rows of the draft vocabulary, final norm = the target's (the scale its lm_head expects)."""
+    tc = target_model.config
+    num_layers, vocab = tc.num_hidden_layers, tc.vocab_size
+    aux = check_aux_layers(config.aux_layers, num_layers) if config.aux_layers else default_aux_layers(num_layers)
+    draft_vocab = None
+    if config.draft_vocab_size is not None and config.draft_vocab_size < vocab:
+        if token_counts is None:
+            raise ValueError("a truncated draft vocabulary needs the training data's token counts")
+        always = [i for i in SPECIAL_IDS if i < vocab]
+        draft_vocab = select_draft_vocab(token_counts.cpu(), config.draft_vocab_size, always=always)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    g = Eagle3Geometry(
+        hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, num_heads=tc.num_attention_heads,
+        num_kv_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads, head_dim=head_dim,
+        vocab_size=vocab, rms_norm_eps=float(tc.rms_norm_eps), rope_theta=_rope_theta(getattr(tc, "rope_parameters", None), getattr(tc, "rope_theta", None)),
+        max_position_embeddings=tc.max_position_embeddings, aux_layers=aux, num_steps=config.num_heads,
+    )
+    drafter = Eagle3Drafter(g, target_model.get_input_embeddings().weight.float(), draft_vocab)
+    std = getattr(tc, "initializer_range", 0.02)
+    lm_head = target_model.get_output_embeddings().weight.detach().float()  # [V, H]
+    with torch.no_grad():
+        for module in drafter.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+        drafter.lm_head.weight.copy_(lm_head if draft_vocab is None else lm_head[draft_vocab])
+        final_norm = getattr(getattr(target_model, "model", None), "norm", None)
+        if final_norm is not None:
+            drafter.norm.weight.copy_(final_norm.weight.detach().float())
+    logger.info("eagle3 drafter: aux layers %s, draft vocab %d of %d, %d TTT steps",
+                aux, drafter.lm_head.out_features, vocab, g.num_steps)
+    return drafter
+
+
+def load(path: str | Path, target_model) -> Eagle3Drafter:
+    """The drafter ``export`` wrote to ``path`` (strict: every tensor present, none extra)."""
+    path = Path(path)
+    hf = json.loads((path / "config.json").read_text())
+    tensors = load_file(str(path / "model.safetensors"))
+    d2t, t2d = tensors.pop("d2t", None), tensors.pop("t2d", None)
+    draft_vocab = None
+    if d2t is not None:
+        draft_vocab = torch.arange(d2t.shape[0], dtype=torch.int64) + d2t.long()
+        if t2d is not None and not torch.equal(draft_maps(draft_vocab, hf["vocab_size"])[1], t2d.bool()):
+            raise ValueError(f"{path}: t2d does not match d2t")
+    eagle = hf.get("eagle_config") or {}
+    num_layers = target_model.config.num_hidden_layers
+    g = Eagle3Geometry(
+        hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"], vocab_size=hf["vocab_size"],
+        rms_norm_eps=float(hf["rms_norm_eps"]), rope_theta=_rope_theta(hf.get("rope_parameters"), hf.get("rope_theta")),
+        max_position_embeddings=hf["max_position_embeddings"],
+        aux_layers=check_aux_layers(eagle.get("eagle_aux_hidden_state_layer_ids") or default_aux_layers(num_layers), num_layers),
+        num_steps=int(hf.get("ttt_steps", 3)),
+    )
+    drafter = Eagle3Drafter(g, target_model.get_input_embeddings().weight.float(), draft_vocab)
+    missing, unexpected = drafter.load_state_dict(tensors, strict=False)
+    missing = [m for m in missing if m != "draft_vocab"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing tensors {missing}, unexpected {unexpected}")
+    logger.debug("loaded eagle3 drafter %s", asdict(g))
+    return drafter
