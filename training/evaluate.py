@@ -38,10 +38,8 @@ from pydantic import Field
 
 from training.generate import (
     EngineFields,
-    context_limit,
-    encode_prompts,
-    load_prompts,
     make_llm,
+    prepare_prompts,
     record_id,
     record_seed,
     resolve_target,
@@ -233,16 +231,12 @@ def evaluate_pair(config: EvalConfig) -> dict:
     Everything that can fail fast (drafter kind, prompts, prompt lengths) is checked before the
     engine starts. Returns a JSON-ready dict: "served", "offline", the resolved config.
     """
-    from transformers import AutoTokenizer
-
     if config.drafter is None:
         raise ValueError("--drafter is required (an exported drafter directory)")
     target = resolve_target(config.target)
     config = config.model_copy(update={"target": target})
     method, kind = vllm_method(config)
-    records = load_prompts(config.prompts, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(target))
-    token_ids = encode_prompts(records, tokenizer, config.prompts, context_limit(target, config))
+    records, token_ids = prepare_prompts(config.prompts, target, config, config.max_tokens)
 
     measured, sequences = serve(config, target, method, records, token_ids)
     started = time.perf_counter()

@@ -26,7 +26,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Iterator, Literal
 
 from pydantic import Field
 from tqdm.auto import tqdm
@@ -115,22 +115,28 @@ def _docstrings(text: str, max_chars: int = 2000) -> list[str]:
     return docs
 
 
-def _docstring_examples(files, rng: random.Random, count: int) -> list[tuple[str, str]]:
-    """(docstring, relpath) pairs: at most two per file in a first pass over the (shuffled)
-    files so a set spans many files, then the remaining examples round-robin if still short."""
-    chosen, leftovers = [], []
+def _docstring_records(files, rng: random.Random, make) -> Iterator[Record]:
+    """Chat records, at most two per file in a first pass over the (shuffled) files so a set
+    spans many files, then the remaining docstrings round-robin."""
+    leftovers = []
     for source in files:
-        examples = _docstrings(source.text)
-        rng.shuffle(examples)
-        chosen += [(doc, source.relpath) for doc in examples[:2]]
-        leftovers.append([(doc, source.relpath) for doc in examples[2:]])
-        if len(chosen) >= count:
-            return chosen[:count]
-    while len(chosen) < count and any(leftovers):
-        for rest in leftovers:
-            if rest and len(chosen) < count:
-                chosen.append(rest.pop(0))
-    return chosen
+        docs = _docstrings(source.text)
+        rng.shuffle(docs)
+        leftovers.append((source, docs[2:]))
+        for doc in docs[:2]:
+            yield make(None, ({"role": "user", "content": doc},), source)
+    while any(rest for _, rest in leftovers):
+        for source, rest in leftovers:
+            if rest:
+                yield make(None, ({"role": "user", "content": rest.pop(0)},), source)
+
+
+def _code_records(files, rng: random.Random, make, min_chars: int, max_chars: int) -> Iterator[Record]:
+    for attempt in range(len(files) * 20):
+        source = files[attempt % len(files)]
+        prompt = _code_prompt(source.text, rng, min_chars, max_chars)
+        if prompt is not None:
+            yield make(prompt, None, source)
 
 
 def builtin_prompts(
@@ -143,6 +149,7 @@ def builtin_prompts(
     corpus_dir: Path | None = None,
     min_chars: int = 200,
     max_chars: int = 800,
+    keep: Callable[[Record], bool] | None = None,
 ) -> list[Record]:
     """``count`` prompts drawn deterministically (same arguments, same Python -> same prompts).
 
@@ -151,7 +158,9 @@ def builtin_prompts(
     target's chat training examples ask (it answers with the function).
     split "heldout" draws only from the corpus files the toy target never trains on (the split
     is by path hash, ``heldout_every`` as the target was built with; default the toy default).
-    Each record's extra holds its ``id`` ("KIND:SPLIT:SEED:INDEX") and ``source`` file.
+    ``keep``: candidates it rejects (e.g. too many tokens for the target's context) are skipped
+    and more are drawn. Each record's extra holds its ``id`` ("KIND:SPLIT:SEED:INDEX") and
+    ``source`` file.
     """
     from training.toy import ToyTargetConfig
 
@@ -165,24 +174,20 @@ def builtin_prompts(
         raise ValueError(f"builtin prompts: the {split} split of the corpus is empty")
     rng = random.Random(f"{kind}:{split}:{seed}")  # str seeds are hashed with sha512: stable across runs
     rng.shuffle(files)
-    records = []
-    if kind == "docstring":
-        for doc, relpath in _docstring_examples(files, rng, count):
-            messages = ({"role": "user", "content": doc},)
-            records.append(Record(line=len(records) + 1, messages=messages,
-                                  extra={"id": f"{kind}:{split}:{seed}:{len(records)}", "source": relpath}))
-    else:
-        for attempt in range(count * 20):
+    records: list[Record] = []
+
+    def make(prompt, messages, source) -> Record:
+        extra = {"id": f"{kind}:{split}:{seed}:{len(records)}", "source": source.relpath}
+        return Record(line=len(records) + 1, prompt=prompt, messages=messages, extra=extra)
+
+    candidates = (_docstring_records(files, rng, make) if kind == "docstring"
+                  else _code_records(files, rng, make, min_chars, max_chars))
+    for record in candidates:
+        if keep is None or keep(record):
+            records.append(record)
             if len(records) == count:
-                break
-            source = files[attempt % len(files)]
-            prompt = _code_prompt(source.text, rng, min_chars, max_chars)
-            if prompt is not None:
-                records.append(Record(line=len(records) + 1, prompt=prompt,
-                                      extra={"id": f"{kind}:{split}:{seed}:{len(records)}", "source": source.relpath}))
-    if len(records) < count:
-        raise ValueError(f"builtin prompts: the {split} split yields only {len(records)} {kind} prompts, asked for {count}")
-    return records
+                return records
+    raise ValueError(f"builtin prompts: the {split} split yields only {len(records)} {kind} prompts, asked for {count}")
 
 
 def parse_builtin(spec: str) -> tuple[str, str, int, int]:
@@ -208,11 +213,12 @@ def toy_corpus_settings(target: Path | None) -> dict:
     return {"heldout_every": config.get("heldout_every"), "corpus_dir": config.get("corpus_dir")}
 
 
-def load_prompts(spec: str, target: Path | None = None) -> list[Record]:
-    """Records of a JSONL file, or of a built-in set; ids are validated (unique, str or int)."""
+def load_prompts(spec: str, target: Path | None = None, keep: Callable[[Record], bool] | None = None) -> list[Record]:
+    """Records of a JSONL file, or of a built-in set (drawn among candidates ``keep`` accepts);
+    ids are validated (unique, str or int)."""
     if spec.startswith(BUILTIN + ":"):
         kind, split, count, seed = parse_builtin(spec)
-        records = builtin_prompts(kind, split, count, seed, **toy_corpus_settings(target))
+        records = builtin_prompts(kind, split, count, seed, keep=keep, **toy_corpus_settings(target))
     else:
         records = read_jsonl(spec)
     seen: dict = {}
@@ -305,20 +311,40 @@ def context_limit(target: Path, config: EngineFields) -> int | None:
     return model_config.get("max_position_embeddings")
 
 
-def encode_prompts(records: list[Record], tokenizer, where: str, limit: int | None) -> list[list[int]]:
+def encode_record(record: Record, tokenizer) -> list[int]:
     """Prompt token ids: completion prompts as the tokenizer encodes text (special tokens as
-    vLLM adds them), chat records through the chat template (which writes its own specials).
-    A prompt that leaves no room to generate under ``limit`` is an error naming its line."""
+    vLLM adds them), chat records through the chat template (which writes its own specials)."""
+    if record.prompt is not None:
+        return list(tokenizer(record.prompt)["input_ids"])
+    return list(tokenizer(record.text(tokenizer), add_special_tokens=False)["input_ids"])
+
+
+def encode_prompts(records: list[Record], tokenizer, where: str, limit: int | None) -> list[list[int]]:
+    """Every record's prompt ids; one that leaves no room to generate under ``limit`` is an
+    error naming its line."""
     encoded = []
     for record in records:
-        if record.prompt is not None:
-            ids = tokenizer(record.prompt)["input_ids"]
-        else:
-            ids = tokenizer(record.text(tokenizer), add_special_tokens=False)["input_ids"]
+        ids = encode_record(record, tokenizer)
         if limit is not None and len(ids) >= limit:
             raise DataError(f"{where}:{record.line}: prompt is {len(ids)} tokens, the context limit is {limit}")
-        encoded.append(list(ids))
+        encoded.append(ids)
     return encoded
+
+
+def prepare_prompts(spec: str, target: Path, config: EngineFields, max_tokens: int) -> tuple[list[Record], list[list[int]]]:
+    """(records, prompt ids), all validated before any engine starts. A built-in set draws only
+    prompts that leave room to generate (at most max(limit - max_tokens, limit / 2) tokens): its
+    user cannot edit it, so an over-long candidate is skipped, not an error."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    limit = context_limit(target, config)
+    keep = None
+    if limit is not None:
+        budget = max(limit - max_tokens, limit // 2)
+        keep = lambda record: len(encode_record(record, tokenizer)) <= budget  # noqa: E731
+    records = load_prompts(spec, target, keep)
+    return records, encode_prompts(records, tokenizer, spec, limit)
 
 
 def record_seed(seed: int, rid) -> int:
@@ -348,14 +374,10 @@ def generate(config: GenerateConfig, out: str | Path, llm=None) -> dict:
     an engine starts. ``llm``: an already running ``vllm.LLM`` on the same target (tests share
     one); otherwise one is started and shut down here.
     """
-    from transformers import AutoTokenizer
-
     out = Path(out)
     target = resolve_target(config.target)
     config = config.model_copy(update={"target": target})
-    records = load_prompts(config.prompts, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(target))
-    token_ids = encode_prompts(records, tokenizer, config.prompts, context_limit(target, config))
+    records, token_ids = prepare_prompts(config.prompts, target, config, config.max_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_run_config(out, config)
     done = read_done(out)
