@@ -234,7 +234,7 @@ def evaluate_pair(config: EvalConfig) -> dict:
     if config.drafter is None:
         raise ValueError("--drafter is required (an exported drafter directory)")
     target = resolve_target(config.target)
-    config = config.model_copy(update={"target": target})
+    config = config.model_copy(update={"target": target, "drafter": Path(config.drafter).resolve()})
     method, kind = vllm_method(config)
     records, token_ids = prepare_prompts(config.prompts, target, config, config.max_tokens)
 

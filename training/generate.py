@@ -314,9 +314,10 @@ def context_limit(target: Path, config: EngineFields) -> int | None:
 def encode_record(record: Record, tokenizer) -> list[int]:
     """Prompt token ids: completion prompts as the tokenizer encodes text (special tokens as
     vLLM adds them), chat records through the chat template (which writes its own specials)."""
+    # verbose=False: over-long built-in candidates are measured here and skipped, not warned about
     if record.prompt is not None:
-        return list(tokenizer(record.prompt)["input_ids"])
-    return list(tokenizer(record.text(tokenizer), add_special_tokens=False)["input_ids"])
+        return list(tokenizer(record.prompt, verbose=False)["input_ids"])
+    return list(tokenizer(record.text(tokenizer), add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def encode_prompts(records: list[Record], tokenizer, where: str, limit: int | None) -> list[list[int]]:

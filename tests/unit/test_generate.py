@@ -100,7 +100,7 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, lines, message):
 class CharTokenizer:
     """One token per character; a chat template like the toy target's."""
 
-    def __call__(self, text, add_special_tokens=True):
+    def __call__(self, text, add_special_tokens=True, verbose=True):
         return {"input_ids": ([0] if add_special_tokens else []) + [ord(c) for c in text]}
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
