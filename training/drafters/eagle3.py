@@ -200,6 +200,8 @@ class Eagle3Drafter(Drafter):
         # the target's token embeddings: shared in serving, so a frozen reference, not a parameter
         self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)  # [V, H]
         self.register_buffer("draft_vocab", draft_vocab, persistent=True)  # [Vd] target ids, or None
+        # constant on every rank: DDP need not broadcast a [V, H] buffer each step
+        self._ddp_params_and_buffers_to_ignore = ("embed_weight",)
 
     @property
     def draft_ids(self) -> torch.Tensor | None:
@@ -217,6 +219,7 @@ class Eagle3Drafter(Drafter):
         for step in range(1, self.g.num_steps + 1):
             tokens = F.pad(input_ids[:, step:], (0, min(step, t)))  # [B, T] x_{t+step} at row t
             embeds = F.embedding(tokens, self.embed_weight)  # [B, T, H]
+            # vLLM advances the position by one per draft step and feeds back the *pre-norm* state
             hidden = self.midlayer(embeds, hidden, positions + (step - 1), cache)  # [B, T, H] pre-norm
             logits.append(self.lm_head(self.norm(hidden)))  # [B, T, Vd]
         return logits
