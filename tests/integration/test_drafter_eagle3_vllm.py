@@ -168,7 +168,8 @@ def test_served_acceptance_per_position_matches_offline_alpha(trained_head, serv
         length = len(request["prompt_ids"]) + len(request["output_ids"])
         for _, anchor, accepted, drafted in comparable_steps(request, length):
             for k in range(1, min(accepted + 1, drafted) + 1):  # draft k was verified after 1..k-1 accepted
-                _, alpha, _ = draft_loss(steps[k - 1][anchor, None], target_logits[anchor + k, None], "tv", draft_ids=drafter.draft_ids)
+                q_logits, p_logits = steps[k - 1][anchor, None], target_logits[anchor + k, None]  # [1, Vd], [1, V]
+                _, alpha, _ = draft_loss(q_logits, p_logits, "tv", draft_ids=drafter.draft_ids)
                 a = float(alpha[0])
                 expected[k - 1] += a
                 variance[k - 1] += a * (1 - a)

@@ -288,10 +288,11 @@ def build(target_model, config, token_counts: torch.Tensor | None = None) -> Eag
         always = [i for i in SPECIAL_IDS if i < vocab]
         draft_vocab = select_draft_vocab(token_counts.cpu(), config.draft_vocab_size, always=always)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    rope_theta = _rope_theta(getattr(tc, "rope_parameters", None), getattr(tc, "rope_theta", None))
     g = Eagle3Geometry(
         hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, num_heads=tc.num_attention_heads,
         num_kv_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads, head_dim=head_dim,
-        vocab_size=vocab, rms_norm_eps=float(tc.rms_norm_eps), rope_theta=_rope_theta(getattr(tc, "rope_parameters", None), getattr(tc, "rope_theta", None)),
+        vocab_size=vocab, rms_norm_eps=float(tc.rms_norm_eps), rope_theta=rope_theta,
         max_position_embeddings=tc.max_position_embeddings, aux_layers=aux, num_steps=config.num_heads,
     )
     drafter = Eagle3Drafter(g, target_model.get_input_embeddings().weight.float(), draft_vocab)
