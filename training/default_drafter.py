@@ -1,0 +1,91 @@
+"""The embedded default drafter: an LK-trained head for a target, built on first use and cached.
+
+`make serve` / `vllm-lk serve` without --drafter serve the toy target with this head. Building it
+is the whole pipeline a user would run by hand: regenerate training data with the target in vLLM
+(`vllm-lk generate` on built-in code and docstring prompts from the corpus's training split),
+then `vllm-lk train` with LK-hybrid. Both steps resume, so an interrupted first use continues
+where it stopped. The cache key is the target's identity plus this config's digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from pydantic import Field
+
+from training.config import FrozenConfig
+from training.train_config import DrafterKind, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+class DefaultDrafterConfig(FrozenConfig):
+    drafter: DrafterKind = Field("eagle3", description="draft architecture of the default head")
+    loss: str = Field("lk-hybrid", description="training loss")
+    num_heads: int = Field(3, description="K: TTT steps / heads, and the K it is served with")
+    code_prompts: int = Field(192, description="built-in code-continuation prompts (corpus train split)")
+    docstring_prompts: int = Field(64, description="built-in docstring -> function chat prompts (corpus train split)")
+    max_tokens: int = Field(160, description="tokens the target generates per prompt")
+    temperature: float = Field(1.0, description="sampling temperature of the regenerated responses")
+    steps: int = Field(400, description="optimizer steps")
+    batch_size: int = Field(8, description="sequences per step")
+    lr: float = Field(3e-3, description="peak learning rate")
+    seed: int = Field(0, description="seed for generation and training")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            drafter=self.drafter, loss=self.loss, num_heads=self.num_heads, steps=self.steps,
+            batch_size=self.batch_size, lr=self.lr, seed=self.seed, checkpoint_every=100, log_every=20,
+        )
+
+
+def _target_identity(target_dir: Path) -> str:
+    """The toy target's config digest, or a hash of an arbitrary target's config + weights."""
+    toy = target_dir / "toy_target.json"
+    if toy.is_file():
+        return json.loads(toy.read_text())["config_digest"]
+    digest = hashlib.sha256()
+    for path in sorted(target_dir.glob("*.safetensors")) + [target_dir / "config.json"]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def default_drafter_dir(target_dir: Path, config: DefaultDrafterConfig) -> Path:
+    from training.toy import default_cache_dir
+
+    key = hashlib.sha256(f"{_target_identity(target_dir)}:{config.digest()}".encode()).hexdigest()[:12]
+    return default_cache_dir() / f"drafter-{config.drafter}-{key}"
+
+
+def ensure_default_drafter(target_dir: str | Path | None = None, config: DefaultDrafterConfig | None = None) -> Path:
+    """Directory of the default drafter for ``target_dir`` (default: the toy target), building it
+    (generate, then train) if the cache does not hold a finished one."""
+    from training.generate import GenerateConfig, generate, make_llm, resolve_target
+    from training.trainer import train
+
+    config = config or DefaultDrafterConfig()
+    target = resolve_target(Path(target_dir) if target_dir is not None else None)
+    work = default_drafter_dir(target, config)
+    drafter_dir = work / "run" / "drafter"
+    if (drafter_dir / "lk_metadata.json").is_file():
+        logger.info("default drafter: cached at %s", drafter_dir)
+        return drafter_dir
+    logger.info("default drafter: building in %s (regenerate data with the target, then train %s with %s)", work, config.drafter, config.loss)
+    work.mkdir(parents=True, exist_ok=True)
+    sets = {"code": config.code_prompts, "docstring": config.docstring_prompts}
+    gen = GenerateConfig(target=target, prompts="builtin:code:train:1", max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed)
+    llm = make_llm(target, gen, seed=config.seed)
+    try:
+        for kind, count in sets.items():
+            spec = gen.model_copy(update={"prompts": f"builtin:{kind}:train:{count}:{config.seed}"})
+            generate(spec, work / f"{kind}.jsonl", llm=llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    data = work / "train.jsonl"
+    data.write_text("".join((work / f"{kind}.jsonl").read_text() for kind in sets))
+    run_dir = work / "run"
+    train(config.train_config(), target, data, run_dir, resume=(run_dir / "checkpoints").is_dir())
+    return drafter_dir
