@@ -99,5 +99,10 @@ def test_a_few_steps_lower_the_loss(target_model):
     torch.manual_seed(0)
     model, _ = target_model
     drafter = medusa.build(model, config("medusa"))
+    # a fresh build is the target's own next-token head, which on a near-context-free tiny target
+    # can already be close to optimal; start the residual blocks away from the identity instead
+    with torch.no_grad():
+        for block in drafter.blocks:
+            block.layers[0].weight.normal_(0.0, drafter.hidden_size**-0.5)
     losses = train(drafter, real_batch(target_model), steps=15)
     assert losses[-1] < 0.9 * losses[0], losses

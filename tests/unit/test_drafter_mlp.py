@@ -35,7 +35,7 @@ def serving_model(path) -> LKMLPSpeculator:
     """vllm_lk's vLLM model class built from an export's config.json, weights loaded as vLLM does."""
     hf = SimpleNamespace(**json.loads((path / "config.json").read_text()))
     spec = SimpleNamespace(draft_model_config=SimpleNamespace(hf_config=hf), num_speculative_tokens=K)
-    model = LKMLPSpeculator(vllm_config=SimpleNamespace(speculative_config=spec))
+    model = LKMLPSpeculator(vllm_config=SimpleNamespace(speculative_config=spec)).float()  # vLLM builds it at dtype float32
     loaded = model.load_weights(load_file(str(path / "model.safetensors")).items())
     assert loaded == {name for name, _ in model.named_parameters()}  # what vLLM's loader checks
     return model

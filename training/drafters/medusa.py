@@ -92,9 +92,10 @@ class MedusaDrafter(Drafter):
 
 
 def build(target_model, config, token_counts=None) -> MedusaDrafter:
-    """Fresh heads for ``target_model``: zero residual weights, lm_heads = the target's lm_head."""
+    """Fresh heads for ``target_model``: zero residual weights, lm_heads = the target's lm_head.
+    Parameters are fp32 whatever torch's default dtype (lower precision comes from autocast)."""
     tc = target_model.config
-    drafter = MedusaDrafter(tc.hidden_size, tc.vocab_size, config.num_heads, config.medusa_num_layers, tc.num_hidden_layers)
+    drafter = MedusaDrafter(tc.hidden_size, tc.vocab_size, config.num_heads, config.medusa_num_layers, tc.num_hidden_layers).float()
     lm_head = target_model.get_output_embeddings().weight.detach().float()  # [V, H]
     with torch.no_grad():
         for block in drafter.blocks:
@@ -113,6 +114,6 @@ def load(path: str | Path, target_model) -> MedusaDrafter:
         raise ValueError(f"{path}: truncated vocabularies and biased MEDUSA blocks are not supported")
     drafter = MedusaDrafter(
         hf["hidden_size"], hf["vocab_size"], hf["num_heads"], hf["num_hidden_layers"], target_model.config.num_hidden_layers
-    )
+    ).float()
     drafter.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
     return drafter

@@ -107,10 +107,11 @@ def build(target_model, config, token_counts=None) -> MLPDrafter:
     """Fresh speculator for ``target_model``. fms-extras initialises every matrix N(0, 1/inner);
     where shapes allow we start closer to the target: heads = the target's lm_head (which reads
     a normed state, as the stage's gelu(ln(.)) output roughly is) and token embeddings = the
-    target's input embeddings rescaled to the fms scale (similar tokens start similar)."""
+    target's input embeddings rescaled to the fms scale (similar tokens start similar).
+    Parameters are fp32 whatever torch's default dtype (lower precision comes from autocast)."""
     tc = target_model.config
     inner = config.mlp_inner_dim or tc.hidden_size
-    drafter = MLPDrafter(tc.vocab_size, tc.hidden_size, inner, config.num_heads, tc.num_hidden_layers)
+    drafter = MLPDrafter(tc.vocab_size, tc.hidden_size, inner, config.num_heads, tc.num_hidden_layers).float()
     core, std = drafter.speculator, 1 / math.sqrt(inner)
     lm_head = target_model.get_output_embeddings().weight.detach().float()  # [V, H]
     embed = target_model.get_input_embeddings().weight.detach().float()  # [V, H]
@@ -136,7 +137,7 @@ def load(path: str | Path, target_model) -> MLPDrafter:
     drafter = MLPDrafter(
         hf["vocab_size"], hf["emb_dim"], hf.get("inner_dim") or hf["emb_dim"], hf["n_predict"],
         target_model.config.num_hidden_layers, scale_input=bool(hf.get("scale_input")),
-    )
+    ).float()
     loaded = drafter.speculator.load_weights(load_file(str(path / "model.safetensors")).items())
     missing = {name for name, _ in drafter.speculator.named_parameters()} - loaded
     if missing:
