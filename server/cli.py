@@ -23,12 +23,19 @@ def _toy_target(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.launch import serve_with_vllm
+    from training.config import resolve_config
 
-    return serve_with_vllm(
-        target=args.target, host=args.host, port=args.port,
-        served_model_name=args.served_model_name, vllm_args=args.vllm_args,
-    )
+    from server.config import ServerConfig
+    from server.engine import engine_args_from_cli
+    from server.runner import serve
+
+    if args.no_default_drafter:
+        args.default_drafter = False
+    config = resolve_config(ServerConfig, args)
+    passthrough = engine_args_from_cli(args.vllm_args)
+    if passthrough:  # `-- vLLM flags` win over the YAML's engine_args
+        config = ServerConfig(**{**config.model_dump(), "engine_args": {**config.engine_args, **passthrough}})
+    return serve(config)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -139,14 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="serve a target through an OpenAI-compatible API (default: the toy target)",
-        description="Start an OpenAI-compatible server on HOST:PORT. Without --target it builds or "
-        "reuses the toy target. Arguments after `--` go to vLLM unchanged.",
+        help="serve a target (default: the toy target with its LK drafter) through an OpenAI-compatible API",
+        description="Start the OpenAI-compatible server (FastAPI + uvicorn over vLLM's AsyncLLM) on HOST:PORT: "
+        "/v1/completions, /v1/chat/completions, /v1/models, /health, /ready, /metrics, /dashboard. Without "
+        "--target it builds or reuses the toy target; without --drafter, the default LK-trained drafter. "
+        "Precedence: defaults < --config FILE.yaml (keys: the fields of server.config.ServerConfig) < flags. "
+        "Arguments after `--` are vLLM engine arguments (e.g. --max-model-len, --tensor-parallel-size).",
     )
+    serve.add_argument("--config", type=Path, default=None, help="YAML file of ServerConfig fields")
     serve.add_argument("--target", type=Path, default=None, help="HF model directory (default: the toy target)")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    serve.add_argument("--served-model-name", default=None, help="model name clients send (default: directory name)")
+    serve.add_argument("--drafter", type=Path, default=None, help="drafter directory (default: the default LK drafter)")
+    serve.add_argument("--no-default-drafter", action="store_true", help="without --drafter, serve without speculation")
+    serve.add_argument("--method", default=None, help="vLLM speculative method (default: from the drafter's LK metadata)")
+    serve.add_argument("--num-speculative-tokens", dest="num_speculative_tokens", type=int, default=None,
+                       help="K drafts per step (default: the drafter's trained K, else 3)")
+    serve.add_argument("--host", default=None, help="interface to bind (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="TCP port (default: 8000)")
+    keys = serve.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", dest="api_key", default=None, help="require 'Authorization: Bearer KEY'")
+    keys.add_argument("--api-key-file", dest="api_key_file", type=Path, default=None, help="file holding the API key")
+    serve.add_argument("--served-model-name", dest="served_model_name", default=None,
+                       help="model id clients send (default: the target's directory name)")
+    serve.add_argument("--max-queue", dest="max_queue", type=int, default=None,
+                       help="requests admitted at once; more get 429 (default: 256)")
+    serve.add_argument("--drain-timeout-s", dest="drain_timeout_s", type=float, default=None,
+                       help="seconds in-flight requests may finish on shutdown (default: 30)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then any vLLM engine arguments")
     serve.set_defaults(func=_serve)
 

@@ -1,0 +1,112 @@
+"""The FastAPI app: ``create_app(config, engine)``.
+
+``engine`` is either a started vLLM ``AsyncLLM`` (tests, embedding) or a zero-argument callable
+that builds one. With a callable, the lifespan starts the build in a worker thread and returns at
+once, so the port answers /health (200) and /ready (503) during the 20-40 s an engine takes to
+start; the app owns that engine and shuts it down. On shutdown the app stops admitting (503),
+gives in-flight requests ``drain_timeout_s`` to finish (uvicorn's graceful shutdown holds the
+connections for the same time) and aborts the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+
+from server.config import ServerConfig
+from server.engine import SpecSetup, resolve_spec
+from server.errors import install_error_handlers
+from server.routes import chat, completions, health, models, observability
+from server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+
+class RequestCounter:
+    """ASGI middleware: count every HTTP response by route template and status code (the route,
+    not the raw path, keeps the label set bounded whatever paths clients send)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 0}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            code = status["code"] or 499  # nothing sent: the client left first
+            self.state.metrics.requests.labels(endpoint, str(code)).inc()
+
+
+async def _build(state: ServerState, factory: Callable[[], Any]) -> None:
+    started = time.monotonic()
+    try:
+        engine = await asyncio.to_thread(factory)
+    except BaseException as err:  # noqa: BLE001 - recorded; /health turns 503 and the runner exits
+        logger.exception("the engine failed to start")
+        state.failed = err
+        return
+    state.attach(engine)
+    logger.info("engine started in %.1f s", time.monotonic() - started)
+
+
+async def _drain(state: ServerState) -> None:
+    """Stop admitting, wait for in-flight requests up to the drain timeout, abort what remains."""
+    state.draining = True
+    deadline = time.monotonic() + state.config.drain_timeout_s
+    while state.admission.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if state.active_requests and state.engine is not None:
+        logger.warning("drain timeout: aborting %d engine requests", len(state.active_requests))
+        with contextlib.suppress(Exception):
+            await state.engine.abort(list(state.active_requests))
+
+
+def create_app(config: ServerConfig, engine: Any, *, spec: SpecSetup | None = None) -> FastAPI:
+    """The app over ``engine`` (a started AsyncLLM, or a callable that builds one)."""
+    state = ServerState(config, spec if spec is not None else resolve_spec(config))
+    owns_engine = callable(engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if owns_engine:
+            state.spawn(_build(state, engine))
+        else:
+            state.attach(engine)
+        try:
+            yield
+        finally:
+            await _drain(state)
+            if owns_engine and state.engine is not None:
+                logger.info("shutting the engine down")
+                state.engine.shutdown()
+
+    app = FastAPI(
+        title="vllm-lk", lifespan=lifespan,
+        description="OpenAI-compatible completions and chat over vLLM with exact speculative decoding; every "
+        "response's usage carries the request's speculative stats (drafted, accepted, acceptance length, "
+        "per-position acceptance).",
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    for module in (completions, chat, models, health, observability):
+        app.include_router(module.router)
+    app.add_middleware(RequestCounter, state=state)
+    return app

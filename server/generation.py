@@ -1,0 +1,286 @@
+"""From a validated request to engine outputs: prompt checks, sampling parameters, and the run of
+one client request (one engine request per prompt), with metrics, admission and aborts.
+
+Both endpoints share this, so streaming and non-streaming, completions and chat all count tokens,
+acceptance and latency the same way. Limits are checked here, before the engine sees a request,
+so a prompt that is too long is a 400 that names the numbers, not a failure mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from server.errors import APIError, bad_request
+from server.schemas import SamplingRequest
+from server.spec_stats import ChoiceTracker, SpecStats, combine
+from server.state import ServerState, Ticket
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                         "presence_penalty", "frequency_penalty")
+_ids = itertools.count()
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}{next(_ids):x}"
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str | None = None
+
+
+INLINE_TOKENIZE_CHARS = 4096  # shorter texts are tokenized on the event loop (a thread hop costs more)
+
+
+async def encode(state: ServerState, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of ``text``; long texts off the event loop so one huge prompt cannot stall streams."""
+    if len(text) <= INLINE_TOKENIZE_CHARS:
+        return list(state.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    ids = await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+    return list(ids)
+
+
+def check_prompt(state: ServerState, prompt: Prompt, param: str) -> None:
+    """400 for an empty prompt, ids outside the vocabulary, or a prompt that leaves no room."""
+    if not prompt.token_ids:
+        raise bad_request("the prompt is empty (it encodes to no tokens)", param=param)
+    bad = next((t for t in prompt.token_ids if t >= state.vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside the vocabulary (size {state.vocab_size})", param=param)
+    if len(prompt.token_ids) >= state.max_model_len:
+        raise bad_request(
+            f"this model's maximum context length is {state.max_model_len} tokens; the prompt has "
+            f"{len(prompt.token_ids)} tokens, which leaves no room to generate", param=param, code="context_length_exceeded")
+
+
+def resolve_max_tokens(state: ServerState, prompts: list[Prompt], requested: int | None, param: str) -> int:
+    """The requested max_tokens, or all the room the longest prompt leaves; 400 if it does not fit."""
+    longest = max(len(p.token_ids) for p in prompts)
+    room = state.max_model_len - longest
+    if requested is None:
+        return room
+    if requested > room:
+        raise bad_request(
+            f"this model's maximum context length is {state.max_model_len} tokens; you requested "
+            f"{longest + requested} tokens ({longest} in the prompt, {requested} to generate)",
+            param=param, code="context_length_exceeded")
+    return requested
+
+
+def sampling_params(state: ServerState, request: SamplingRequest, max_tokens: int, logprobs: int | None):
+    """vLLM SamplingParams: the request's values, else the model's generation_config, else OpenAI's
+    defaults. DELTA outputs: each engine output carries only what is new."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    values = {key: getattr(request, key) for key in SAMPLING_DEFAULT_KEYS}
+    for key, value in values.items():
+        if value is None and key in state.default_sampling:
+            values[key] = state.default_sampling[key]
+    values = {key: value for key, value in values.items() if value is not None}
+    values.setdefault("temperature", 1.0)
+    try:
+        return SamplingParams(
+            n=request.n, max_tokens=max_tokens, stop=request.stop_list() or None, seed=request.seed,
+            ignore_eos=request.ignore_eos, min_tokens=request.min_tokens, logprobs=logprobs,
+            output_kind=RequestOutputKind.DELTA, **values,
+        )
+    except ValueError as err:  # vLLM's own checks (e.g. min_tokens > max_tokens)
+        raise bad_request(str(err)) from err
+
+
+@dataclass
+class ChoiceDelta:
+    """What one engine output adds to one choice."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list | None  # per token: {token_id: vllm Logprob}, or None without logprobs
+    finish_reason: str | None
+
+
+@dataclass
+class ChoiceState:
+    spec: ChoiceTracker
+    tokens: int = 0
+    finished: bool = False
+
+
+@dataclass
+class EngineRun:
+    """One client request: its engine requests (one per prompt, each with ``n`` sequences)."""
+
+    state: ServerState
+    prompts: list[Prompt]
+    params: object
+    ticket: Ticket
+    prefix: str
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    choices: dict[int, ChoiceState] = field(default_factory=dict)
+    _engine_ids: list[str] = field(default_factory=list)
+    _finished_ids: set[str] = field(default_factory=set)
+    _closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.id = new_request_id(self.prefix)
+        self.n = self.params.n
+        self.state.metrics.waiting.inc()
+        self.state.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in self.prompts))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.prompts)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.tokens for choice in self.choices.values())
+
+    def spec(self) -> SpecStats | None:
+        """All choices' speculative stats together (None without a drafter)."""
+        k = self.state.spec.num_speculative_tokens
+        if not k:
+            return None
+        return combine([c.spec.stats for c in self.choices.values()], k)
+
+    def usage(self) -> dict:
+        spec = self.spec()
+        prompt, completion = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "speculative": spec.to_usage() if spec is not None else None}
+
+    async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
+        """The changes of every engine output, in arrival order; closes (and aborts what is still
+        running) however the caller stops: end, error, client gone, cancellation."""
+        try:
+            async for prompt_index, output in self._outputs():
+                yield [self._observe(prompt_index, out) for out in output.outputs]
+                if output.finished:
+                    self._finished_ids.add(output.request_id)
+        finally:
+            self.close()
+
+    async def _outputs(self):
+        from vllm.inputs.engine import tokens_input
+
+        engine = self.state.engine
+        streams = []
+        for i, prompt in enumerate(self.prompts):
+            request_id = f"{self.id}-{i}"
+            self._engine_ids.append(request_id)
+            self.state.active_requests.add(request_id)
+            inputs = tokens_input(prompt.token_ids, prompt=prompt.text)
+            streams.append(engine.generate(inputs, self.params, request_id))
+        if len(streams) == 1:
+            async with contextlib.aclosing(streams[0]) as stream:
+                async for output in stream:
+                    yield 0, output
+            return
+        async for item in _merge(streams):
+            yield item
+
+    def _observe(self, prompt_index: int, out) -> ChoiceDelta:
+        now = time.monotonic()
+        index = prompt_index * self.n + out.index
+        choice = self.choices.get(index)
+        if choice is None:
+            choice = self.choices[index] = ChoiceState(ChoiceTracker(self.state.spec.num_speculative_tokens))
+        new_tokens = len(out.token_ids)
+        if new_tokens:
+            if self.first_token is None:
+                self.first_token = now
+                self.state.metrics.ttft.observe(now - self.arrival)
+                self.state.metrics.waiting.dec()
+                self.state.metrics.running.inc()
+            self.last_token = now
+            choice.tokens += new_tokens
+            self.state.metrics.generation_tokens.inc(new_tokens)
+            self.state.window.add_tokens(new_tokens)
+        delta = choice.spec.update(out.spec_decode_metrics) if self.state.spec.num_speculative_tokens else None
+        if delta is not None:
+            self.state.metrics.add_steps(delta)
+            self.state.window.add_steps(delta)
+        if out.finish_reason is not None:
+            choice.finished = True
+        return ChoiceDelta(index, out.text, list(out.token_ids), out.logprobs, out.finish_reason)
+
+    def close(self) -> None:
+        """Release everything exactly once; abort engine requests that did not finish."""
+        if self._closed:
+            return
+        self._closed = True
+        metrics = self.state.metrics
+        (metrics.running if self.first_token is not None else metrics.waiting).dec()
+        unfinished = [rid for rid in self._engine_ids if rid not in self._finished_ids]
+        self.state.active_requests.difference_update(self._engine_ids)
+        self.state.abort_soon(unfinished)
+        self.ticket.release()
+        spec = self.spec()
+        length = spec.acceptance_length if spec is not None else None
+        if not unfinished:
+            if length is not None:
+                metrics.acceptance_length.observe(length)
+            longest = max((c.tokens for c in self.choices.values()), default=0)
+            if longest > 1 and self.first_token is not None and self.last_token is not None:
+                metrics.tpot.observe((self.last_token - self.first_token) / (longest - 1))
+            self.state.window.add_finished(length)
+
+
+async def _merge(streams):
+    """Interleave several engine streams as ``(index, output)``; closing the merge closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index, stream):
+        try:
+            async for output in stream:
+                await queue.put((index, output))
+            await queue.put((index, done))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, re-raised there
+            await queue.put((index, err))
+        finally:
+            await stream.aclose()
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def engine_error(err: BaseException) -> APIError:
+    """Map an exception from the engine to what the client sees."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, (VLLMValidationError, ValueError)):
+        return bad_request(str(err))
+    if isinstance(err, EngineDeadError):
+        return APIError(503, "the engine has failed", code="engine_dead")
+    if isinstance(err, (TimeoutError, asyncio.TimeoutError)):
+        return APIError(504, "the request timed out and was aborted", code="timeout")
+    logger.exception("generation failed", exc_info=err)
+    return APIError(500, f"generation failed: {type(err).__name__}", code="internal_error")

@@ -1,0 +1,108 @@
+"""The server's Prometheus metrics (prometheus-client), beside vLLM's own.
+
+Ours live in a registry per app (so two apps in one process, as in tests, do not collide) and are
+named ``vllm_lk_*``; vLLM's ``vllm:*`` metrics (among them the ``vllm:spec_decode_*`` counters)
+live in prometheus-client's default registry, where vLLM's stat logger puts them. ``/metrics``
+serves both, so one scrape sees the engine's counters and the per-request view side by side.
+Every name and help text is listed in README.md ("Server").
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from server.spec_stats import SpecStats
+from server.window import SpecWindow
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+def acceptance_buckets(k: int) -> tuple[float, ...]:
+    """1.0 to K+1 in steps of 0.25: acceptance length can be no less than 1 and no more than K+1."""
+    top = max(k, 1) + 1
+    return tuple(1.0 + 0.25 * i for i in range(int((top - 1) / 0.25) + 1))
+
+
+class WindowCollector:
+    """Computes the rolling-window gauges at scrape time from the window's buckets."""
+
+    def __init__(self, window: SpecWindow, seconds: float):
+        self.window = window
+        self.seconds = seconds
+
+    def collect(self):
+        stats, tokens, seconds = self.window.totals(self.seconds)
+        length = GaugeMetricFamily(
+            "vllm_lk_window_acceptance_length",
+            "Acceptance length (1 + accepted / verification steps) over the rolling window; 0 when no step ran",
+        )
+        length.add_metric([], stats.acceptance_length or 0.0)
+        rate = GaugeMetricFamily(
+            "vllm_lk_window_acceptance_rate",
+            "Accepted / drafted at each draft position over the rolling window",
+            labels=["position"],
+        )
+        for position, value in enumerate(stats.acceptance_rates()):
+            rate.add_metric([str(position)], value or 0.0)
+        steps = GaugeMetricFamily("vllm_lk_window_verification_steps", "Verification steps in the rolling window")
+        steps.add_metric([], stats.steps)
+        throughput = GaugeMetricFamily(
+            "vllm_lk_window_generation_tokens_per_second", "Generated tokens per second over the rolling window")
+        throughput.add_metric([], tokens / seconds)
+        span = GaugeMetricFamily("vllm_lk_window_seconds", "Length of the rolling window in seconds")
+        span.add_metric([], seconds)
+        return [length, rate, steps, throughput, span]
+
+
+class ServerMetrics:
+    """All ``vllm_lk_*`` metrics of one app."""
+
+    def __init__(self, num_positions: int, window: SpecWindow, window_s: float):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.num_positions = num_positions
+        r = self.registry
+        self.info = Info("vllm_lk", "What is served: target, drafter, method, K and the drafter's training loss", registry=r)
+        self.requests = Counter(
+            "vllm_lk_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r)
+        self.running = Gauge("vllm_lk_requests_running", "Admitted requests that have produced their first token", registry=r)
+        self.waiting = Gauge("vllm_lk_requests_waiting", "Admitted requests still waiting for their first token", registry=r)
+        self.acceptance_length = Histogram(
+            "vllm_lk_request_acceptance_length",
+            "Per finished request: 1 + accepted drafts / verification steps (requests with at least one step)",
+            buckets=acceptance_buckets(num_positions), registry=r)
+        self.steps = Counter("vllm_lk_spec_verification_steps", "Verification steps of served requests", registry=r)
+        self.drafted = Counter(
+            "vllm_lk_spec_drafted_tokens", "Draft tokens proposed, by draft position (0-based)", ["position"], registry=r)
+        self.accepted = Counter(
+            "vllm_lk_spec_accepted_tokens", "Draft tokens accepted, by draft position (0-based)", ["position"], registry=r)
+        self.ttft = Histogram(
+            "vllm_lk_time_to_first_token_seconds", "Time from request arrival to its first generated token",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(
+            "vllm_lk_time_per_output_token_seconds",
+            "Per finished request: (last token time - first token time) / (tokens - 1), longest choice",
+            buckets=TPOT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vllm_lk_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("vllm_lk_generation_tokens", "Tokens generated for clients", registry=r)
+        for position in range(num_positions):  # present from the start, so rate() works from zero
+            self.drafted.labels(str(position))
+            self.accepted.labels(str(position))
+        self.registry.register(WindowCollector(window, window_s))
+
+    def set_info(self, **labels: str) -> None:
+        self.info.info({key: str(value) for key, value in labels.items()})
+
+    def add_steps(self, delta: SpecStats) -> None:
+        """Advance the speculative counters by steps just observed (live, while requests run)."""
+        self.steps.inc(delta.steps)
+        for position in range(min(self.num_positions, delta.num_positions)):
+            if delta.drafted[position]:
+                self.drafted.labels(str(position)).inc(delta.drafted[position])
+            if delta.accepted[position]:
+                self.accepted.labels(str(position)).inc(delta.accepted[position])
+
+    def render(self) -> bytes:
+        """Prometheus text of vLLM's metrics (default registry) followed by ours."""
+        return generate_latest(REGISTRY) + generate_latest(self.registry)

@@ -1,0 +1,122 @@
+"""POST /v1/chat/completions: the conversation is rendered with the tokenizer's own chat template."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+
+from server.auth import require_key
+from server.errors import bad_request
+from server.generation import ChoiceDelta, EngineRun, Prompt, check_prompt, encode, resolve_max_tokens, sampling_params
+from server.routes.common import ChoiceAccum, check_model, client_closed, collect, server_state, stream
+from server.schemas import ERROR_RESPONSES, ChatCompletionRequest, ChatCompletionResponse
+from server.state import ServerState
+
+router = APIRouter(dependencies=[Depends(require_key)])
+
+
+async def _render_prompt(state: ServerState, body: ChatCompletionRequest) -> Prompt:
+    """Template text, then tokens without special tokens (the template already places them)."""
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    try:
+        text = await asyncio.to_thread(
+            state.tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # jinja errors, raise_exception() in templates, no template at all
+        raise bad_request(f"the chat template cannot render these messages: {err}", param="messages") from err
+    prompt = Prompt(await encode(state, text, add_special_tokens=False), text)
+    check_prompt(state, prompt, "messages")
+    return prompt
+
+
+def _unsupported(body: ChatCompletionRequest) -> None:
+    if body.tools:
+        raise bad_request("tools are not supported", param="tools")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
+
+
+def _token_entry(tokenizer, token_id: int, logprob) -> dict:
+    token = logprob.decoded_token if logprob.decoded_token is not None else tokenizer.decode([token_id])
+    return {"token": token, "logprob": logprob.logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _logprobs(tokenizer, token_ids: list[int], logprobs: list, top_n: int) -> dict:
+    """OpenAI chat logprobs: per token its own logprob and the top ``top_n`` alternatives."""
+    content = []
+    for token_id, top in zip(token_ids, logprobs or []):
+        chosen = top.get(token_id)
+        if chosen is None:
+            continue
+        ranked = sorted(top.items(), key=lambda item: item[1].logprob, reverse=True)[:top_n]
+        content.append({**_token_entry(tokenizer, token_id, chosen),
+                        "top_logprobs": [_token_entry(tokenizer, t, lp) for t, lp in ranked]})
+    return {"content": content}
+
+
+def _renderer(state: ServerState, body: ChatCompletionRequest, run: EngineRun, created: int):
+    started: set[int] = set()
+
+    def chunk(index: int, delta: dict, finish_reason, logprobs=None) -> dict:
+        return {"id": run.id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    def render(deltas: list[ChoiceDelta]) -> list[dict]:
+        chunks = []
+        for delta in deltas:
+            if delta.index not in started:  # OpenAI opens every choice with the role alone
+                started.add(delta.index)
+                chunks.append(chunk(delta.index, {"role": "assistant", "content": ""}, None))
+            if not delta.text and not delta.token_ids and delta.finish_reason is None:
+                continue
+            logprobs = None
+            if body.logprobs:
+                logprobs = _logprobs(state.tokenizer, delta.token_ids, delta.logprobs, body.top_logprobs or 0)
+            chunks.append(chunk(delta.index, {"content": delta.text} if delta.text else {}, delta.finish_reason, logprobs))
+        return chunks
+
+    return render
+
+
+def _response(state: ServerState, body: ChatCompletionRequest, run: EngineRun, choices: dict[int, ChoiceAccum],
+              created: int) -> ChatCompletionResponse:
+    out = []
+    for index, choice in choices.items():
+        logprobs = None
+        if body.logprobs:
+            logprobs = _logprobs(state.tokenizer, choice.token_ids, choice.logprobs, body.top_logprobs or 0)
+        out.append({"index": index, "message": {"role": "assistant", "content": "".join(choice.text)},
+                    "logprobs": logprobs, "finish_reason": choice.finish_reason})
+    return ChatCompletionResponse(id=run.id, created=created, model=state.model_name, choices=out, usage=run.usage())
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES,
+             summary="Create a chat completion (streams as server-sent events with stream: true)")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state = server_state(request)
+    state.require_ready()
+    check_model(state, body.model)
+    _unsupported(body)
+    prompt = await _render_prompt(state, body)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = resolve_max_tokens(state, [prompt], requested, "max_completion_tokens")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(state, body, max_tokens, logprobs)
+    ticket = state.admission.admit()
+    run = EngineRun(state, [prompt], params, ticket, "chatcmpl")
+    created = int(time.time())
+    timeout = state.config.request_timeout_s
+    if body.stream:
+        def usage_chunk(usage: dict) -> dict:
+            return {"id": run.id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                    "choices": [], "usage": usage}
+
+        return stream(run, body, timeout, _renderer(state, body, run, created), usage_chunk)
+    try:
+        choices = await collect(request, run, timeout)
+    finally:
+        run.close()
+    if choices is None:
+        return client_closed()
+    return _response(state, body, run, choices, created)

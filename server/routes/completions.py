@@ -1,0 +1,138 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+
+from server.auth import require_key
+from server.errors import bad_request
+from server.generation import ChoiceDelta, EngineRun, Prompt, check_prompt, encode, resolve_max_tokens, sampling_params
+from server.routes.common import ChoiceAccum, check_model, client_closed, collect, server_state, stream
+from server.schemas import ERROR_RESPONSES, CompletionRequest, CompletionResponse
+from server.state import ServerState
+
+router = APIRouter(dependencies=[Depends(require_key)])
+
+
+async def _prompts(state: ServerState, body: CompletionRequest) -> list[Prompt]:
+    """Token ids for each prompt (tokenized off the event loop: prompts may be long)."""
+    raw = body.prompt
+    if isinstance(raw, str):
+        items = [raw]
+    elif raw and isinstance(raw[0], int):
+        items = [raw]
+    else:
+        items = list(raw)
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            prompts.append(Prompt(await encode(state, item), item))
+        else:
+            prompts.append(Prompt(list(item)))
+    for i, prompt in enumerate(prompts):
+        check_prompt(state, prompt, "prompt" if len(prompts) == 1 else f"prompt.{i}")
+    return prompts
+
+
+def _unsupported(body: CompletionRequest) -> None:
+    if body.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of other than n is not supported", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo together with logprobs is not supported", param="echo")
+    if body.stream and body.best_of is not None and body.best_of > 1:
+        raise bad_request("best_of is not supported with stream", param="best_of")
+
+
+class _Logprobs:
+    """OpenAI completions logprobs (tokens, token_logprobs, top_logprobs, text_offset) for one choice,
+    built incrementally so streamed chunks carry offsets that continue the previous ones."""
+
+    def __init__(self, tokenizer, offset: int = 0):
+        self.tokenizer = tokenizer
+        self.offset = offset
+
+    def render(self, token_ids: list[int], logprobs: list) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, top in zip(token_ids, logprobs or []):
+            token = _token_text(self.tokenizer, token_id, top.get(token_id))
+            out["tokens"].append(token)
+            out["token_logprobs"].append(top[token_id].logprob if token_id in top else None)
+            out["top_logprobs"].append({_token_text(self.tokenizer, t, lp): lp.logprob for t, lp in top.items()})
+            out["text_offset"].append(self.offset)
+            self.offset += len(token)
+        return out
+
+
+def _token_text(tokenizer, token_id: int, logprob) -> str:
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def _renderer(state: ServerState, body: CompletionRequest, run: EngineRun, created: int):
+    echoed: set[int] = set()
+    offsets: dict[int, _Logprobs] = {}
+
+    def render(deltas: list[ChoiceDelta]) -> list[dict]:
+        chunks = []
+        for delta in deltas:
+            if not delta.text and not delta.token_ids and delta.finish_reason is None:
+                continue
+            text = delta.text
+            if body.echo and delta.index not in echoed:
+                echoed.add(delta.index)
+                text = (run.prompts[delta.index // body.n].text or "") + text
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = offsets.setdefault(delta.index, _Logprobs(state.tokenizer)).render(delta.token_ids, delta.logprobs)
+            chunks.append({"id": run.id, "object": "text_completion", "created": created, "model": state.model_name,
+                           "choices": [{"index": delta.index, "text": text, "logprobs": logprobs,
+                                        "finish_reason": delta.finish_reason}]})
+        return chunks
+
+    return render
+
+
+def _response(state: ServerState, body: CompletionRequest, run: EngineRun, choices: dict[int, ChoiceAccum],
+              created: int) -> CompletionResponse:
+    out = []
+    for index, choice in choices.items():
+        text = "".join(choice.text)
+        if body.echo:
+            text = (run.prompts[index // body.n].text or "") + text
+        logprobs = _Logprobs(state.tokenizer).render(choice.token_ids, choice.logprobs) if body.logprobs is not None else None
+        out.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason})
+    return CompletionResponse(id=run.id, created=created, model=state.model_name, choices=out, usage=run.usage())
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES,
+             summary="Create a completion (streams as server-sent events with stream: true)")
+async def create_completion(body: CompletionRequest, request: Request):
+    state = server_state(request)
+    state.require_ready()
+    check_model(state, body.model)
+    _unsupported(body)
+    prompts = await _prompts(state, body)
+    max_tokens = resolve_max_tokens(state, prompts, body.max_tokens, "max_tokens")
+    params = sampling_params(state, body, max_tokens, body.logprobs)
+    ticket = state.admission.admit()
+    run = EngineRun(state, prompts, params, ticket, "cmpl")
+    created = int(time.time())
+    timeout = state.config.request_timeout_s
+    if body.stream:
+        def usage_chunk(usage: dict) -> dict:
+            return {"id": run.id, "object": "text_completion", "created": created, "model": state.model_name,
+                    "choices": [], "usage": usage}
+
+        return stream(run, body, timeout, _renderer(state, body, run, created), usage_chunk)
+    try:
+        choices = await collect(request, run, timeout)
+    finally:
+        run.close()
+    if choices is None:
+        return client_closed()
+    return _response(state, body, run, choices, created)

@@ -1,0 +1,80 @@
+"""Run the server: resolve the embedded defaults, build the app, serve it with uvicorn.
+
+Without a target this serves the toy target (built on first use, cached); without a drafter, the
+default LK-trained drafter for the target from ``training.default_drafter`` (also built on first
+use, cached), or no speculation when that module is absent or ``default_drafter`` is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+from pathlib import Path
+
+from server.config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_defaults(config: ServerConfig) -> ServerConfig:
+    """Fill in target and drafter (building the embedded defaults if needed)."""
+    updates: dict = {}
+    target = config.target
+    if target is None:
+        from training.toy import SERVED_NAME, ToyTargetConfig, build_toy_target
+
+        target = Path(build_toy_target(ToyTargetConfig())["path"])
+        updates["target"] = target
+        if not config.served_model_name:
+            updates["served_model_name"] = SERVED_NAME
+    if not (Path(target) / "config.json").is_file():
+        raise FileNotFoundError(f"{target} is not a HF model directory (no config.json)")
+    if config.drafter is None and config.default_drafter:
+        try:
+            from training.default_drafter import ensure_default_drafter
+        except ImportError:
+            logger.warning("no default drafter available (training.default_drafter missing): serving without speculation")
+        else:
+            updates["drafter"] = Path(ensure_default_drafter(Path(target)))
+    return config.model_copy(update=updates) if updates else config
+
+
+async def _watch(server, state) -> None:
+    """Stop serving when the engine fails (at start or later): a dead engine cannot recover, and an
+    exit lets a supervisor restart the process."""
+    while not server.should_exit:
+        if state.engine_dead:
+            logger.error("engine failed: shutting the server down")
+            server.should_exit = True
+        await asyncio.sleep(0.5)
+
+
+async def _serve(server, state) -> int:
+    watcher = asyncio.create_task(_watch(server, state))
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+    return 1 if state.engine_dead else 0
+
+
+def serve(config: ServerConfig) -> int:
+    """Serve until SIGINT/SIGTERM (then drain); returns the process exit status."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine import build_engine, resolve_spec
+
+    config = resolve_defaults(config)
+    spec = resolve_spec(config)
+    app = create_app(config, partial(build_engine, config, spec), spec=spec)
+    uv_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.access_log,
+        timeout_graceful_shutdown=config.drain_timeout_s,
+    )
+    server = uvicorn.Server(uv_config)
+    logger.info("serving %s (drafter %s) on http://%s:%d/v1", config.target, spec.drafter or "none",
+                config.host, config.port)
+    with asyncio.Runner(loop_factory=uv_config.get_loop_factory()) as runner:
+        return runner.run(_serve(server, app.state.server))

@@ -1,0 +1,123 @@
+"""What one running app knows: config, engine, readiness, admission, metrics.
+
+Kept on ``app.state.server`` rather than in module globals, so several apps can live in one
+process (tests run two over one engine) and nothing leaks between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from server.config import ServerConfig
+from server.engine import SpecSetup
+from server.errors import APIError
+from server.metrics import ServerMetrics
+from server.window import SpecWindow
+
+logger = logging.getLogger(__name__)
+
+
+class Ticket:
+    """One admitted request's slot; releasing twice is harmless (a stream may end by several paths)."""
+
+    def __init__(self, admission: "Admission"):
+        self._admission = admission
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._admission.in_flight -= 1
+
+
+class Admission:
+    """Bounded admission: at most ``limit`` requests in the server at once, the rest refused with 429
+    and Retry-After at once. vLLM's scheduler already queues what it cannot run, so a second
+    unbounded queue in front of it would only hide overload and grow memory."""
+
+    def __init__(self, limit: int, retry_after_s: int):
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+
+    def admit(self) -> Ticket:
+        if self.in_flight >= self.limit:
+            raise APIError(429, f"server is at capacity ({self.limit} requests in flight); retry later",
+                           code="queue_full", headers={"Retry-After": str(self.retry_after_s)})
+        self.in_flight += 1
+        return Ticket(self)
+
+
+class ServerState:
+    """Per-app state; ``engine`` stays None until the engine is up (then /ready turns 200)."""
+
+    def __init__(self, config: ServerConfig, spec: SpecSetup):
+        self.config = config
+        self.spec = spec
+        self.api_key = config.resolved_api_key()
+        self.model_name = config.model_name()
+        self.created = int(time.time())
+        self.window = SpecWindow(spec.num_speculative_tokens, config.dashboard_bucket_s, config.dashboard_horizon_s)
+        self.metrics = ServerMetrics(spec.num_speculative_tokens, self.window, config.window_s)
+        self.metrics.set_info(
+            served_model_name=self.model_name, target=str(config.target), drafter=str(spec.drafter or ""),
+            method=str(spec.method or "none"), num_speculative_tokens=str(spec.num_speculative_tokens), loss=spec.loss,
+        )
+        self.admission = Admission(config.max_queue, config.retry_after_s)
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self.default_sampling: dict[str, Any] = {}
+        self.draining = False
+        self.failed: BaseException | None = None
+        self.background: set[asyncio.Task] = set()  # keeps fire-and-forget tasks (aborts) alive
+        self.active_requests: set[str] = set()  # engine request ids, aborted if a drain times out
+
+    def attach(self, engine) -> None:
+        """Take a started engine: read what request validation needs from it, then turn ready."""
+        self.tokenizer = engine.get_tokenizer()
+        self.max_model_len = engine.model_config.max_model_len
+        self.vocab_size = engine.model_config.get_vocab_size()
+        self.default_sampling = dict(engine.model_config.get_diff_sampling_param() or {})
+        self.engine = engine
+        logger.info("engine ready: %s (max_model_len %d, drafter %s, method %s, K %d)", self.model_name,
+                    self.max_model_len, self.spec.drafter, self.spec.method, self.spec.num_speculative_tokens)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining and not self.engine_dead
+
+    @property
+    def engine_dead(self) -> bool:
+        return self.failed is not None or (self.engine is not None and bool(getattr(self.engine, "errored", False)))
+
+    def require_ready(self) -> None:
+        """503 unless requests can be served now."""
+        if self.engine_dead:
+            raise APIError(503, "the engine has failed; the server cannot serve requests", code="engine_dead")
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if self.engine is None:
+            raise APIError(503, "the engine is still starting; retry when GET /ready returns 200",
+                           code="not_ready", headers={"Retry-After": "5"})
+
+    def spawn(self, coro) -> None:
+        """Run ``coro`` as its own task (outside any cancelled scope), keeping a reference."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def abort_soon(self, request_ids: list[str]) -> None:
+        """Abort engine requests from a fresh task: a cancelled request's own task cannot await."""
+        if request_ids and self.engine is not None:
+            self.spawn(self._abort(list(request_ids)))
+
+    async def _abort(self, request_ids: list[str]) -> None:
+        try:
+            await self.engine.abort(request_ids)
+        except Exception:  # the engine may be shutting down; nothing left to free then
+            logger.debug("abort of %s failed", request_ids, exc_info=True)
