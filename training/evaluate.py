@@ -155,15 +155,12 @@ def serve(config: EvalConfig, target: Path, method: str, records, token_ids) -> 
 
 def pad_batch(sequences: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids [B, T] and the loss mask [B, T] of rows whose next token was
-    generated (row t predicts token t+1), exactly the rows training distils on. Right padding
-    needs no attention mask: causal attention never lets a row see the padding after it."""
-    width = max(len(seq) for seq, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [B, T]
-    loss_mask = torch.zeros(len(sequences), width, dtype=torch.bool)  # [B, T]
-    for b, (seq, prompt_len) in enumerate(sequences):
-        input_ids[b, : len(seq)] = torch.tensor(seq)
-        loss_mask[b, prompt_len - 1 : len(seq) - 1] = True
-    return input_ids, loss_mask
+    generated, built exactly as training builds its batches (training.trainer.collate)."""
+    from training.data import Example
+    from training.trainer import collate
+
+    examples = [Example(line=0, token_ids=tuple(seq), response_start=prompt_len) for seq, prompt_len in sequences]
+    return collate(examples, seq_len=max(len(seq) for seq, _ in sequences), pad_id=pad_id)
 
 
 def head_alpha(

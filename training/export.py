@@ -21,17 +21,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def predicted_tau(alphas: list[float], num_speculative_tokens: int) -> float:
-    """1 + sum_k prod_{j<=k} alpha_j: the mean acceptance length (bonus token included) when
-    position k is accepted with probability alpha_k independently of the others. A drafter with
-    fewer heads than K (an independent draft model) repeats its last alpha."""
-    tau, chain = 1.0, 1.0
-    for k in range(num_speculative_tokens):
-        chain *= alphas[min(k, len(alphas) - 1)]
-        tau += chain
-    return tau
-
-
 def export_drafter(drafter, out: str | Path, *, target_dir: str | Path, metadata: dict) -> Path:
     """Write ``drafter`` to ``out`` atomically (temporary sibling, then rename) with
     ``lk_metadata.json``; an existing ``out`` is replaced only once the new export is complete."""

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from training.data import Example, read_examples
 from training.drafters import build_drafter
-from training.export import export_drafter, file_sha256, predicted_tau
+from training.evaluate import predict
+from training.export import export_drafter, file_sha256
 from training.losses import multi_head_loss
 from training.target import load_target, run_target
 from training.train_config import TrainConfig
@@ -332,7 +333,7 @@ def _finish(config, drafter, target_model, splits, dirs, sources, pad_id, device
         "data": {"path": str(data_path.resolve()), "sha256": file_sha256(data_path), "train_examples": len(train_set), "heldout_examples": len(eval_set)},
         "offline_alpha": alphas,
         "offline_temperature": config.temperatures[0],
-        "predicted_tau": predicted_tau(alphas, config.num_heads) if alphas else None,
+        "predicted_tau": predict(alphas, config.num_heads)["tau"] if alphas else None,
         "steps": config.steps,
         "train_config": config.model_dump(mode="json"),
     }
