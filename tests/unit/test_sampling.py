@@ -9,7 +9,16 @@ import torch
 
 from vllm_lk import reference, sampling
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """Exact-enumeration tests compare at 1e-9: float64 inside this module's tests only (setting
+    it at import leaked into every module collected after this one, e.g. session model builds)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def random_logits(gen, rows, vocab, spread=2.0):
