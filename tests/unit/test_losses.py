@@ -3,7 +3,6 @@ LK paper rests on. Tolerances: fp32 1e-5 (chunked vs whole-batch reductions diff
 order only); bf16 inputs 1e-2 relative (the math is fp32 on both sides, but bf16 rounding of the
 returned gradient costs ~3 significant digits)."""
 
-import math
 
 import pytest
 import torch

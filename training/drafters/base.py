@@ -12,11 +12,13 @@ Rows whose next token is not a training token (prompt tokens, padding) are left 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 
@@ -71,6 +73,18 @@ class Drafter(nn.Module):
         """[Vd] target id of each draft-vocabulary id when the vocabulary is truncated, else None."""
         return None
 
+    def hf_config(self) -> dict:
+        """The exported config.json (architecture and sizes vLLM reads)."""
+        raise NotImplementedError
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors: every parameter under its own name (drafter modules name their
+        parameters exactly as vLLM's checkpoint layout does), fp32."""
+        return {name: p.detach().float().contiguous().clone() for name, p in self.named_parameters()}
+
     def export(self, out: Path) -> None:
         """Write config.json + model.safetensors in the layout vLLM loads (no LK metadata here)."""
-        raise NotImplementedError
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(self.hf_config(), indent=2))
+        save_file(self.export_tensors(), str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
@@ -256,15 +256,12 @@ class Eagle3Drafter(Drafter):
             "torch_dtype": "float32",
         }
 
-    def export(self, out: Path) -> None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(self.hf_config(), indent=2))
+    def export_tensors(self) -> dict[str, torch.Tensor]:
         # parameter names are the checkpoint's (fc., midlayer., norm., lm_head.); no embed_tokens
-        tensors = {name: p.detach().float().contiguous().clone() for name, p in self.named_parameters()}
+        tensors = super().export_tensors()
         if self.draft_vocab is not None:  # full vocabulary: vLLM has no d2t parameter to load into
             tensors["d2t"], tensors["t2d"] = draft_maps(self.draft_vocab.cpu(), self.g.vocab_size)
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return tensors
 
 
 def _rope_theta(rope: dict | None, legacy_theta: float | None = None) -> float:

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
@@ -82,13 +82,7 @@ class MedusaDrafter(Drafter):
             "torch_dtype": "float32",
         }
 
-    def export(self, out: Path) -> None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(self.hf_config(), indent=2))
-        # parameter names are vLLM's (blocks.{k}.layers.{j}.weight, lm_heads.{k}.weight)
-        tensors = {name: p.detach().float().contiguous().clone() for name, p in self.named_parameters()}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
 
 
 def build(target_model, config, token_counts=None) -> MedusaDrafter:

@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
 from vllm_lk.heads.mlp_speculator import ARCHITECTURE, MLPSpeculatorCore
@@ -89,13 +89,7 @@ class MLPDrafter(Drafter):
             "torch_dtype": "float32",
         }
 
-    def export(self, out: Path) -> None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(self.hf_config(), indent=2))
-        # parameter names are the checkpoint's: speculator.{emb,proj,ln,head}.{i}.weight, ln.{i}.bias
-        tensors = {name: p.detach().float().contiguous().clone() for name, p in self.named_parameters()}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
 
 
 def _rescaled(weight: torch.Tensor, std: float) -> torch.Tensor:
