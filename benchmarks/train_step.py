@@ -22,7 +22,7 @@ import torch
 from training import corpus
 from training.data import Example
 from training.drafters import build_drafter
-from training.target import load_target
+from training.target import load_target, run_target
 from training.train_config import TrainConfig
 from training.trainer import collate, drafter_losses, make_optimizer
 
@@ -56,7 +56,7 @@ def bench_drafter(kind: str, target_model, data, args) -> list[dict]:
         for loss in order:
             config, drafter, optimizer, times = runs[loss]
             start = time.perf_counter()
-            value, _, _ = drafter_losses(drafter, target_model, ids, mask, config, None)
+            value, _, _ = drafter_losses(drafter, run_target(target_model, ids, mask, drafter.hidden_layers), config, None)
             value.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

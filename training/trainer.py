@@ -34,7 +34,9 @@ from training.drafters import build_drafter
 from training.evaluate import predict
 from training.export import export_drafter, file_sha256
 from training.losses import multi_head_loss
+from training.drafters.base import TargetOutputs
 from training.target import load_target, run_target
+from training.target_cache import TargetCache
 from training.train_config import TrainConfig
 from training.vocab import token_frequencies
 
@@ -129,9 +131,9 @@ def make_optimizer(drafter, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
-def drafter_losses(drafter, target_model, ids, mask, config: TrainConfig, precision) -> tuple[torch.Tensor, list[float], int]:
+def drafter_losses(drafter, target: TargetOutputs, config: TrainConfig, precision) -> tuple[torch.Tensor, list[float], int]:
     """(loss, mean alpha per head at the first temperature, trained rows of head 1) of one batch."""
-    target = run_target(target_model, ids, mask, drafter.hidden_layers, precision)
+    ids = target.input_ids
     with torch.autocast(ids.device.type, dtype=precision or torch.float32, enabled=precision is not None):
         pairs = drafter(target)
     loss, alphas = multi_head_loss(
@@ -149,7 +151,8 @@ def heldout_alpha(drafter, target_model, examples: list[Example], config: TrainC
     totals, rows = None, 0
     for start in range(0, len(examples), config.batch_size):
         ids, mask = collate(examples[start : start + config.batch_size], config.seq_len, pad_id)
-        _, alphas, n = drafter_losses(drafter, target_model, ids.to(device), mask.to(device), config, None)
+        target = run_target(target_model, ids.to(device), mask.to(device), drafter.hidden_layers)
+        _, alphas, n = drafter_losses(drafter, target, config, None)
         if n == 0:
             continue
         weighted = [a * n for a in alphas]
@@ -238,13 +241,21 @@ def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, ou
         sources = {"target": str(target_dir.resolve()), "data": str(data_path.resolve())}
         write_text_atomic(run_dir / RUN_FILE, json.dumps(sources, indent=2) + "\n")
     log = MetricsLog(run_dir, ctx.main)
+    cache = None
+    if config.cache_target:
+        weights = sorted(target_dir.glob("*.safetensors"))
+        key = {
+            "data_sha256": file_sha256(data_path), "seq_len": config.seq_len, "seed": config.seed, "eval_sequences": config.eval_sequences,
+            "target": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in weights],
+        }
+        cache = TargetCache(run_dir / f"target-cache-rank{ctx.rank}", target_model, drafter.hidden_layers, key)
     precision = autocast_dtype(config.precision, device)
     progress = tqdm(total=config.steps, initial=step, desc=f"train {config.drafter}/{config.loss}", unit="step", disable=not ctx.main)
     last_good = step
     timing = {"tokens": 0, "seconds": 0.0}
     try:
         while step < config.steps:
-            record = _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, pad_id, precision, device)
+            record = _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, pad_id, precision, device, cache)
             if not record["finite"]:
                 raise TrainingDiverged(
                     f"non-finite loss or gradient at step {step + 1}; stopped without applying it. "
@@ -276,7 +287,7 @@ def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, ou
     return _finish(config, drafter, target_model, (train_set, eval_set), (run_dir, run_dir / "drafter"), (target_dir, data_path), pad_id, device, timing, started)
 
 
-def _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, pad_id, precision, device) -> dict:
+def _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, pad_id, precision, device, cache=None) -> dict:
     """One optimizer step on this rank's share of the global batch; returns its global metrics."""
     began = time.perf_counter()
     indices = batch_indices(step, len(train_set), config.batch_size, config.seed)[ctx.rank :: ctx.world]
@@ -285,7 +296,11 @@ def _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, 
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss, alphas, rows = drafter_losses(drafter, target_model, ids, mask, config, precision)
+    if cache is not None:
+        target = cache.outputs(indices, [train_set[i] for i in indices], ids, mask, config.seq_len, pad_id)
+    else:
+        target = run_target(target_model, ids, mask, drafter.hidden_layers, precision)
+    loss, alphas, rows = drafter_losses(drafter, target, config, precision)
     # [rows, loss * rows, alpha_k * rows..., tokens, finite]: summed over ranks
     stats = torch.tensor([rows, float(loss.detach()) * rows, *[a * rows for a in alphas], ids.numel(), float(bool(torch.isfinite(loss)))], dtype=torch.float64)
     stats = _all_reduce(stats, ctx.world)

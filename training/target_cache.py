@@ -1,0 +1,75 @@
+"""Target outputs cached on disk, for multi-epoch runs (``--cache-target true``).
+
+The frozen target's logits and the hidden states a drafter reads are the same every epoch; a
+cache computes them once per training example and reads them back afterwards. One fp32
+safetensors file per example (rows up to ``seq_len``), written to a temporary name and renamed,
+so a killed run leaves only whole entries; a manifest pins what the entries depend on (data
+hash, target identity, hidden layers, seq_len) and a mismatch starts a fresh cache.
+
+Cost: (V + H x layers) x 4 bytes per token, e.g. 17 KiB per token for V = 4096 and one 256-wide
+state; the cache pays off when the target forward costs more than reading that back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.data import Example
+from training.drafters.base import TargetOutputs
+from training.target import run_target
+
+MANIFEST = "manifest.json"
+
+
+class TargetCache:
+    def __init__(self, root: Path, model, hidden_layers: tuple[int, ...], key: dict) -> None:
+        self.root, self.model, self.hidden_layers = Path(root), model, tuple(hidden_layers)
+        manifest = {**key, "hidden_layers": list(self.hidden_layers)}
+        path = self.root / MANIFEST
+        if path.is_file() and json.loads(path.read_text()) != manifest:
+            shutil.rmtree(self.root)  # made for other data, target or layers
+        self.root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(manifest, indent=2))
+
+    def _path(self, index: int) -> Path:
+        return self.root / f"{index:07d}.safetensors"
+
+    def _fill(self, indices: list[int], examples: list[Example], seq_len: int, pad_id: int) -> None:
+        from training.trainer import collate
+
+        ids, mask = collate(examples, seq_len, pad_id)
+        out = run_target(self.model, ids, mask, self.hidden_layers)
+        for row, (index, example) in enumerate(zip(indices, examples)):
+            length = min(len(example.token_ids), seq_len)
+            tensors = {"logits": out.logits[row, :length].contiguous()}
+            for layer in self.hidden_layers:
+                tensors[f"hidden.{layer}"] = out.hidden_states[layer][row, :length].contiguous()
+            tmp = self.root / f".{index:07d}.tmp-{os.getpid()}"
+            save_file(tensors, str(tmp))
+            os.replace(tmp, self._path(index))
+
+    def outputs(self, indices: list[int], examples: list[Example], ids: torch.Tensor, mask: torch.Tensor, seq_len: int, pad_id: int) -> TargetOutputs:
+        """TargetOutputs of the batch ``ids``/``mask`` (built by collate from ``examples``, whose
+        dataset indices are ``indices``), computing the entries not cached yet."""
+        missing = [(i, e) for i, e in zip(indices, examples) if not self._path(i).is_file()]
+        if missing:
+            self._fill([i for i, _ in missing], [e for _, e in missing], seq_len, pad_id)
+        entries = [load_file(str(self._path(i))) for i in indices]
+        batch, length = ids.shape
+
+        def stack(key: str) -> torch.Tensor:  # [B, T, *] zero-padded (padding rows are never trained)
+            first = entries[0][key]
+            out = first.new_zeros(batch, length, *first.shape[1:])
+            for row, entry in enumerate(entries):
+                out[row, : entry[key].shape[0]] = entry[key]
+            return out.to(ids.device)
+
+        num_layers = self.model.config.num_hidden_layers
+        hidden = tuple(stack(f"hidden.{l}") if l in self.hidden_layers else None for l in range(num_layers + 1)) if self.hidden_layers else ()
+        return TargetOutputs(input_ids=ids, loss_mask=mask, hidden_states=hidden, logits=stack("logits"))
