@@ -64,12 +64,29 @@ def sse_error_event(error: APIError) -> str:
     return f"data: {json.dumps(error.body())}\n\n"
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "nullable"}
+
+
+def _field_path(loc) -> list[str]:
+    """The field path of a pydantic error location, without the union-member tags pydantic adds
+    (``stop.list[str].3``, ``messages.0.content.TextPart``): clients want the field they sent."""
+    parts = []
+    for part in loc:
+        text = str(part)
+        if part == "body" and not parts:
+            continue
+        if isinstance(part, str) and ("[" in text or "-" in text or text in _TYPE_TAGS or text[:1].isupper()):
+            continue
+        parts.append(text)
+    return parts
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = _field_path(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     if not loc and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
@@ -104,5 +121,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        from vllm.exceptions import VLLMValidationError
+
+        if isinstance(exc, VLLMValidationError):  # a request vLLM refuses is the client's error
+            return error_response(bad_request(str(exc)))
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))

@@ -81,6 +81,7 @@ def sampling_params(state: ServerState, request: SamplingRequest, max_tokens: in
     """vLLM SamplingParams: the request's values, else the model's generation_config, else OpenAI's
     defaults. DELTA outputs: each engine output carries only what is new."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
 
     values = {key: getattr(request, key) for key in SAMPLING_DEFAULT_KEYS}
@@ -95,7 +96,7 @@ def sampling_params(state: ServerState, request: SamplingRequest, max_tokens: in
             ignore_eos=request.ignore_eos, min_tokens=request.min_tokens, logprobs=logprobs,
             output_kind=RequestOutputKind.DELTA, **values,
         )
-    except ValueError as err:  # vLLM's own checks (e.g. min_tokens > max_tokens)
+    except (ValueError, VLLMValidationError) as err:  # vLLM's own checks (e.g. min_tokens > max_tokens)
         raise bad_request(str(err)) from err
 
 
