@@ -88,6 +88,37 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_reproduce(args: argparse.Namespace) -> int:
+    from training.reproduce import ReproduceConfig, load_config, reproduce, summary
+
+    overrides = {name: getattr(args, name, None) for name in ReproduceConfig.model_fields}
+    report = reproduce(load_config(args.quick, args.config, **overrides), args.out)
+    print(summary(report))
+    return 0
+
+
+def _add_bench_commands(sub) -> None:
+    from training.config import add_config_args
+    from training.reproduce import ReproduceConfig
+
+    bench = sub.add_parser("bench", help="benchmarks that reproduce published results with this pipeline")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    rep = bench_sub.add_parser(
+        "reproduce",
+        help="KL vs TV vs LK losses, end to end: generate, train every drafter x loss, serve, measure tau",
+        description="Regenerate training data with the target (default: the toy target), train each drafter with "
+        "each loss on it, serve every pair in vLLM with the plugin on held-out code and docstring prompts at each "
+        "temperature, compare served tau with the offline prediction, measure the best pair's decode throughput "
+        "with and without speculation, and write OUT/reproduction.json, reproduction.md and reproduction.png. "
+        "A rerun resumes (finished trainings and evaluations are reused). Precedence: preset (full, or --quick) "
+        "< --config FILE.yaml < flags.",
+    )
+    rep.add_argument("--quick", action="store_true", help="the small preset (2 drafters x 2 losses; <= 10 min on 2 cores)")
+    rep.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results)")
+    add_config_args(rep, ReproduceConfig)
+    rep.set_defaults(func=_bench_reproduce)
+
+
 def _add_training_commands(sub) -> None:
     from training.config import add_config_args
     from training.train_config import TrainConfig
@@ -202,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check that vLLM, transformers and the vllm_lk plugin work in this environment")
     doctor.set_defaults(func=_doctor)
     _add_training_commands(sub)
+    _add_bench_commands(sub)
     return parser
 
 

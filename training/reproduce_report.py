@@ -1,0 +1,190 @@
+"""The numbers of `vllm-lk bench reproduce`, from its per-pair evaluation records: the table, the
+gain over KL, served-vs-predicted agreement, the markdown and the plot. Pure functions of plain
+dicts (no engine, no torch), so they are unit tested on hand-made records.
+
+An evaluation record (one per served (pair, held-out set, temperature)) is a dict with
+``drafter, loss, seed, set, temperature, served_tau, predicted_tau, served_acceptance,
+predicted_acceptance, source`` (the per-pair JSON it was read from).
+
+    gain over KL = tau(loss) / tau(KL) - 1        same drafter, set, temperature; seed means
+    served vs predicted = served tau / predicted tau - 1      per record (the issue's 3 % bar)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+BASELINE_LOSS = "kl"
+KEY = ("drafter", "loss", "temperature", "set")
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def relative(value: float, reference: float) -> float:
+    """value / reference - 1 (nan when either is missing or the reference is 0)."""
+    if value is None or reference is None or math.isnan(value) or math.isnan(reference) or reference == 0:
+        return math.nan
+    return value / reference - 1
+
+
+def agreement(records: list[dict], tolerance: float) -> list[dict]:
+    """Served vs predicted tau for every record, with whether it is within ``tolerance``."""
+    rows = []
+    for r in records:
+        diff = relative(r["served_tau"], r["predicted_tau"])
+        rows.append({**{k: r[k] for k in (*KEY, "seed")}, "served_tau": r["served_tau"], "predicted_tau": r["predicted_tau"],
+                     "served_vs_predicted": diff, "within_tolerance": bool(abs(diff) <= tolerance) if not math.isnan(diff) else False})
+    return rows
+
+
+def table(records: list[dict], order: dict[str, list] | None = None) -> list[dict]:
+    """One row per (drafter, loss, temperature, set): seed means of served and predicted tau, and
+    their relative gain over the KL row with the same drafter, temperature and set."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[k] for k in KEY), []).append(r)
+    rows = {}
+    for key, members in groups.items():
+        seeds = sorted(members, key=lambda r: r["seed"])
+        rows[key] = {
+            **dict(zip(KEY, key)),
+            "seeds": [r["seed"] for r in seeds],
+            "served_tau": _mean([r["served_tau"] for r in seeds]),
+            "served_tau_per_seed": [r["served_tau"] for r in seeds],
+            "predicted_tau": _mean([r["predicted_tau"] for r in seeds]),
+            "served_acceptance_1": _mean([r["served_acceptance"][0] for r in seeds if r["served_acceptance"]]),
+            "sources": [r["source"] for r in seeds],
+        }
+    for key, row in rows.items():
+        base = rows.get((row["drafter"], BASELINE_LOSS, row["temperature"], row["set"]))
+        row["served_gain_over_kl"] = relative(row["served_tau"], base["served_tau"]) if base else math.nan
+        row["predicted_gain_over_kl"] = relative(row["predicted_tau"], base["predicted_tau"]) if base else math.nan
+    return sorted(rows.values(), key=lambda row: _sort_key(row, order or {}))
+
+
+def _sort_key(row: dict, order: dict[str, list]) -> tuple:
+    def rank(field):
+        values = order.get(field, [])
+        return values.index(row[field]) if row[field] in values else len(values)
+
+    return (rank("drafter"), rank("loss"), row["temperature"], rank("set"), str(row["drafter"]), str(row["loss"]), str(row["set"]))
+
+
+def gain_summary(rows: list[dict], temperature: float = 1.0) -> dict[str, dict[str, float]]:
+    """drafter -> loss -> served gain over KL at ``temperature``, averaged over the held-out sets."""
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row["temperature"] == temperature and row["loss"] != BASELINE_LOSS:
+            out.setdefault(row["drafter"], {}).setdefault(row["loss"], []).append(row["served_gain_over_kl"])
+    return {d: {loss: _mean(v) for loss, v in losses.items()} for d, losses in out.items()}
+
+
+def best_pair(records: list[dict], temperature: float) -> tuple[str, str, int] | None:
+    """(drafter, loss, seed) with the highest served tau at ``temperature``, averaged over sets."""
+    scores: dict[tuple, list[float]] = {}
+    for r in records:
+        if r["temperature"] == temperature:
+            scores.setdefault((r["drafter"], r["loss"], r["seed"]), []).append(r["served_tau"])
+    return max(scores, key=lambda k: _mean(scores[k])) if scores else None
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+
+
+def _pct(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{100 * value:+.1f} %"
+
+
+def _num(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def markdown(report: dict) -> str:
+    """The README-ready summary: setup line, the table, the bars, throughput."""
+    config, rows = report["config"], report["table"]
+    tolerance = config["tau_tolerance"]
+    lines = [
+        "# KL vs TV vs LK: served acceptance length on the held-out sets",
+        "",
+        f"Target `{report['target']['path']}`; data `{report['data']['path']}` (sha256 `{report['data']['sha256'][:12]}`, "
+        f"{report['data']['examples']} examples); {config['steps']} steps × batch {config['batch_size']} per run; "
+        f"seeds {config['seeds']}; K = {config['num_speculative_tokens']}; {config['heldout_prompts']} prompts × "
+        f"{config['eval_max_tokens']} tokens per held-out set. τ = mean acceptance length incl. the bonus token; "
+        "gain = τ / τ(KL) − 1 for the same drafter, T and set (seed means). Per-run files: "
+        f"`{report['out']}/runs/`, `{report['out']}/evals/`.",
+        "",
+        "| drafter | loss | T | set | served τ | predicted τ | served/predicted − 1 | gain vs KL (served) | gain vs KL (predicted) | acc. pos 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['drafter']} | {row['loss']} | {row['temperature']:g} | {row['set']} | {_num(row['served_tau'])} | "
+            f"{_num(row['predicted_tau'])} | {_pct(relative(row['served_tau'], row['predicted_tau']))} | "
+            f"{_pct(row['served_gain_over_kl'])} | {_pct(row['predicted_gain_over_kl'])} | {_num(row['served_acceptance_1'])} |"
+        )
+    lines += ["", "## Bars", ""]
+    for temperature in config["temperatures"]:
+        for drafter, gains in gain_summary(rows, temperature).items():
+            shown = ", ".join(f"{loss} {_pct(g)}" for loss, g in gains.items())
+            lines.append(f"- T={temperature:g}, {drafter}: served τ gain over KL (mean over sets): {shown}")
+    agree = report["agreement"]
+    within = sum(a["within_tolerance"] for a in agree)
+    worst = max(agree, key=lambda a: abs(a["served_vs_predicted"]) if not math.isnan(a["served_vs_predicted"]) else -1, default=None)
+    lines.append(f"- served vs predicted τ within {100 * tolerance:g} %: {within} of {len(agree)} evaluations"
+                 + (f" (worst: {worst['drafter']}/{worst['loss']} seed {worst['seed']} T={worst['temperature']:g} "
+                    f"{worst['set']}: {_pct(worst['served_vs_predicted'])})" if worst else ""))
+    if throughput := report.get("throughput"):
+        lines += ["", "## Decode throughput, best pair vs no speculation", ""]
+        pair = throughput["pair"]
+        lines.append(f"{pair['drafter']}/{pair['loss']} seed {pair['seed']}, {throughput['prompts']} prompts, "
+                     f"concurrency {throughput['concurrency']}:")
+        lines.append("")
+        lines += ["| T | tokens/s without | tokens/s with | speedup | τ |", "|---|---|---|---|---|"]
+        for m in throughput["measurements"]:
+            lines.append(f"| {m['temperature']:g} | {m['baseline_tokens_per_s']:.1f} | {m['speculative_tokens_per_s']:.1f} | "
+                         f"{m['speedup']:.2f}× | {_num(m['tau'])} |")
+    lines += ["", f"Plot: `{Path(report['plot']).name}`. Timings (s): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Served tau (bars) and predicted tau (dots), one panel per (temperature, set)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config, rows = report["config"], report["table"]
+    temps, sets = config["temperatures"], config["heldout_sets"]
+    drafters = [d for d in config["drafters"] if any(r["drafter"] == d for r in rows)]
+    losses = config["losses"]
+    fig, axes = plt.subplots(len(temps), len(sets), figsize=(4.5 * len(sets), 3.4 * len(temps)), squeeze=False)
+    width = 0.8 / max(len(losses), 1)
+    for i, temperature in enumerate(temps):
+        for j, kind in enumerate(sets):
+            ax = axes[i][j]
+            for n, loss in enumerate(losses):
+                by_drafter = {r["drafter"]: r for r in rows if r["loss"] == loss and r["temperature"] == temperature and r["set"] == kind}
+                xs = [d + (n - (len(losses) - 1) / 2) * width for d in range(len(drafters))]
+                served = [by_drafter[d]["served_tau"] if d in by_drafter else math.nan for d in drafters]
+                predicted = [by_drafter[d]["predicted_tau"] if d in by_drafter else math.nan for d in drafters]
+                ax.bar(xs, served, width, label=loss)
+                ax.plot(xs, predicted, "k.", label="predicted" if n == 0 else None)
+            ax.set_xticks(range(len(drafters)), drafters)
+            ax.set_title(f"T={temperature:g}, {kind} (held out)")
+            ax.set_ylabel("served τ")
+            ax.set_ylim(bottom=1.0)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"K={config['num_speculative_tokens']}, {config['steps']} steps, seeds {config['seeds']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
