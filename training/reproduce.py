@@ -72,14 +72,14 @@ class ReproduceConfig(EngineFields):
     seed: int = Field(0, description="seed of data generation, prompt draws and served sampling")
 
     @classmethod
-    def quick(cls, **overrides) -> "ReproduceConfig":
+    def quick(cls, **overrides) -> ReproduceConfig:
         """The --quick preset: 2 drafters x 2 losses, sized to finish in <= 10 min on 2 cores with
         the toy target (see docs/reproduce.md for the estimate)."""
-        values = dict(
-            drafters=["medusa", "eagle3"], losses=["kl", "lk-hybrid"], steps=30, batch_size=4, warmup_steps=3,
-            eval_sequences=8, train_code_prompts=48, train_docstring_prompts=16, train_max_tokens=128,
-            heldout_prompts=8, eval_max_tokens=64, throughput_prompts=4,
-        )
+        values = {
+            "drafters": ["medusa", "eagle3"], "losses": ["kl", "lk-hybrid"], "steps": 30, "batch_size": 4, "warmup_steps": 3,
+            "eval_sequences": 8, "train_code_prompts": 48, "train_docstring_prompts": 16, "train_max_tokens": 128,
+            "heldout_prompts": 8, "eval_max_tokens": 64, "throughput_prompts": 4,
+        }
         return cls(**{**values, **overrides})
 
     def train_config(self, drafter: str, loss: str, seed: int) -> TrainConfig:
@@ -291,6 +291,11 @@ def throughput(config: ReproduceConfig, target: Path, records: list[dict], evalu
     if not config.throughput_prompts or best is None:
         return None
     pair = next(p for p in evaluations.values() if (p["drafter"], p["loss"], p["seed"]) == best)
+    settings = {**pair["settings"], "prompts": config.heldout_spec("code", config.throughput_prompts),
+                "concurrency": config.throughput_concurrency, "temperatures": list(config.temperatures)}
+    stored = json.loads((out / "throughput.json").read_text()) if (out / "throughput.json").is_file() else {}
+    if stored.get("settings") == settings:
+        return stored
     engine = EngineFields(**{**_engine(config), "max_num_seqs": config.throughput_concurrency})
     prompts = {"code": prepare_prompts(config.heldout_spec("code", config.throughput_prompts), target, engine, config.eval_max_tokens)}
     combos = [("code", t) for t in config.temperatures]
@@ -298,12 +303,12 @@ def throughput(config: ReproduceConfig, target: Path, records: list[dict], evalu
     speculative = measure(config, target, engine, {"method": _method(pair["drafter_dir"]), "model": pair["drafter_dir"]}, prompts, combos)
     rows = []
     for (_, t), (base, _), (spec, _) in zip(combos, baseline, speculative):
-        rate = lambda m: m["decode_tokens_per_s"] or m["output_tokens_per_s"]  # noqa: E731
+        rate = lambda m: m["decode_tokens_per_s"] or m["output_tokens_per_s"]
         rows.append({"temperature": t, "baseline_tokens_per_s": rate(base), "speculative_tokens_per_s": rate(spec),
                      "speedup": rate(spec) / rate(base), "tau": spec.get("tau"), "baseline": base, "speculative": spec})
     result = {"pair": {"drafter": best[0], "loss": best[1], "seed": best[2], "drafter_dir": pair["drafter_dir"]},
               "prompts": config.heldout_spec("code", config.throughput_prompts), "concurrency": config.throughput_concurrency,
-              "measurements": rows}
+              "measurements": rows, "settings": settings}
     write_text_atomic(out / "throughput.json", json.dumps(result, indent=2) + "\n")
     return result
 

@@ -98,7 +98,9 @@ def best_pair(records: list[dict], temperature: float) -> tuple[str, str, int] |
 
 
 def _pct(value: float) -> str:
-    return "–" if value is None or math.isnan(value) else f"{100 * value:+.1f} %"
+    if value is None or math.isnan(value):
+        return "–"
+    return f"{round(100 * value, 1) + 0.0:+.1f} %"  # + 0.0: no "-0.0 %" for a rounding-level negative
 
 
 def _num(value: float) -> str:
@@ -112,12 +114,12 @@ def markdown(report: dict) -> str:
     lines = [
         "# KL vs TV vs LK: served acceptance length on the held-out sets",
         "",
-        f"Target `{report['target']['path']}`; data `{report['data']['path']}` (sha256 `{report['data']['sha256'][:12]}`, "
+        (f"Target `{report['target']['path']}`; data `{report['data']['path']}` (sha256 `{report['data']['sha256'][:12]}`, "
         f"{report['data']['examples']} examples); {config['steps']} steps × batch {config['batch_size']} per run; "
         f"seeds {config['seeds']}; K = {config['num_speculative_tokens']}; {config['heldout_prompts']} prompts × "
         f"{config['eval_max_tokens']} tokens per held-out set. τ = mean acceptance length incl. the bonus token; "
         "gain = τ / τ(KL) − 1 for the same drafter, T and set (seed means). Per-run files: "
-        f"`{report['out']}/runs/`, `{report['out']}/evals/`.",
+        f"`{report['out']}/runs/`, `{report['out']}/evals/`."),
         "",
         "| drafter | loss | T | set | served τ | predicted τ | served/predicted − 1 | gain vs KL (served) | gain vs KL (predicted) | acc. pos 1 |",
         "|---|---|---|---|---|---|---|---|---|---|",
