@@ -154,3 +154,26 @@ def test_pending_combos_and_eval_records(tmp_path):
     (rec,) = eval_records({str(eval_file): json.loads(eval_file.read_text())})
     assert (rec["drafter"], rec["loss"], rec["set"], rec["temperature"], rec["served_tau"], rec["predicted_tau"]) == ("medusa", "kl", "code", 1.0, 2.0, 2.1)
     assert rec["source"] == str(eval_file)
+
+
+def test_cli_bench_reproduce_resolves_preset_yaml_and_flags(tmp_path, monkeypatch, capsys):
+    from server.cli import main
+
+    seen = {}
+
+    def fake_reproduce(config, out):
+        seen.update(config=config, out=out)
+        return {"fake": True}
+
+    monkeypatch.setattr("training.reproduce.reproduce", fake_reproduce)
+    monkeypatch.setattr("training.reproduce.summary", lambda report: "SUMMARY")
+    yaml_file = tmp_path / "r.yaml"
+    yaml_file.write_text("steps: 7\nheldout_prompts: 3\n")
+    argv = ["bench", "reproduce", "--quick", "--out", str(tmp_path / "o"), "--config", str(yaml_file),
+            "--steps", "5", "--losses", "[kl, tv]", "--target", str(tmp_path)]
+    assert main(argv) == 0
+    config = seen["config"]
+    assert (config.steps, config.heldout_prompts, config.losses, config.drafters) == (5, 3, ["kl", "tv"], ["medusa", "eagle3"])
+    assert config.target == tmp_path and seen["out"] == tmp_path / "o"
+    assert "SUMMARY" in capsys.readouterr().out
+    assert main(["bench", "reproduce", "--steps", "9"]) == 0 and seen["config"].drafters == ReproduceConfig().drafters
