@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from server.spec_stats import SpecStats
 
@@ -23,7 +23,8 @@ class Bucket:
     spec: SpecStats
     generated_tokens: int = 0
     finished_requests: int = 0
-    acceptance_lengths: list[float] = field(default_factory=list)  # finished requests' own values
+    acceptance_length_sum: float = 0.0  # over finished requests with at least one step
+    acceptance_length_count: int = 0
 
 
 class SpecWindow:
@@ -62,7 +63,8 @@ class SpecWindow:
             bucket = self._current()
             bucket.finished_requests += 1
             if acceptance_length is not None:
-                bucket.acceptance_lengths.append(acceptance_length)
+                bucket.acceptance_length_sum += acceptance_length
+                bucket.acceptance_length_count += 1
 
     def totals(self, seconds: float) -> tuple[SpecStats, int, float]:
         """Stats, generated tokens and the covered span over the last ``seconds``."""
@@ -94,7 +96,8 @@ class SpecWindow:
                     "tokens_per_second": bucket.generated_tokens / self.bucket_s,
                     "finished_requests": bucket.finished_requests,
                     "request_acceptance_length_mean": (
-                        sum(bucket.acceptance_lengths) / len(bucket.acceptance_lengths) if bucket.acceptance_lengths else None
+                        bucket.acceptance_length_sum / bucket.acceptance_length_count
+                        if bucket.acceptance_length_count else None
                     ),
                 }
                 for bucket in self._buckets
