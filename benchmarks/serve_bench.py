@@ -112,8 +112,14 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     med = {name: {key: statistics.median(r[key] for r in rs if r.get(key) is not None)
                   for key in ("request_throughput", "output_throughput", "median_tpot_ms", "median_ttft_ms")}
            for name, rs in runs.items()}
+    paired = [  # round by round: the two runs of a round saw the most similar machine load
+        {"request_throughput_ratio": o["request_throughput"] / v["request_throughput"],
+         "median_tpot_ratio": v["median_tpot_ms"] / o["median_tpot_ms"]}
+        for o, v in zip(runs["ours"], runs["vllm"])
+    ]
     return {
         "median_of_rounds": med,
+        "per_round_ratios": paired,
         "request_throughput_ratio": med["ours"]["request_throughput"] / med["vllm"]["request_throughput"],
         "median_tpot_ratio": med["vllm"]["median_tpot_ms"] / med["ours"]["median_tpot_ms"],
         "failed_requests": {name: sum(r.get("failed") or 0 for r in rs) for name, rs in runs.items()},

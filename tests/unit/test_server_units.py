@@ -208,3 +208,59 @@ def test_app_before_the_engine_is_ready(tmp_path):
                 break
             threading.Event().wait(0.05)
         assert client.get("/health").json()["error"]["code"] == "engine_dead"
+
+
+NODE_DOM = r"""
+const nodes = {};
+function mk(tag) {
+  return {tag, attrs: {}, children: [], style: {}, textContent: "", clientWidth: 800, clientHeight: 240,
+          setAttribute(k, v) { this.attrs[k] = v; }, appendChild(c) { this.children.push(c); return c; },
+          removeChild(c) { this.children.splice(this.children.indexOf(c), 1); },
+          get firstChild() { return this.children[0] || null; }};
+}
+globalThis.document = {
+  getElementById: id => nodes[id] || (nodes[id] = mk(id)),
+  createElementNS: (ns, tag) => mk(tag), createElement: tag => mk(tag),
+};
+globalThis.setInterval = () => 0;
+globalThis.fetch = async () => ({ok: true, json: async () => DATA});
+"""
+
+
+def test_dashboard_script_draws_the_served_json(tmp_path):
+    """The page's own script, run in node against a stub DOM, draws the JSON /dashboard/data
+    serves (built here from a real window) without errors."""
+    import re
+    import shutil
+    import subprocess
+
+    from server.routes.observability import dashboard_page
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    window = SpecWindow(3, bucket_s=5, horizon_s=900)
+    step = SpecStats(3)
+    step.add_steps([3, 3], [1, 3])
+    window.add_steps(step)
+    window.add_tokens(6)
+    stats, tokens, seconds = window.totals(60)
+    data = {"info": {"model": "m", "drafter": "/d", "method": "eagle3", "num_speculative_tokens": 3, "loss": "lk-hybrid",
+                     "predicted_tau": 2.4, "offline_alpha": [0.7]},
+            "window": {"seconds": seconds, "verification_steps": stats.steps, "acceptance_length": stats.acceptance_length,
+                       "acceptance_rate_per_position": stats.acceptance_rates(), "tokens_per_second": tokens / seconds},
+            "series": window.series()}
+    script = re.search(r"<script>(.*)</script>", dashboard_page(), re.S).group(1)
+    check = """
+setTimeout(() => {
+  const svgs = ["len", "pos"].map(id => document.getElementById(id).children.filter(c => c.tag === "path").length);
+  console.log(JSON.stringify({paths: svgs, status: document.getElementById("status").textContent,
+                              length: document.getElementById("t-len").textContent}));
+}, 50);
+"""
+    program = tmp_path / "dashboard.js"
+    program.write_text(f"const DATA = {json.dumps(data)};\n{NODE_DOM}\n{script}\n{check}")
+    out = subprocess.run([node, str(program)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"paths": [1, 3], "status": "", "length": "3.000"}
