@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, required=True, help="output JSONL (appended to; settings kept in OUT.config.json)")
     add_config_args(gen, GenerateConfig)
     gen.set_defaults(func=_generate)
+    _add_training_commands(sub)
 
     ev = sub.add_parser(
         "eval",
@@ -230,10 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(ev, EvalConfig)
     ev.set_defaults(func=_eval)
 
+    _add_bench_commands(sub)
     doctor = sub.add_parser("doctor", help="check that vLLM, transformers and the vllm_lk plugin work in this environment")
     doctor.set_defaults(func=_doctor)
-    _add_training_commands(sub)
-    _add_bench_commands(sub)
     return parser
 
 
