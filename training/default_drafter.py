@@ -30,7 +30,7 @@ class DefaultDrafterConfig(FrozenConfig):
     docstring_prompts: int = Field(64, description="built-in docstring -> function chat prompts (corpus train split)")
     max_tokens: int = Field(160, description="tokens the target generates per prompt")
     temperature: float = Field(1.0, description="sampling temperature of the regenerated responses")
-    steps: int = Field(400, description="optimizer steps")
+    steps: int = Field(300, description="optimizer steps")
     batch_size: int = Field(8, description="sequences per step")
     lr: float = Field(3e-3, description="peak learning rate")
     seed: int = Field(0, description="seed for generation and training")
