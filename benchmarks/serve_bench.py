@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -83,6 +84,22 @@ def run_benchmark(base_url: str, target: Path, args: argparse.Namespace, seed: i
     return {key: result.get(key) for key in KEYS}
 
 
+def cpu_seconds(proc: subprocess.Popen) -> dict[str, float]:
+    """CPU time of a server: its front-end process, and its children (engine core, workers)."""
+    import psutil
+
+    front = psutil.Process(proc.pid)
+    children = 0.0
+    for child in front.children(recursive=True):
+        try:
+            times = child.cpu_times()
+            children += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    times = front.cpu_times()
+    return {"front_end": times.user + times.system, "engine": children}
+
+
 def engine_flags(args: argparse.Namespace) -> list[str]:
     return [a for a in args.engine_args if a != "--"]
 
@@ -91,7 +108,7 @@ def server_commands(args: argparse.Namespace, ports: dict[str, int]) -> dict[str
     spec = {"method": args.method, "model": str(args.drafter), "num_speculative_tokens": args.k}
     ours = [sys.executable, "-m", "server.cli", "serve", "--target", str(args.target), "--port", str(ports["ours"]),
             "--served-model-name", NAME]
-    theirs_extra = [*engine_flags(args), "--disable-uvicorn-access-log"]
+    theirs_extra = [*engine_flags(args), "--disable-uvicorn-access-log", *shlex.split(args.vllm_only_args)]
     if args.drafter:
         ours += ["--drafter", str(args.drafter), "--method", args.method, "--num-speculative-tokens", str(args.k)]
         theirs_extra += ["--speculative-config", json.dumps(spec)]
@@ -132,11 +149,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drafter", type=Path, default=None, help="drafter directory (omit: no speculation)")
     parser.add_argument("--method", default="draft_model", help="vLLM speculative method")
     parser.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--max-concurrency", type=int, default=8)
+    parser.add_argument("--num-prompts", type=int, default=128)
+    parser.add_argument("--max-concurrency", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=64)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per server")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per server")
+    parser.add_argument("--vllm-only-args", default="", help="extra flags for vLLM's server only (e.g. to test a hypothesis)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/serve_bench.json")
     parser.add_argument("engine_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags for both servers")
     return parser.parse_args(argv)
@@ -161,7 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
         for round_index in range(args.rounds):
             order = ["ours", "vllm"] if round_index % 2 == 0 else ["vllm", "ours"]
             for name in order:
+                before = cpu_seconds(procs[name])
                 result = run_benchmark(f"http://127.0.0.1:{ports[name]}", args.target, args, seed=round_index)
+                after = cpu_seconds(procs[name])
+                result["cpu_seconds"] = {key: after[key] - before[key] for key in after}
                 logger.info("round %d %s: %s", round_index, name, result)
                 runs[name].append(result)
     finally:

@@ -150,17 +150,24 @@ class EngineRun:
         return sum(choice.tokens for choice in self.choices.values())
 
     def spec(self) -> SpecStats | None:
-        """All choices' speculative stats together (None without a drafter)."""
+        """All choices' speculative stats together (None without a drafter); not a copy when
+        there is one choice, so treat it as read-only."""
         k = self.state.spec.num_speculative_tokens
         if not k:
             return None
+        if len(self.choices) == 1:
+            return next(iter(self.choices.values())).spec.stats
         return combine([c.spec.stats for c in self.choices.values()], k)
 
-    def usage(self) -> dict:
+    def spec_usage(self) -> dict | None:
+        """The running ``usage.speculative`` object."""
         spec = self.spec()
+        return spec.to_usage() if spec is not None else None
+
+    def usage(self) -> dict:
         prompt, completion = self.prompt_tokens, self.completion_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "speculative": spec.to_usage() if spec is not None else None}
+                "speculative": self.spec_usage()}
 
     async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
         """The changes of every engine output, in arrival order; closes (and aborts what is still
@@ -207,12 +214,10 @@ class EngineRun:
                 self.state.metrics.running.inc()
             self.last_token = now
             choice.tokens += new_tokens
-            self.state.metrics.generation_tokens.inc(new_tokens)
-            self.state.window.add_tokens(new_tokens)
         delta = choice.spec.update(out.spec_decode_metrics) if self.state.spec.num_speculative_tokens else None
-        if delta is not None:
-            self.state.metrics.add_steps(delta)
-            self.state.window.add_steps(delta)
+        if new_tokens or delta is not None:
+            self.state.metrics.add_output(new_tokens, delta)
+            self.state.window.add(new_tokens, delta)
         if out.finish_reason is not None:
             choice.finished = True
         return ChoiceDelta(index, out.text, list(out.token_ids), out.logprobs, out.finish_reason)

@@ -86,22 +86,27 @@ class ServerMetrics:
             buckets=TPOT_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vllm_lk_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("vllm_lk_generation_tokens", "Tokens generated for clients", registry=r)
-        for position in range(num_positions):  # present from the start, so rate() works from zero
-            self.drafted.labels(str(position))
-            self.accepted.labels(str(position))
+        # children looked up once (present from the start, so rate() works from zero): a labels()
+        # lookup per engine output is a measurable share of the front end's time under load
+        self._drafted = [self.drafted.labels(str(p)) for p in range(num_positions)]
+        self._accepted = [self.accepted.labels(str(p)) for p in range(num_positions)]
         self.registry.register(WindowCollector(window, window_s))
 
     def set_info(self, **labels: str) -> None:
         self.info.info({key: str(value) for key, value in labels.items()})
 
-    def add_steps(self, delta: SpecStats) -> None:
-        """Advance the speculative counters by steps just observed (live, while requests run)."""
+    def add_output(self, new_tokens: int, delta: SpecStats | None) -> None:
+        """Advance the token and speculative counters by one engine output (live, while requests run)."""
+        if new_tokens:
+            self.generation_tokens.inc(new_tokens)
+        if delta is None:
+            return
         self.steps.inc(delta.steps)
         for position in range(min(self.num_positions, delta.num_positions)):
             if delta.drafted[position]:
-                self.drafted.labels(str(position)).inc(delta.drafted[position])
+                self._drafted[position].inc(delta.drafted[position])
             if delta.accepted[position]:
-                self.accepted.labels(str(position)).inc(delta.accepted[position])
+                self._accepted[position].inc(delta.accepted[position])
 
     def render(self) -> bytes:
         """Prometheus text of vLLM's metrics (default registry) followed by ours."""

@@ -50,13 +50,13 @@ class SpecWindow:
         while self._buckets and self._buckets[0].start + self.bucket_s < now - self.horizon_s:
             self._buckets.popleft()
 
-    def add_steps(self, delta: SpecStats) -> None:
+    def add(self, tokens: int, delta: SpecStats | None = None) -> None:
+        """Record one engine output: its new tokens and verification steps."""
         with self._lock:
-            self._current().spec.merge(delta)
-
-    def add_tokens(self, count: int) -> None:
-        with self._lock:
-            self._current().generated_tokens += count
+            bucket = self._current()
+            bucket.generated_tokens += tokens
+            if delta is not None:
+                bucket.spec.merge(delta)
 
     def add_finished(self, acceptance_length: float | None) -> None:
         with self._lock:

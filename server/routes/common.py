@@ -127,12 +127,14 @@ def stream(run: EngineRun, request: SamplingRequest, timeout_s: float,
                     chunks = render(deltas)
                     if not chunks:
                         continue
-                    usage = run.usage()
+                    usage = run.usage() if continuous else None
+                    speculative = usage["speculative"] if continuous else run.spec_usage()
                     for chunk in chunks:
-                        chunk["speculative"] = usage["speculative"]
+                        chunk["speculative"] = speculative
                         if continuous:
                             chunk["usage"] = usage
-                        yield event(chunk)
+                    # one write per engine output, not per choice: fewer socket sends under load
+                    yield "".join(event(chunk) for chunk in chunks)
             if include_usage:
                 yield event(usage_chunk(run.usage()))
         except Exception as err:  # noqa: BLE001 - headers are out; the client gets an error event

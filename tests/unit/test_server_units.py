@@ -60,10 +60,9 @@ def test_window_buckets_expire_and_sum():
     window = SpecWindow(2, bucket_s=5, horizon_s=20, clock=lambda: now[0])
     step = SpecStats(2)
     step.add_steps([2], [1])
-    window.add_steps(step)
-    window.add_tokens(2)
+    window.add(2, step)
     now[0] += 6
-    window.add_steps(step)
+    window.add(0, step)
     window.add_finished(1.5)
     stats, tokens, _ = window.totals(60)
     assert stats.steps == 2 and tokens == 2
@@ -242,8 +241,7 @@ def test_dashboard_script_draws_the_served_json(tmp_path):
     window = SpecWindow(3, bucket_s=5, horizon_s=900)
     step = SpecStats(3)
     step.add_steps([3, 3], [1, 3])
-    window.add_steps(step)
-    window.add_tokens(6)
+    window.add(6, step)
     stats, tokens, seconds = window.totals(60)
     data = {"info": {"model": "m", "drafter": "/d", "method": "eagle3", "num_speculative_tokens": 3, "loss": "lk-hybrid",
                      "predicted_tau": 2.4, "offline_alpha": [0.7]},
