@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     ports = {"ours": free_port(), "vllm": free_port()}
     commands = server_commands(args, ports)
-    logs = {name: args.json.parent / f"serve_bench.{name}.log" for name in commands}
+    log_dir = Path(tempfile.mkdtemp(prefix="serve_bench-"))
+    logs = {name: log_dir / f"{name}.log" for name in commands}
+    logger.info("server logs in %s", log_dir)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     procs = {}
     try:
