@@ -151,30 +151,7 @@ def _add_training_commands(sub) -> None:
     export.set_defaults(func=_export)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from training.config import add_config_args
-    from training.toy import ToyTargetConfig
-
-    parser = argparse.ArgumentParser(
-        prog="vllm-lk",
-        description="Exact speculative decoding for vLLM, LK-loss drafter training, and an OpenAI-compatible server.",
-    )
-    parser.add_argument("--version", action="version", version=f"vllm-lk {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    toy = sub.add_parser(
-        "toy-target",
-        help="build (or reuse) the embedded toy target: a small Llama trained on the Python stdlib",
-        description="Train a byte-level BPE tokenizer and a Llama causal LM on this Python's standard "
-        "library, deterministically, and save a HF directory that transformers and vLLM load. "
-        "A finished build of the same config is reused at once.",
-    )
-    toy.add_argument("--out", type=Path, default=None, help="output directory (default: the per-user cache)")
-    toy.add_argument("--force", action="store_true", help="rebuild even if OUT holds a build")
-    add_config_args(toy, ToyTargetConfig)
-    toy.set_defaults(func=_toy_target)
-
+def _add_serve_command(sub) -> None:
     serve = sub.add_parser(
         "serve",
         help="serve a target (default: the toy target with its LK drafter) through an OpenAI-compatible API",
@@ -204,6 +181,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight requests may finish on shutdown (default: 30)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then any vLLM engine arguments")
     serve.set_defaults(func=_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.config import add_config_args
+    from training.toy import ToyTargetConfig
+
+    parser = argparse.ArgumentParser(
+        prog="vllm-lk",
+        description="Exact speculative decoding for vLLM, LK-loss drafter training, and an OpenAI-compatible server.",
+    )
+    parser.add_argument("--version", action="version", version=f"vllm-lk {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    toy = sub.add_parser(
+        "toy-target",
+        help="build (or reuse) the embedded toy target: a small Llama trained on the Python stdlib",
+        description="Train a byte-level BPE tokenizer and a Llama causal LM on this Python's standard "
+        "library, deterministically, and save a HF directory that transformers and vLLM load. "
+        "A finished build of the same config is reused at once.",
+    )
+    toy.add_argument("--out", type=Path, default=None, help="output directory (default: the per-user cache)")
+    toy.add_argument("--force", action="store_true", help="rebuild even if OUT holds a build")
+    add_config_args(toy, ToyTargetConfig)
+    toy.set_defaults(func=_toy_target)
+
+    _add_serve_command(sub)
 
     from training.evaluate import EvalConfig
     from training.generate import GenerateConfig
