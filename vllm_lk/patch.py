@@ -28,7 +28,7 @@ What it changes, and why (details in docs/verification.md):
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import functools
 import logging
 import os
@@ -266,11 +266,22 @@ def _wrap_update_from_output(original):
                     continue
                 request = self.requests.get(output.request_id)
                 metrics = getattr(request, "spec_decode_metrics", None)
-                if metrics is not None:  # a copy: the next step mutates the request's own
-                    output.spec_decode_metrics = copy.deepcopy(metrics)
+                if metrics is not None:  # a copy: the next step mutates the request's own lists
+                    output.spec_decode_metrics = _snapshot(metrics)
         return outputs_by_client
 
     return update_from_output
+
+
+def _snapshot(metrics):
+    """A copy of a RequestSpecDecodeMetrics (flat dataclass of ints and int lists): ~1 µs where
+    copy.deepcopy costs ~20 µs per request per step."""
+    return dataclasses.replace(
+        metrics,
+        histogram=list(metrics.histogram),
+        per_step_accepted=list(metrics.per_step_accepted),
+        per_step_drafted=list(metrics.per_step_drafted),
+    )
 
 
 def _wrap_new_completion_output(original):
