@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from training.drafters import build_drafter
 from training.evaluate import predict
 from training.export import export_drafter, file_sha256
 from training.losses import multi_head_loss
+from training.parallel import all_reduce, full_state, init_distributed, load_full_state, norm_value, shard, sync_gradients
 from training.drafters.base import TargetOutputs
 from training.target import load_target, run_target
 from training.target_cache import TargetCache
@@ -50,31 +50,6 @@ RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every"}
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradients became NaN/inf; the last good checkpoint is kept."""
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun process group when launched by torchrun, else a single process."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
-
-
-def _all_reduce(tensor: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(tensor)
-    return tensor
 
 
 def split_examples(examples: list[Example], eval_count: int, seed: int) -> tuple[list[Example], list[Example]]:
@@ -220,19 +195,19 @@ def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, ou
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank
-    ctx = init_distributed(device)
+    ctx = init_distributed(device, config.fsdp)
     run_dir, target_dir, data_path = Path(out), Path(target_dir), Path(data_path)
     if not resume and latest_checkpoint(run_dir) is not None:
         raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
     started = time.time()
     target_model, drafter, train_set, eval_set, pad_id = _prepare(config, target_dir, data_path, device)
+    plain = shard(drafter, ctx, device)
     optimizer = make_optimizer(drafter, config)
     step = 0
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         state = load_checkpoint(checkpoint)
         _check_resume(state["config"], config)
-        drafter.load_state_dict(state["drafter"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_full_state(drafter, optimizer, state["drafter"], state["optimizer"], ctx)
         step = state["step"]
         logger.info("resuming %s from %s (step %d)", run_dir, checkpoint.name, step)
     if ctx.main:
@@ -269,8 +244,9 @@ def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, ou
             if step % config.log_every == 0 or step == config.steps:
                 log.write({k: v for k, v in record.items() if k != "finite"})
             if step % config.checkpoint_every == 0 or step == config.steps:
+                model_state, optimizer_state = full_state(drafter, optimizer, ctx)
                 if ctx.main:
-                    state = {"step": step, "drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "config": config.model_dump(mode="json")}
+                    state = {"step": step, "drafter": model_state, "optimizer": optimizer_state, "config": config.model_dump(mode="json")}
                     save_checkpoint(run_dir, step, state, config.keep_checkpoints)
                 last_good = step
                 if ctx.world > 1:
@@ -282,6 +258,11 @@ def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, ou
     finally:
         progress.close()
         log.close()
+    if ctx.sharded:  # rank 0 evaluates and exports an unsharded copy holding the final weights
+        model_state, _ = full_state(drafter, optimizer, ctx)
+        if ctx.main:
+            plain.load_state_dict(model_state)
+            drafter = plain
     if not ctx.main:
         return {}
     return _finish(config, drafter, target_model, (train_set, eval_set), (run_dir, run_dir / "drafter"), (target_dir, data_path), pad_id, device, timing, started)
@@ -303,17 +284,14 @@ def _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, 
     loss, alphas, rows = drafter_losses(drafter, target, config, precision)
     # [rows, loss * rows, alpha_k * rows..., tokens, finite]: summed over ranks
     stats = torch.tensor([rows, float(loss.detach()) * rows, *[a * rows for a in alphas], ids.numel(), float(bool(torch.isfinite(loss)))], dtype=torch.float64)
-    stats = _all_reduce(stats, ctx.world)
+    stats = all_reduce(stats, ctx)
     global_rows = max(stats[0].item(), 1.0)
     # each rank's mean is weighted by its share of rows, so the all-reduced mean gradient is the
     # gradient of the global per-row mean (what one process with the whole batch computes)
     (loss * (rows * ctx.world / global_rows)).backward()
     params = [p for p in drafter.parameters() if p.grad is not None]
-    if ctx.world > 1:
-        for p in params:
-            dist.all_reduce(p.grad)
-            p.grad /= ctx.world
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+    sync_gradients(params, ctx)
+    grad_norm = norm_value(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
     finite = stats[-1].item() == ctx.world and math.isfinite(grad_norm)
     if finite:
         optimizer.step()

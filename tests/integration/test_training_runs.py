@@ -39,23 +39,24 @@ def run(cmd, env, timeout=600) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("loss", ["kl", "lk-alpha"])
-def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path, clean_env, venv_bin, loss):
+@pytest.mark.parametrize("loss,fsdp", [("kl", "false"), ("lk-alpha", "false"), ("lk-alpha", "true")])
+def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path, clean_env, venv_bin, loss, fsdp):
     """Each rank weights its mean loss by its share of the batch's rows and gradients are summed,
-    so 2 ranks take the single-process step. Tolerance 1e-5 on weights after 3 AdamW steps:
+    so 2 ranks take the single-process step, replicated (all-reduce) or sharded (FSDP2
+    reduce-scatter, full state gathered for checkpoints). Tolerance 1e-5 on weights after 3 AdamW steps:
     only the summation order differs (all-reduce, smaller per-rank GEMMs), ~1e-7 relative per op.
     (LK-hybrid's lambda uses each rank's own batch-mean alpha, so it is not compared exactly.)"""
     steps = ["--steps", "3", "--loss", loss, "--checkpoint-every", "3"]
     run(train_cmd(tiny_target, tiny_train_data, tmp_path / "one", *steps), clean_env)
     torchrun = [str(venv_bin / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "server.cli"]
-    cmd = train_cmd(tiny_target, tiny_train_data, tmp_path / "two", *steps)
+    cmd = train_cmd(tiny_target, tiny_train_data, tmp_path / "two", *steps, "--fsdp", fsdp)
     run(torchrun + cmd[3:], clean_env)
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert one.keys() == two.keys()
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert worst < 1e-5, worst
-    moved = load_checkpoint(latest_checkpoint(tmp_path / "one"))["step"]
-    assert moved == 3
+    assert load_checkpoint(latest_checkpoint(tmp_path / "two"))["step"] == 3
+    assert (tmp_path / "two" / "drafter" / "lk_metadata.json").is_file()
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_target, tiny_train_data, tmp_path, clean_env):

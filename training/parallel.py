@@ -1,0 +1,92 @@
+"""Data parallel training: the process group, and replicated (DDP-style) or sharded (FSDP2) drafters.
+
+Replicated: every rank holds the whole drafter; gradients are all-reduced and divided by the world
+size after backward. Sharded (``--fsdp true``): ``torch.distributed.fsdp.fully_shard`` splits
+parameters, gradients and optimizer state across ranks and reduce-scatters gradients with the same
+averaging, so both modes take the same step. Checkpoints always hold the full (unsharded) state,
+gathered to rank 0, so a run can resume with either mode and exports need no conversion.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    sharded: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device, fsdp: bool = False) -> Dist:
+    """Join the torchrun process group when launched by torchrun, else a single process."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), sharded=fsdp)
+
+
+def all_reduce(tensor: torch.Tensor, ctx: Dist) -> torch.Tensor:
+    if ctx.world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def shard(drafter, ctx: Dist, device: torch.device):
+    """Shard ``drafter`` in place when ``ctx.sharded``; returns an unsharded copy for rank 0's
+    held-out evaluation and export (None otherwise)."""
+    if not ctx.sharded:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    plain = copy.deepcopy(drafter) if ctx.main else None
+    fully_shard(drafter, mesh=init_device_mesh(device.type, (ctx.world,)))
+    return plain
+
+
+def sync_gradients(params: list[torch.Tensor], ctx: Dist) -> None:
+    """Average gradients over ranks (FSDP has already reduce-scattered them)."""
+    if ctx.world > 1 and not ctx.sharded:
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= ctx.world
+
+
+def norm_value(norm) -> float:
+    """clip_grad_norm_'s result as a float (a DTensor under FSDP)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def full_state(drafter, optimizer, ctx: Dist) -> tuple[dict, dict]:
+    """(model, optimizer) state of the whole drafter; a collective under FSDP (call on every rank;
+    only rank 0 receives the tensors)."""
+    if not ctx.sharded:
+        return drafter.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(drafter, options=options), get_optimizer_state_dict(drafter, optimizer, options=options)
+
+
+def load_full_state(drafter, optimizer, model_state: dict, optimizer_state: dict, ctx: Dist) -> None:
+    if not ctx.sharded:
+        drafter.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(drafter, model_state, options=options)
+    set_optimizer_state_dict(drafter, optimizer, optimizer_state, options=options)
