@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from server.auth import require_key
 from server.errors import bad_request
 from server.generation import ChoiceDelta, EngineRun, Prompt, check_prompt, encode, resolve_max_tokens, sampling_params
-from server.routes.common import ChoiceAccum, check_model, client_closed, collect, server_state, stream
+from server.routes.common import ChoiceAccum, check_model, respond, server_state
 from server.schemas import ERROR_RESPONSES, ChatCompletionRequest, ChatCompletionResponse
 from server.state import ServerState
 
@@ -106,17 +106,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     ticket = state.admission.admit()
     run = EngineRun(state, [prompt], params, ticket, "chatcmpl")
     created = int(time.time())
-    timeout = state.config.request_timeout_s
-    if body.stream:
-        def usage_chunk(usage: dict) -> dict:
-            return {"id": run.id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                    "choices": [], "usage": usage}
-
-        return stream(run, body, timeout, _renderer(state, body, run, created), usage_chunk)
-    try:
-        choices = await collect(request, run, timeout)
-    finally:
-        run.close()
-    if choices is None:
-        return client_closed()
-    return _response(state, body, run, choices, created)
+    renderer = _renderer(state, body, run, created)
+    return await respond(request, state, body, run, created, "chat.completion.chunk", renderer,
+                         lambda choices: _response(state, body, run, choices, created))

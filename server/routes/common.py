@@ -142,3 +142,22 @@ def stream(run: EngineRun, request: SamplingRequest, timeout_s: float,
         yield "data: [DONE]\n\n"
 
     return RunStreamingResponse(body(), run)
+
+
+async def respond(request: Request, state: ServerState, body, run: EngineRun, created: int, chunk_object: str, renderer, build):
+    """The tail both generation endpoints share: stream ``run`` as SSE (the usage chunk shaped as
+    ``chunk_object``), or collect every choice and return ``build(choices)``."""
+    timeout = state.config.request_timeout_s
+    if body.stream:
+        def usage_chunk(usage: dict) -> dict:
+            return {"id": run.id, "object": chunk_object, "created": created, "model": state.model_name,
+                    "choices": [], "usage": usage}
+
+        return stream(run, body, timeout, renderer, usage_chunk)
+    try:
+        choices = await collect(request, run, timeout)
+    finally:
+        run.close()
+    if choices is None:
+        return client_closed()
+    return build(choices)
