@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("single_torch_thread")]
 logger = logging.getLogger(__name__)
 
 K = 3
@@ -45,14 +45,6 @@ TRAIN_STEPS = 60
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two cores shared with other jobs: one intra-op thread ran this module's training ~15x
-    faster than two (measured under load 7.7: 10 steps in 1.9 s vs 31 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from tests.conftest import one_torch_thread
 
 import pytest
 import torch
@@ -54,17 +54,6 @@ STEPS, BATCH, LR = 100, 8, 3e-3
 MAX_Z = 4.0
 
 
-@contextmanager
-def one_thread():
-    """Tiny-tensor work on one intra-op thread: with 2 cores shared by several test processes,
-    2 OpenMP threads spin on each other (measured: sampling 81 s -> 3 s, training 108 s -> 5 s).
-    The engine keeps its own threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +90,7 @@ def training_batch(model, prompts: list[list[int]]) -> TargetOutputs:
 
 @pytest.fixture(scope="module")
 def target_batch(target_model) -> TargetOutputs:
-    with one_thread():
+    with one_torch_thread():
         return training_batch(*target_model)
 
 
@@ -134,7 +123,7 @@ def trained(request, target_model, target_batch, tmp_path_factory):
     model, _ = target_model
     drafter = build_drafter(TrainConfig(drafter=request.param, num_heads=K), model)
     start = time.perf_counter()
-    with one_thread():
+    with one_torch_thread():
         alphas = train(drafter, target_batch)
     logger.info("%s: %d steps in %.1f s, training alpha per head %s", request.param, STEPS, time.perf_counter() - start, alphas)
     out = tmp_path_factory.mktemp(f"trained-{request.param}")
@@ -201,7 +190,7 @@ def test_served_acceptance_matches_offline_alpha(trained, target_model, tiny_tar
     start = time.perf_counter()
     outputs = serve(tiny_target, drafter, out, prompts)
     logger.info("%s: served in %.1f s", kind, time.perf_counter() - start)
-    with one_thread():
+    with one_torch_thread():
         stats = replay(drafter, model, outputs)
     served = [a / t for a, t in zip(stats["accepted"], stats["tried"])]
     offline = [e / t for e, t in zip(stats["expected"], stats["tried"])]

@@ -11,17 +11,10 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.integration.server_harness import API_KEY, K, MODEL, LiveEngine, scrape, tiny_config
+from tests.integration.server_harness import API_KEY, K, MODEL, scrape
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def live(tiny_target, tiny_draft):
-    engine = LiveEngine(tiny_config(tiny_target, tiny_draft))
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")

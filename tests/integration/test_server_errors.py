@@ -14,18 +14,11 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.integration.server_harness import API_KEY, MODEL, LiveEngine, scrape, tiny_config, unfinished_engine_requests
+from tests.integration.server_harness import API_KEY, MODEL, scrape, tiny_config, unfinished_engine_requests
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LONG = {"model": MODEL, "prompt": "def main(", "max_tokens": 400, "ignore_eos": True, "temperature": 1}
-
-
-@pytest.fixture(scope="module")
-def live(tiny_target, tiny_draft):
-    engine = LiveEngine(tiny_config(tiny_target, tiny_draft))
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")

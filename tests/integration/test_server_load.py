@@ -14,20 +14,13 @@ import httpx
 import psutil
 import pytest
 
-from tests.integration.server_harness import API_KEY, MODEL, LiveEngine, scrape, tiny_config, unfinished_engine_requests
+from tests.integration.server_harness import API_KEY, MODEL, scrape, unfinished_engine_requests
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CLIENTS = 24
 WARMUP_S = 6.0
 DURATION_S = 20.0
 MEMORY_BOUND_MIB = 64  # a leak of one EngineRun or stream buffer per request would exceed this
-
-
-@pytest.fixture(scope="module")
-def live(tiny_target, tiny_draft):
-    engine = LiveEngine(tiny_config(tiny_target, tiny_draft))
-    yield engine
-    engine.close()
 
 
 async def one_stream(client: httpx.AsyncClient, rng: random.Random) -> int:

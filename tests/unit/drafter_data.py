@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from tests.conftest import one_torch_thread
 from training.drafters.base import TargetOutputs
 from training.losses import multi_head_loss
 from training.target import run_target
@@ -48,13 +49,11 @@ def synthetic_batch(layers: int, hidden: int, vocab: int, batch: int = 2, length
 
 
 def train(drafter, target: TargetOutputs, steps: int, lr: float = 3e-3, loss: str = "lk-hybrid") -> list[float]:
-    """Full-batch AdamW steps on ``multi_head_loss``; the loss before each step. One intra-op
-    thread: these tensors are tiny, and 2 OpenMP threads on 2 shared cores spin on each other
-    (measured 0.2 s vs 5 s for 15 steps)."""
+    """Full-batch AdamW steps on ``multi_head_loss``; the loss before each step (one intra-op
+    thread: these tensors are tiny)."""
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=lr)
-    losses, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    losses = []
+    with one_torch_thread():
         for _ in range(steps):
             pairs = drafter(target)
             value, _ = multi_head_loss([d for d, _ in pairs], [t for _, t in pairs], loss, eta=drafter.default_eta)
@@ -62,8 +61,6 @@ def train(drafter, target: TargetOutputs, steps: int, lr: float = 3e-3, loss: st
             value.backward()
             optimizer.step()
             losses.append(float(value.detach()))
-    finally:
-        torch.set_num_threads(threads)
     return losses
 
 

@@ -23,18 +23,11 @@ from training.target import load_target, run_target
 from training.train_config import TrainConfig
 from training.vocab import select_draft_vocab
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 K = 3
 VD = 300
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two cores shared with other jobs: one intra-op thread ran this module's training ~15x
-    faster than two (measured under load 7.7: 10 steps in 1.9 s vs 31 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
