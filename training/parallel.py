@@ -3,8 +3,10 @@
 Replicated: every rank holds the whole drafter; gradients are all-reduced and divided by the world
 size after backward. Sharded (``--fsdp true``): ``torch.distributed.fsdp.fully_shard`` splits
 parameters, gradients and optimizer state across ranks and reduce-scatters gradients with the same
-averaging, so both modes take the same step. Checkpoints always hold the full (unsharded) state,
-gathered to rank 0, so a run can resume with either mode and exports need no conversion.
+averaging, so both modes take the same step. Checkpoints always hold the full (unsharded) model
+state, gathered to rank 0, so exports need no conversion; the optimizer state is saved in each
+mode's own layout, so a run resumes in the mode it started with (``fsdp`` is part of the config
+a resume must match).
 """
 
 from __future__ import annotations
