@@ -11,7 +11,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed-$(VLLM_BUILD)
 
-.PHONY: install serve test test-slow toy-target doctor clean
+.PHONY: install deps-system serve test test-slow toy-target doctor clean
 
 install: $(STAMP)
 
@@ -39,7 +39,18 @@ toy-target: install
 serve: install
 	$(VENV)/bin/vllm-lk serve --host $(HOST) --port $(PORT)
 
-test: install
+# Prometheus and promtool (Debian's `prometheus`) for the deploy/ tests. As root (CI) or with
+# password-less sudo they are installed; otherwise those tests skip and say why.
+deps-system:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "deps-system: no prometheus and no root: the deploy/ tests that need it will skip"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "deps-system: no apt-get: install Prometheus yourself"; exit 0; fi; \
+	echo "deps-system: apt-get install prometheus"; \
+	$$SUDO apt-get update -qq && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+
+test: install deps-system
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: install
