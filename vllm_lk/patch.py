@@ -40,7 +40,7 @@ from vllm_lk.proposers import (
     LKMLPProposer,
     draft_sample,
     lk_medusa_propose,
-    noise_draws,
+    row_draws,
     take_last_draft_probs,
     uniform_draws,
 )
@@ -100,7 +100,7 @@ def lk_rejection_sample(
             draft_token_ids.to(torch.long)[rows] if draft_token_ids.numel() else torch.zeros_like(rows),
             sampling.PLACEHOLDER,
         )
-    generators, vocab = sampling_metadata.generators, target_logits.shape[-1]
+    generators = sampling_metadata.generators
     if sampling_metadata.all_greedy:  # argmax chain: no randomness needed
         is_greedy = torch.ones(batch, dtype=torch.bool, device=device)
         uniforms = torch.zeros(batch, k_max, dtype=torch.float64, device=device)
@@ -109,7 +109,7 @@ def lk_rejection_sample(
         uniforms = uniform_draws(generators, num_draft_tokens, k_max, device)
     output, _ = sampling.verify(
         drafts, counts, draft_probs, target_logits.to(torch.float32), rows, bonus_token_ids[:, 0],
-        is_greedy, uniforms, lambda rejected: noise_draws(generators, rejected, vocab, device),
+        is_greedy, uniforms, lambda rejected: row_draws(generators, rejected, device),
     )
     return output.to(torch.int32)
 

@@ -26,21 +26,20 @@ def uniform_draws(
     return uniforms
 
 
-def noise_draws(
+def row_draws(
     generators: dict[int, torch.Generator],
     rows: torch.Tensor,  # [R] long, the request rows that need a categorical draw
-    vocab: int,
     device: torch.device,
-) -> torch.Tensor:  # [R, V] float32 Exp(1)
-    """Exponential-race noise for one categorical draw per row; seeded rows use their generator,
-    so a seeded request's stream depends only on its own outcomes, not on its batch."""
-    noise = torch.empty(len(rows), vocab, dtype=torch.float32, device=device).exponential_()
+) -> torch.Tensor:  # [R] float64 U[0, 1)
+    """One uniform per row for an inverse-CDF draw (sampling.sample_from_uniform); seeded rows use
+    their generator, so a seeded request's stream depends only on its own outcomes, not on its batch."""
+    uniforms = torch.rand(len(rows), dtype=torch.float64, device=device)
     if generators:
         for i, row in enumerate(rows.tolist()):
             gen = generators.get(row)
             if gen is not None:
-                noise[i].exponential_(generator=gen)
-    return noise
+                uniforms[i] = torch.rand(1, dtype=torch.float64, device=device, generator=gen)[0]
+    return uniforms
 
 
 def draft_sample(logits, sampling_metadata):
@@ -63,8 +62,7 @@ def draft_sample(logits, sampling_metadata):
     row_generators = {
         row: gen for req, gen in sampling_metadata.generators.items() for row in range(req * factor, (req + 1) * factor)
     }
-    noise = noise_draws(row_generators, torch.arange(rows), q.shape[-1], q.device)
-    draft_ids = sampling.sample_with_noise(q, noise)
+    draft_ids = sampling.sample_from_uniform(q, row_draws(row_generators, torch.arange(rows), q.device))
     greedy = temperature == 0
     if bool(greedy.any()):
         draft_ids = torch.where(greedy, logits.argmax(dim=-1), draft_ids)

@@ -50,7 +50,16 @@ def _softmax(row) -> list[float]:
     return [w / total for w in weights]
 
 
-def verify(draft_token_ids, num_drafts, draft_probs, target_logits, token_rows, bonus_token_ids, is_greedy, uniforms, exp_noise):
+def _inverse_cdf(dist: list[float], u: float) -> int:
+    """The first token whose running sum exceeds u * (the full sum)."""
+    cumulative = []
+    for weight in dist:
+        cumulative.append((cumulative[-1] if cumulative else 0.0) + weight)
+    threshold = u * cumulative[-1]
+    return next((v for v, c in enumerate(cumulative) if c > threshold), len(dist) - 1)
+
+
+def verify(draft_token_ids, num_drafts, draft_probs, target_logits, token_rows, bonus_token_ids, is_greedy, uniforms, residual_uniforms):
     batch, k_max = draft_token_ids.shape
     vocab = target_logits.shape[-1]
     output = torch.full((batch, k_max + 1), -1, dtype=torch.long)
@@ -87,7 +96,7 @@ def verify(draft_token_ids, num_drafts, draft_probs, target_logits, token_rows, 
                 residual = [max(0.0, p[v] - q[v]) for v in range(vocab)]
                 total = sum(residual)
                 dist = [r / total for r in residual] if total > 0 else p
-                token = max(range(vocab), key=lambda v: (dist[v] / float(exp_noise[b, v]), -v))
+                token = _inverse_cdf(dist, float(residual_uniforms[b]))
         accepted[b] = len(emitted)
         emitted.append(token)
         output[b, : len(emitted)] = torch.tensor(emitted)

@@ -10,9 +10,9 @@ drafts x_1..x_K:
     all K accepted:        emit a bonus token from p_{K+1}
 
 Greedy requests (temperature 0) accept while x_k == argmax p_k and emit argmax at the stop.
-Randomness comes in as arguments (uniform draws for acceptance, Exp(1) noise for the one
-categorical draw per request), so every function is deterministic and testable; the vLLM wiring
-draws them from per-request generators.
+Randomness comes in as arguments (uniform draws: one per draft for acceptance, one per categorical
+draw by inverse CDF), so every function is deterministic and testable; the vLLM wiring draws them
+from per-request generators.
 """
 
 from __future__ import annotations
@@ -95,12 +95,19 @@ def residual_probs(
     return torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(residual.dtype).tiny), target_probs)
 
 
-def sample_with_noise(
-    probs: torch.Tensor,  # [N, V]
-    exp_noise: torch.Tensor,  # [N, V], i.i.d. Exp(1)
-) -> torch.Tensor:  # [N] int64
-    """argmax(probs / noise): an exact draw from each row's categorical (the exponential race)."""
-    return (probs / exp_noise).argmax(dim=-1)
+def sample_from_uniform(
+    probs: torch.Tensor,  # [R, V], rows with positive mass (need not be normalized)
+    uniforms: torch.Tensor,  # [R] U[0, 1)
+) -> torch.Tensor:  # [R] int64
+    """Inverse-CDF draw: the first token whose cumulative mass exceeds u * total mass.
+
+    Exact (cumulative sums in float64, compared against the row's own last sum, so a token of
+    zero mass is never drawn) and it needs one uniform per row, where the exponential race needs V
+    Exp(1) draws: on CPU generating those cost more than the rest of a small verification step.
+    """
+    cdf = probs.to(torch.float64).cumsum(dim=-1)  # [R, V]
+    threshold = uniforms.to(torch.float64) * cdf[:, -1]  # [R]
+    return torch.searchsorted(cdf, threshold[:, None], right=True)[:, 0].clamp_max_(probs.shape[-1] - 1)
 
 
 def verify(
@@ -112,7 +119,7 @@ def verify(
     bonus_token_ids: torch.Tensor,  # [B] int, drawn from p at position num_drafts (argmax if greedy)
     is_greedy: torch.Tensor,  # [B] bool, temperature 0
     uniforms: torch.Tensor,  # [B, K] U[0, 1) draws for acceptance
-    exp_noise: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],  # [B, V] Exp(1), or rows [R] -> [R, V]
+    residual_uniforms: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],  # [B] U[0, 1), or rows [R] -> [R]
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([B, K+1] int64 tokens, PLACEHOLDER-padded; [B] accepted)
     """One verification step for a batch; greedy and sampled requests may be mixed.
 
@@ -124,15 +131,15 @@ def verify(
     drafts that were chosen deterministically (argmax, n-gram).
 
     The [N, V] tensors stay flat, as vLLM lays them out (requests' draft positions back to back):
-    the step reads one log-sum-exp per row and the drafted tokens' entries; full rows only for
-    requests that need a residual sample. ``exp_noise`` may be a function so that noise is drawn
-    only for those rows (it is called once, with their indices).
+    the step takes one softmax over them and reads the drafted tokens' entries; full rows only for
+    requests that need a residual sample. ``residual_uniforms`` may be a function so that draws are
+    made only for those rows (it is called once, with their indices).
     """
     batch, k_max = draft_token_ids.shape
     vocab = target_logits.shape[-1]
     assert num_drafts.shape == (batch,) and is_greedy.shape == (batch,) and bonus_token_ids.shape == (batch,)
     assert token_rows.shape == (batch, k_max) and uniforms.shape == (batch, k_max)
-    assert callable(exp_noise) or exp_noise.shape == (batch, vocab), exp_noise.shape
+    assert callable(residual_uniforms) or residual_uniforms.shape == (batch,), residual_uniforms.shape
     assert draft_probs is None or draft_probs.shape == target_logits.shape, (draft_probs.shape, target_logits.shape)
     device = target_logits.device
     output = torch.full((batch, k_max + 1), PLACEHOLDER, dtype=torch.long, device=device)
@@ -142,17 +149,18 @@ def verify(
     slots = torch.arange(k_max, device=device)[None, :]  # [1, K]
     drafts = draft_token_ids.to(torch.long)
     safe_drafts = drafts.clamp_min(0)  # [B, K]
-    log_norm = torch.logsumexp(target_logits, dim=-1)  # [N]
-    p_draft = (target_logits[token_rows, safe_drafts] - log_norm[token_rows]).exp_()  # [B, K]
+    target_probs = target_logits.softmax(dim=-1)  # [N, V]: one fused pass (logsumexp takes several)
+    p_draft = target_probs[token_rows, safe_drafts]  # [B, K]
     if draft_probs is None:
         accept = uniforms < p_draft  # q(x) = 1
     else:
         q_draft = draft_probs[token_rows, safe_drafts].to(p_draft.dtype)
         accept = (q_draft > 0) & (uniforms.to(p_draft.dtype) * q_draft < p_draft)
     greedy_rows = is_greedy.nonzero()[:, 0]
+    argmax = torch.zeros_like(drafts)  # [B, K], the target's argmax at every slot of greedy rows
     if greedy_rows.numel():
-        argmax = target_logits[token_rows[greedy_rows]].argmax(dim=-1)  # [G, K]
-        accept[greedy_rows] = drafts[greedy_rows] == argmax
+        argmax[greedy_rows] = target_logits[token_rows[greedy_rows]].argmax(dim=-1)
+        accept[greedy_rows] = drafts[greedy_rows] == argmax[greedy_rows]
     accept &= (slots < num_drafts[:, None]) & (drafts >= 0)
     num_accepted = accept.to(torch.long).cumprod(dim=1).sum(dim=1)  # [B]
 
@@ -164,20 +172,18 @@ def verify(
     if rows.numel():
         slot = num_accepted[rows]
         slot_rows = token_rows[rows, slot]  # [R]
-        logits = target_logits[slot_rows]  # [R, V]
-        greedy = is_greedy[rows]
-        token = logits.argmax(dim=-1)
-        sampled = (~greedy).nonzero()[:, 0]
+        token = argmax[rows, slot]  # right for greedy rows; sampled rows are drawn below
+        sampled = (~is_greedy[rows]).nonzero()[:, 0]
         if sampled.numel():
-            p_slot = logits[sampled].softmax(dim=-1)
+            p_slot = target_probs[slot_rows[sampled]]
             if draft_probs is None:
                 drafted = drafts[rows[sampled], slot[sampled]]
                 q_slot = torch.nn.functional.one_hot(drafted.clamp_min(0), vocab).to(p_slot.dtype)
                 q_slot *= (drafted >= 0)[:, None]
             else:
                 q_slot = draft_probs[slot_rows[sampled]].to(p_slot.dtype)
-            noise = exp_noise(rows[sampled]) if callable(exp_noise) else exp_noise[rows[sampled]]
-            token[sampled] = sample_with_noise(residual_probs(p_slot, q_slot), noise.to(p_slot.dtype))
+            draws = residual_uniforms(rows[sampled]) if callable(residual_uniforms) else residual_uniforms[rows[sampled]]
+            token[sampled] = sample_from_uniform(residual_probs(p_slot, q_slot), draws)
         stop_token[rows] = token
 
     output[:, :k_max] = torch.where(slots < num_accepted[:, None], drafts, PLACEHOLDER)

@@ -91,9 +91,9 @@ def random_verify_inputs(gen, batch, k_max, vocab, with_q=True):
         draft_probs[row, (drafts[2, 0] + 1) % vocab] = 1.0
     greedy = torch.rand(batch, generator=gen) < 0.3
     uniforms = torch.rand(batch, k_max, generator=gen)
-    noise = torch.empty(batch, vocab).exponential_(generator=gen)
+    residual_uniforms = torch.rand(batch, generator=gen, dtype=torch.float64)
     bonus = bonus_tokens(torch.softmax(torch.randn(batch, vocab, generator=gen), -1), greedy, gen)
-    return drafts, num_drafts, draft_probs, target_logits, rows, bonus, greedy, uniforms, noise
+    return drafts, num_drafts, draft_probs, target_logits, rows, bonus, greedy, uniforms, residual_uniforms
 
 
 def bonus_tokens(p_bonus, greedy, gen):
@@ -124,19 +124,35 @@ def test_verify_acceptance_threshold_is_p_over_q():
     rows = torch.tensor([[0]])
     bonus = torch.tensor([2])
     draft = torch.tensor([[0]])  # p/q = 0.5
-    noise = torch.ones(1, 3)
+    draw = torch.tensor([0.5], dtype=torch.float64)
     for u, expected in ((0.4999999, 1), (0.5000001, 0)):
-        _, acc = sampling.verify(draft, torch.tensor([1]), q, logits, rows, bonus, torch.tensor([False]), torch.tensor([[u]]), noise)
+        _, acc = sampling.verify(draft, torch.tensor([1]), q, logits, rows, bonus, torch.tensor([False]), torch.tensor([[u]]), draw)
         assert int(acc) == expected
     draft = torch.tensor([[1]])  # p/q = 1.25 >= 1: always accepted
-    _, acc = sampling.verify(draft, torch.tensor([1]), q, logits, rows, bonus, torch.tensor([False]), torch.tensor([[0.9999999]]), noise)
+    _, acc = sampling.verify(draft, torch.tensor([1]), q, logits, rows, bonus, torch.tensor([False]), torch.tensor([[0.9999999]]), draw)
     assert int(acc) == 1
+
+
+def test_inverse_cdf_draw_boundaries_and_zero_mass():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 5)
+    u = torch.tensor([0.0, 0.2499, 0.25, 0.9999999, 1 - 2**-53], dtype=torch.float64)
+    # cumulative 0, .25, .25, 1, 1: the first token whose running sum exceeds u; zero-mass tokens never
+    assert sampling.sample_from_uniform(probs, u).tolist() == [1, 1, 3, 3, 3]
+    assert sampling.sample_from_uniform(probs * 7, u).tolist() == [1, 1, 3, 3, 3]  # unnormalized rows
+
+
+def test_inverse_cdf_draw_is_a_draw_from_the_row():
+    """chi-square of 20000 draws against the row (false-failure rate 1e-4 per call)."""
+    gen = torch.Generator().manual_seed(7)
+    probs = torch.softmax(torch.randn(33, generator=gen) * 2, -1)
+    draws = sampling.sample_from_uniform(probs.expand(20000, 33), torch.rand(20000, generator=gen, dtype=torch.float64))
+    assert chi_square_p_value(torch.bincount(draws, minlength=33).double(), 20000 * probs.double()) > 1e-4
 
 
 def test_greedy_rows_follow_the_argmax_chain():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
     bonus = torch.tensor([2])  # argmax at the bonus position
-    args = (logits, torch.tensor([[0, 1]]), bonus, torch.tensor([True]), torch.zeros(1, 2), torch.ones(1, 3))
+    args = (logits, torch.tensor([[0, 1]]), bonus, torch.tensor([True]), torch.zeros(1, 2), torch.full((1,), 0.5, dtype=torch.float64))
     out, acc = sampling.verify(torch.tensor([[1, 0]]), torch.tensor([2]), None, *args)
     assert out.tolist() == [[1, 0, 2]] and int(acc) == 2
     out, acc = sampling.verify(torch.tensor([[1, 2]]), torch.tensor([2]), None, *args)
@@ -293,7 +309,7 @@ def test_chi_square_verify_samples_the_target(transform, greedy_share):
     out, _ = sampling.verify(
         drafts, num_drafts, draft_probs.reshape(n * k_max, vocab), target_probs[:, :k_max].log().reshape(n * k_max, vocab),
         sampling.padded_rows(num_drafts, k_max), bonus, greedy,
-        torch.rand(n, k_max, generator=gen), torch.empty(n, vocab).exponential_(generator=gen),
+        torch.rand(n, k_max, generator=gen), torch.rand(n, generator=gen, dtype=torch.float64),
     )
     sampled = ~greedy
     out = out[sampled]
