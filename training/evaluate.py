@@ -112,39 +112,44 @@ def decode_rate(outputs) -> float | None:
 
 def serve(config: EvalConfig, target: Path, method: str, records, token_ids) -> tuple[dict, list]:
     """Generate every prompt with speculation; returns (measured numbers, [(sequence, prompt_len)])."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     k = config.num_speculative_tokens
     llm = make_llm(
         target, config, seed=config.seed, disable_log_stats=False, per_request_spec_decode_metrics="detailed",
         speculative_config={"method": method, "model": str(config.drafter), "num_speculative_tokens": k},
     )
     try:
-        params = [SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens,
-                                 seed=record_seed(config.seed, record_id(r))) for r in records]
-        started = time.perf_counter()
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=True)
-        seconds = time.perf_counter() - started
+        return measure_generation(llm, records, token_ids, config.temperature, config.max_tokens, config.seed, k, progress=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
-    drafted, accepted = acceptance_counts(outputs, k)
-    steps = sum(len(out.outputs[0].spec_decode_metrics.per_step_drafted) for out in outputs if out.outputs[0].spec_decode_metrics)
+
+
+def measure_generation(llm, records, token_ids, temperature: float, max_tokens: int, seed: int, k: int | None,
+                       progress: bool = False) -> tuple[dict, list]:
+    """Generate every prompt on a running engine (each request seeded from its record id);
+    returns (measured numbers, [(sequence, prompt_len)]). ``k``: the engine's speculative K, for
+    the acceptance numbers (None: an engine without speculation)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=record_seed(seed, record_id(r))) for r in records]
+    started = time.perf_counter()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=progress)
+    seconds = time.perf_counter() - started
     output_tokens = sum(len(out.outputs[0].token_ids) for out in outputs)
-    measured = {
-        "tau": 1 + sum(accepted) / steps if steps else math.nan,
-        "per_position_acceptance": [a / d if d else math.nan for a, d in zip(accepted, drafted)],
-        "drafted_per_position": drafted,
-        "accepted_per_position": accepted,
-        "verification_steps": steps,
-        "accepted_tokens": sum(accepted),
-        "draft_tokens": sum(drafted),
-        "requests": len(outputs),
-        "output_tokens": output_tokens,
-        "seconds": seconds,
-        "output_tokens_per_s": output_tokens / seconds,
-        "decode_tokens_per_s": decode_rate(outputs),
-    }
+    measured = {"requests": len(outputs), "output_tokens": output_tokens, "seconds": seconds,
+                "output_tokens_per_s": output_tokens / seconds, "decode_tokens_per_s": decode_rate(outputs)}
+    if k:
+        drafted, accepted = acceptance_counts(outputs, k)
+        steps = sum(len(out.outputs[0].spec_decode_metrics.per_step_drafted) for out in outputs if out.outputs[0].spec_decode_metrics)
+        measured.update({
+            "tau": 1 + sum(accepted) / steps if steps else math.nan,
+            "per_position_acceptance": [a / d if d else math.nan for a, d in zip(accepted, drafted)],
+            "drafted_per_position": drafted,
+            "accepted_per_position": accepted,
+            "verification_steps": steps,
+            "accepted_tokens": sum(accepted),
+            "draft_tokens": sum(drafted),
+        })
     sequences = [(list(out.prompt_token_ids) + list(out.outputs[0].token_ids), len(out.prompt_token_ids)) for out in outputs]
     return measured, sequences
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -249,38 +248,16 @@ def _method(drafter_dir: str) -> str:
 def measure(config: ReproduceConfig, target: Path, engine: EngineFields, speculative: dict | None, prompts: dict, combos) -> list:
     """Start one engine (with ``speculative`` config, or none), serve each (set, temperature);
     returns [(measured dict, [(sequence, prompt length)])] in ``combos`` order."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    from training.evaluate import measure_generation
+    from training.generate import make_llm
 
-    from training.evaluate import acceptance_counts, decode_rate
-    from training.generate import make_llm, record_id, record_seed
-
-    k = config.num_speculative_tokens
+    k = config.num_speculative_tokens if speculative else None
     extra = {"speculative_config": {**speculative, "num_speculative_tokens": k}, "per_request_spec_decode_metrics": "detailed"} if speculative else {}
     llm = make_llm(target, engine, seed=config.seed, disable_log_stats=False, **extra)
-    results = []
     try:
-        for kind, temperature in combos:
-            records, token_ids = prompts[kind]
-            params = [SamplingParams(temperature=temperature, max_tokens=config.eval_max_tokens, seed=record_seed(config.seed, record_id(r)))
-                      for r in records]
-            started = time.perf_counter()
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=False)
-            seconds = time.perf_counter() - started
-            output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-            measured = {"requests": len(outputs), "output_tokens": output_tokens, "seconds": seconds,
-                        "output_tokens_per_s": output_tokens / seconds, "decode_tokens_per_s": decode_rate(outputs)}
-            if speculative:
-                drafted, accepted = acceptance_counts(outputs, k)
-                steps = sum(len(o.outputs[0].spec_decode_metrics.per_step_drafted) for o in outputs if o.outputs[0].spec_decode_metrics)
-                measured.update(tau=1 + sum(accepted) / steps if steps else math.nan, verification_steps=steps,
-                                per_position_acceptance=[a / d if d else math.nan for a, d in zip(accepted, drafted)],
-                                drafted_per_position=drafted, accepted_per_position=accepted)
-            sequences = [(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids)) for o in outputs]
-            results.append((measured, sequences))
+        return [measure_generation(llm, *prompts[kind], temperature, config.eval_max_tokens, config.seed, k) for kind, temperature in combos]
     finally:
         llm.llm_engine.engine_core.shutdown()
-    return results
 
 
 def throughput(config: ReproduceConfig, target: Path, records: list[dict], evaluations: dict, out: Path) -> dict | None:
