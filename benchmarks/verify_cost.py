@@ -37,14 +37,18 @@ def sampling_metadata(batch: int, temperature: float, top_k: int | None, top_p: 
     )
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_ms(fns: dict, repeats: int) -> dict:
+    """Median milliseconds of each function, calls interleaved round by round so that machine
+    noise (a shared CPU) falls on every function alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main() -> None:
@@ -88,13 +92,13 @@ def main() -> None:
                 p = torch.softmax(target_logits / 0.8, -1)
                 row = {"vocab": vocab, "batch": batch, "k": k,
                        "acceptance_per_position": float(torch.minimum(p, draft_probs).sum(-1).mean())}
-                row["stock_verify_ms"] = median_ms(lambda: verify(stock[0], stock[1], plain), args.repeats)
-                row["lk_verify_ms"] = median_ms(
-                    lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, plain), args.repeats)
-                row["lk_verify_topk_topp_seeded_ms"] = median_ms(
-                    lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, filtered), args.repeats)
-                row["stock_draft_ms"] = median_ms(lambda: stock[2](draft_logits.clone(), plain, False), args.repeats)
-                row["lk_draft_ms"] = median_ms(lambda: patch.draft_sample(draft_logits, plain), args.repeats)
+                row.update(median_ms({
+                    "stock_verify_ms": lambda: verify(stock[0], stock[1], plain),
+                    "lk_verify_ms": lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, plain),
+                    "lk_verify_topk_topp_seeded_ms": lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, filtered),
+                    "stock_draft_ms": lambda: stock[2](draft_logits.clone(), plain, False),
+                    "lk_draft_ms": lambda: patch.draft_sample(draft_logits, plain),
+                }, args.repeats))
                 row["verify_ratio"] = row["lk_verify_ms"] / row["stock_verify_ms"]
                 row["draft_ratio"] = row["lk_draft_ms"] / row["stock_draft_ms"]
                 rows.append(row)
