@@ -56,6 +56,10 @@ class WindowCollector:
         return [length, rate, steps, throughput, span]
 
 
+API_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+ALERTED_STATUSES = ("200", "429", "500", "503", "504")
+
+
 class ServerMetrics:
     """All ``vllm_lk_*`` metrics of one app."""
 
@@ -90,6 +94,11 @@ class ServerMetrics:
         # lookup per engine output is a measurable share of the front end's time under load
         self._drafted = [self.drafted.labels(str(p)) for p in range(num_positions)]
         self._accepted = [self.accepted.labels(str(p)) for p in range(num_positions)]
+        # the statuses the error alerts count, at 0 from the start: rate() cannot see a series'
+        # first appearance, so an instance's first 429 or 5xx would otherwise not show in a rate
+        for endpoint in API_ENDPOINTS:
+            for status in ALERTED_STATUSES:
+                self.requests.labels(endpoint, status)
         self.registry.register(WindowCollector(window, window_s))
 
     def set_info(self, **labels: str) -> None:

@@ -16,7 +16,7 @@ from server.auth import check_key
 from server.config import ServerConfig
 from server.engine import CPU_DEFAULTS, SpecSetup, engine_kwargs, resolve_spec
 from server.errors import _field_path
-from server.metrics import acceptance_buckets
+from server.metrics import ServerMetrics, acceptance_buckets
 from server.spec_stats import ChoiceTracker, SpecStats, combine
 from server.window import SpecWindow
 
@@ -78,6 +78,14 @@ def test_window_buckets_expire_and_sum():
 def test_acceptance_buckets_span_one_to_k_plus_one():
     assert acceptance_buckets(3)[0] == 1.0 and acceptance_buckets(3)[-1] == 4.0
     assert acceptance_buckets(0) == (1.0, 1.25, 1.5, 1.75, 2.0)
+
+
+def test_alerted_statuses_exist_at_zero_from_the_start():
+    """rate() cannot see a series' first appearance: the first 429 must increment an existing 0."""
+    text = ServerMetrics(3, SpecWindow(3), 60.0).render().decode()
+    for endpoint in ("/v1/completions", "/v1/chat/completions"):
+        for status in ("429", "500", "503", "504"):
+            assert f'vllm_lk_requests_total{{endpoint="{endpoint}",status="{status}"}} 0.0' in text
 
 
 def test_config_keys(tmp_path):
