@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 # drafter kind (training.drafters) -> speculative_config["method"]
 VLLM_METHODS = {"eagle3": "eagle3", "medusa": "medusa", "mlp": "mlp_speculator", "draft-model": "draft_model"}
 INDEPENDENCE = "predicted acceptance at k = prod_{j<=k} alpha_j: positions assumed independent, each at its mean alpha"
+AT_STEPS = ("predicted acceptance at k = mean over the served verification steps of prod_{j<=k} alpha_j(t), "
+            "each head's alpha at the step's own context end t (teacher-forced on the served tokens)")
 
 
 class EvalConfig(EngineFields):
@@ -111,7 +113,8 @@ def decode_rate(outputs) -> float | None:
 
 
 def serve(config: EvalConfig, target: Path, method: str, records, token_ids) -> tuple[dict, list]:
-    """Generate every prompt with speculation; returns (measured numbers, [(sequence, prompt_len)])."""
+    """Generate every prompt with speculation; returns (measured numbers, sequences as
+    :func:`measure_generation` returns them)."""
     k = config.num_speculative_tokens
     llm = make_llm(
         target, config, seed=config.seed, disable_log_stats=False, per_request_spec_decode_metrics="detailed",
@@ -126,8 +129,9 @@ def serve(config: EvalConfig, target: Path, method: str, records, token_ids) -> 
 def measure_generation(llm, records, token_ids, temperature: float, max_tokens: int, seed: int, k: int | None,
                        progress: bool = False) -> tuple[dict, list]:
     """Generate every prompt on a running engine (each request seeded from its record id);
-    returns (measured numbers, [(sequence, prompt_len)]). ``k``: the engine's speculative K, for
-    the acceptance numbers (None: an engine without speculation)."""
+    returns (measured numbers, [(sequence, prompt_len, accepted drafts per verification step)]).
+    ``k``: the engine's speculative K, for the acceptance numbers (None: an engine without
+    speculation; the step lists are None then)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -150,7 +154,9 @@ def measure_generation(llm, records, token_ids, temperature: float, max_tokens: 
             "accepted_tokens": sum(accepted),
             "draft_tokens": sum(drafted),
         })
-    sequences = [(list(out.prompt_token_ids) + list(out.outputs[0].token_ids), len(out.prompt_token_ids)) for out in outputs]
+    sequences = [(list(out.prompt_token_ids) + list(out.outputs[0].token_ids), len(out.prompt_token_ids),
+                  list(out.outputs[0].spec_decode_metrics.per_step_accepted) if k and out.outputs[0].spec_decode_metrics else None)
+                 for out in outputs]
     return measured, sequences
 
 
@@ -158,14 +164,14 @@ def measure_generation(llm, records, token_ids, temperature: float, max_tokens: 
 # offline
 
 
-def pad_batch(sequences: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(sequences: list[tuple], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids [B, T] and the loss mask [B, T] of rows whose next token was
     generated, built exactly as training builds its batches (training.trainer.collate)."""
     from training.data import Example
     from training.trainer import collate
 
-    examples = [Example(line=0, token_ids=tuple(seq), response_start=prompt_len) for seq, prompt_len in sequences]
-    return collate(examples, seq_len=max(len(seq) for seq, _ in sequences), pad_id=pad_id)
+    examples = [Example(line=0, token_ids=tuple(seq), response_start=prompt_len) for seq, prompt_len, *_ in sequences]
+    return collate(examples, seq_len=max(len(seq) for seq, *_ in sequences), pad_id=pad_id)
 
 
 def head_alpha(
@@ -188,8 +194,10 @@ def head_alpha(
 
 
 @torch.no_grad()
-def offline_alphas(config: EvalConfig, target: Path, sequences) -> tuple[list[float], list[int]]:
-    """(mean alpha, rows) per drafter head over ``sequences`` [(token ids, prompt length)]."""
+def offline_alphas(config: EvalConfig, target: Path, sequences, k: int | None = None) -> tuple[list[float], list[int], dict | None]:
+    """(mean alpha, rows) per drafter head over ``sequences`` [(token ids, prompt length, accepted
+    per step or None)], and with ``k`` and step records the prediction at the served steps
+    (:func:`predict_at_steps`; None otherwise)."""
     from training.drafters import load_drafter
     from training.target import load_target, run_target
 
@@ -199,10 +207,14 @@ def offline_alphas(config: EvalConfig, target: Path, sequences) -> tuple[list[fl
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sums: list[float] = []
     counts: list[int] = []
+    step_sums = torch.zeros(k or 0, dtype=torch.float64)
+    steps_used = 0
     ordered = sorted(sequences, key=lambda s: len(s[0]))  # similar lengths per batch: less padding
     for start in range(0, len(ordered), config.offline_batch_size):
-        input_ids, loss_mask = pad_batch(ordered[start : start + config.offline_batch_size], pad_id)
+        batch = ordered[start : start + config.offline_batch_size]
+        input_ids, loss_mask = pad_batch(batch, pad_id)
         outputs = run_target(model, input_ids, loss_mask, hidden_layers=tuple(drafter.hidden_layers))
+        per_head = []  # [B, T] alpha of head j at each context end t (nan where not trained)
         for head, (draft_logits, target_logits) in enumerate(drafter(outputs)):
             alpha = head_alpha(draft_logits, target_logits, config.temperature, draft_ids)
             if head == len(sums):
@@ -210,7 +222,54 @@ def offline_alphas(config: EvalConfig, target: Path, sequences) -> tuple[list[fl
                 counts.append(0)
             sums[head] += float(alpha.sum())
             counts[head] += alpha.numel()
-    return [s / c if c else math.nan for s, c in zip(sums, counts)], counts
+            per_head.append(_alpha_grid(alpha.double(), loss_mask, head))
+        if k and all(steps is not None for *_, steps in batch):
+            position_sums, used = predict_at_steps(per_head, [(prompt_len, steps) for _, prompt_len, steps in batch], k)
+            step_sums += position_sums
+            steps_used += used
+    at_steps = None
+    if k and steps_used:
+        per_position = (step_sums / steps_used).tolist()
+        at_steps = {"tau": 1 + sum(per_position), "per_position_acceptance": per_position, "steps": steps_used, "assumption": AT_STEPS}
+    return [s / c if c else math.nan for s, c in zip(sums, counts)], counts, at_steps
+
+
+def _alpha_grid(alpha: torch.Tensor, loss_mask: torch.Tensor, offset: int) -> torch.Tensor:  # [B, T]
+    """Scatter a head's flat per-row alpha (training.drafters.base.select_rows order: draft row t
+    paired with target row t + offset where the mask trains it) back to [B, T], nan elsewhere."""
+    grid = torch.full(loss_mask.shape, math.nan, dtype=alpha.dtype)
+    length = loss_mask.shape[1]
+    if offset < length:
+        view = grid[:, : length - offset]
+        view[loss_mask[:, offset:]] = alpha
+    return grid
+
+
+def predict_at_steps(per_head: list[torch.Tensor], requests: list[tuple[int, list[int]]], k: int) -> tuple[torch.Tensor, int]:
+    """Sum over the verification steps vLLM actually ran of the predicted acceptance at draft
+    positions 1..k, and how many steps were used.
+
+    Request b's first step verifies drafts after its first generated token (index prompt_len, from
+    the prefill); a step that accepted j drafts moves the next step's context end by j + 1. At a
+    step whose context ends at t, draft position i is accepted with prod_{j<=i} alpha_j(t), where
+    alpha_j(t) is head j's acceptance at context end t (an independent draft model, one head,
+    uses its alpha at t + j - 1). Steps whose positions run past the generated tokens are skipped.
+    """
+    sums, used = torch.zeros(k, dtype=torch.float64), 0
+    heads = len(per_head)
+    for b, (prompt_len, accepted_per_step) in enumerate(requests):
+        rows = per_head[0].shape[1]
+        t = prompt_len
+        for accepted in accepted_per_step:
+            if heads == 1:
+                alphas = per_head[0][b, t : t + k] if t + k <= rows else None
+            else:
+                alphas = torch.stack([per_head[j][b, t] for j in range(k)]) if t < rows and heads >= k else None
+            if alphas is not None and not bool(alphas.isnan().any()):
+                sums += alphas.cumprod(0)
+                used += 1
+            t += accepted + 1
+    return sums, used
 
 
 def predict(alphas: list[float], k: int) -> dict:
@@ -242,9 +301,10 @@ def evaluate_pair(config: EvalConfig) -> dict:
 
     measured, sequences = serve(config, target, method, records, token_ids)
     started = time.perf_counter()
-    alphas, rows = offline_alphas(config, target, sequences)
+    alphas, rows, at_steps = offline_alphas(config, target, sequences, config.num_speculative_tokens)
     prediction = predict(alphas, config.num_speculative_tokens)
-    prediction.update(alpha_per_head=alphas, rows_per_head=rows, seconds=time.perf_counter() - started, assumption=INDEPENDENCE)
+    prediction.update(alpha_per_head=alphas, rows_per_head=rows, seconds=time.perf_counter() - started, assumption=INDEPENDENCE,
+                      at_served_steps=at_steps)
     return {
         "target": str(target),
         "drafter": str(config.drafter),

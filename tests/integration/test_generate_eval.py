@@ -55,8 +55,30 @@ def test_eval_measures_tau_and_matches_the_offline_prediction(tiny_target, tiny_
     measured, steps = served["per_position_acceptance"][0], served["drafted_per_position"][0]
     tolerance = 4 * math.sqrt(measured * (1 - measured) / steps) + 0.02
     assert abs(offline["per_position_acceptance"][0] - measured) < tolerance, (offline, served)
+    # at the served steps position 1 has no selection allowance: only the Bernoulli noise (and the
+    # last steps, which run past the generated tokens and are skipped: 0.01)
+    at_steps = offline["at_served_steps"]
+    assert served["verification_steps"] - 16 * 3 <= at_steps["steps"] <= served["verification_steps"]
+    assert abs(at_steps["per_position_acceptance"][0] - measured) < 4 * math.sqrt(measured * (1 - measured) / steps) + 0.01
     line = summary_line(result)
     assert "tau served" in line and "predicted" in line
+
+
+def test_greedy_prediction_at_the_served_steps_equals_the_served_tau(tiny_target, tiny_draft):
+    """At T=0 a draft is accepted iff it is the target's argmax, and an accepted draft is the token
+    the sequence continues with, so walking the served steps over the teacher-forced agreement of
+    the offline forward reproduces every step's accepted count; only argmax near-ties between
+    vLLM's and transformers' float32 forwards can differ (allowance 1 %)."""
+    from training.evaluate import EvalConfig, evaluate_pair
+
+    config = EvalConfig(
+        target=tiny_target, drafter=tiny_draft, prompts="builtin:code:heldout:8", temperature=0.0,
+        num_speculative_tokens=3, max_tokens=48, max_model_len=MAX_MODEL_LEN,
+    )
+    result = evaluate_pair(config)
+    served, at_steps = result["served"], result["offline"]["at_served_steps"]
+    assert at_steps["steps"] >= served["verification_steps"] - 8 * 3
+    assert at_steps["tau"] == pytest.approx(served["tau"], rel=0.01), (served, at_steps)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from training.reproduce import (
 
 def record(drafter, loss, seed, kind, t, served, predicted, acc=(0.5,)):
     return {"drafter": drafter, "loss": loss, "seed": seed, "set": kind, "temperature": t, "served_tau": served,
-            "predicted_tau": predicted, "served_acceptance": list(acc), "predicted_acceptance": list(acc), "source": f"{drafter}-{loss}-{seed}"}
+            "predicted_tau": predicted, "predicted_tau_at_steps": served * 1.01, "served_acceptance": list(acc),
+            "predicted_acceptance": list(acc), "source": f"{drafter}-{loss}-{seed}"}
 
 
 RECORDS = [
@@ -91,11 +92,12 @@ def report_for(tmp_path, records):
 def test_markdown_and_plot(tmp_path):
     report = report_for(tmp_path, RECORDS)
     text = rep.markdown(report)
-    assert "| medusa | lk-hybrid | 1 | code | 2.400 | 2.400 | +0.0 % | +14.3 % | +17.1 % | 0.500 |" in text
+    assert "| medusa | lk-hybrid | 1 | code | 2.400 | 2.400 | +0.0 % | 2.424 | -1.0 % | +14.3 % | +17.1 % | 0.500 |" in text
     assert "| medusa | tv | 1 | code | 1.800 |" in text
     assert "T=1, medusa: served τ gain over KL (mean over sets): tv -14.3 %, lk-hybrid +14.3 %" in text
     assert "-0.0 %" not in text
-    assert "within 3 %: 1 of 6 evaluations" in text
+    assert "served vs predicted τ (independent positions) within 3 %: 1 of 6 evaluations" in text
+    assert "served vs predicted τ at the served steps within 3 %: 6 of 6 evaluations" in text
     assert "| 1 | 100.0 | 150.0 | 1.50× | 2.500 |" in text
     png = rep.plot(report, tmp_path / "reproduction.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
