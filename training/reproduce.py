@@ -156,6 +156,7 @@ def eval_records(evaluations: dict[str, dict]) -> list[dict]:
                 "temperature": combo["temperature"], "served_tau": combo["served"]["tau"], "predicted_tau": combo["offline"]["tau"],
                 "predicted_tau_at_steps": (combo["offline"].get("at_served_steps") or {}).get("tau", math.nan),
                 "served_acceptance": combo["served"]["per_position_acceptance"],
+                "served_tau_se": report_lib.tau_standard_error(combo["served"]["accepted_per_position"], combo["served"]["verification_steps"]),
                 "predicted_acceptance": combo["offline"]["per_position_acceptance"], "source": path,
             })
     return records

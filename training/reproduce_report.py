@@ -35,6 +35,20 @@ def relative(value: float, reference: float) -> float:
     return value / reference - 1
 
 
+def tau_standard_error(accepted_per_position: list[int], steps: int) -> float:
+    """Standard error of served tau from its per-position counts (steps treated as independent).
+
+    A step's accepted count N has P(N >= k) = (steps that accepted drafts 1..k) / steps, so its
+    mean and variance follow from the per-position counts: E[N] = sum_k P(N >= k),
+    E[N^2] = sum_k (2k - 1) P(N >= k)."""
+    if not steps:
+        return math.nan
+    tails = [a / steps for a in accepted_per_position]
+    mean = sum(tails)
+    second = sum((2 * k - 1) * tail for k, tail in enumerate(tails, start=1))
+    return math.sqrt(max(second - mean**2, 0.0) / steps)
+
+
 def agreement(records: list[dict], tolerance: float) -> list[dict]:
     """Served vs predicted tau for every record, with whether it is within ``tolerance``."""
     rows = []
@@ -45,6 +59,8 @@ def agreement(records: list[dict], tolerance: float) -> list[dict]:
         rows.append({**{k: r[k] for k in (*KEY, "seed")}, "served_tau": r["served_tau"], "predicted_tau": r["predicted_tau"],
                      "served_vs_predicted": diff, "within_tolerance": _within(diff, tolerance),
                      "predicted_tau_at_steps": at_steps, "served_vs_at_steps": diff_steps,
+                     "served_tau_se": r.get("served_tau_se", math.nan),
+                     "at_steps_z": (r["served_tau"] - at_steps) / r["served_tau_se"] if r.get("served_tau_se") else math.nan,
                      "at_steps_within_tolerance": _within(diff_steps, tolerance)})
     return rows
 
@@ -157,6 +173,12 @@ def markdown(report: dict) -> str:
         lines.append(f"- served vs {name} within {100 * tolerance:g} %: {within} of {len(agree)} evaluations"
                      + (f" (worst: {worst['drafter']}/{worst['loss']} seed {worst['seed']} T={worst['temperature']:g} "
                         f"{worst['set']}: {_pct(worst[diff_key])})" if worst else ""))
+    z = [abs(a["at_steps_z"]) for a in agree if not math.isnan(a.get("at_steps_z", math.nan))]
+    if z:
+        se = [a["served_tau_se"] / a["served_tau"] for a in agree if not math.isnan(a.get("served_tau_se", math.nan))]
+        lines.append(f"- sampling noise: served τ's standard error is {100 * min(se):.1f}–{100 * max(se):.1f} % of τ; "
+                     f"|served − predicted at the served steps| ≤ 2 standard errors in {sum(v <= 2 for v in z)} of {len(z)}, "
+                     f"≤ 3 in {sum(v <= 3 for v in z)} (largest {max(z):.1f})")
     if throughput := report.get("throughput"):
         lines += ["", "## Decode throughput, best pair vs no speculation", ""]
         pair = throughput["pair"]

@@ -21,7 +21,7 @@ from training.reproduce import (
 
 def record(drafter, loss, seed, kind, t, served, predicted, acc=(0.5,)):
     return {"drafter": drafter, "loss": loss, "seed": seed, "set": kind, "temperature": t, "served_tau": served,
-            "predicted_tau": predicted, "predicted_tau_at_steps": served * 1.01, "served_acceptance": list(acc),
+            "predicted_tau": predicted, "predicted_tau_at_steps": served * 1.01, "served_tau_se": 0.02 * served, "served_acceptance": list(acc),
             "predicted_acceptance": list(acc), "source": f"{drafter}-{loss}-{seed}"}
 
 
@@ -98,9 +98,16 @@ def test_markdown_and_plot(tmp_path):
     assert "-0.0 %" not in text
     assert "served vs predicted τ (independent positions) within 3 %: 1 of 6 evaluations" in text
     assert "served vs predicted τ at the served steps within 3 %: 6 of 6 evaluations" in text
+    assert "standard error is 2.0–2.0 % of τ; |served − predicted at the served steps| ≤ 2 standard errors in 6 of 6" in text
     assert "| 1 | 100.0 | 150.0 | 1.50× | 2.500 |" in text
     png = rep.plot(report, tmp_path / "reproduction.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tau_standard_error_from_per_position_counts():
+    """Steps accepting (0, 1, 2, 2) drafts: per-position counts (3, 2); N has mean 1.25, variance 0.6875."""
+    assert rep.tau_standard_error([3, 2], 4) == pytest.approx(math.sqrt(0.6875 / 4))
+    assert math.isnan(rep.tau_standard_error([0, 0], 0))
 
 
 def test_config_precedence_quick_then_yaml_then_flags(tmp_path):
@@ -140,7 +147,7 @@ def test_pending_combos_and_eval_records(tmp_path):
     combos = [("code", 0.0), ("code", 1.0), ("docstring", 0.0), ("docstring", 1.0)]
     eval_file = tmp_path / "evals" / "medusa-kl-s0.json"
     assert pending_combos(eval_file, settings, combos) == ([], combos)
-    stored = {"set": "code", "temperature": 1.0, "served": {"tau": 2.0, "per_position_acceptance": [0.5]},
+    stored = {"set": "code", "temperature": 1.0, "served": {"tau": 1.5, "per_position_acceptance": [0.5], "accepted_per_position": [2], "verification_steps": 4},
               "offline": {"tau": 2.1, "per_position_acceptance": [0.55]}}
     eval_file.parent.mkdir()
     eval_file.write_text(json.dumps({"drafter": "medusa", "loss": "kl", "seed": 0, "settings": settings, "combos": [stored]}))
@@ -154,8 +161,8 @@ def test_pending_combos_and_eval_records(tmp_path):
     os.utime(drafter / "lk_metadata.json", ns=(1, 1))
     assert pending_combos(eval_file, eval_settings(config, str(drafter)), combos)[1] == combos
     (rec,) = eval_records({str(eval_file): json.loads(eval_file.read_text())})
-    assert (rec["drafter"], rec["loss"], rec["set"], rec["temperature"], rec["served_tau"], rec["predicted_tau"]) == ("medusa", "kl", "code", 1.0, 2.0, 2.1)
-    assert rec["source"] == str(eval_file)
+    assert (rec["drafter"], rec["loss"], rec["set"], rec["temperature"], rec["served_tau"], rec["predicted_tau"]) == ("medusa", "kl", "code", 1.0, 1.5, 2.1)
+    assert rec["source"] == str(eval_file) and rec["served_tau_se"] == pytest.approx(0.25)  # N in {0, 0, 1, 1}
 
 
 def test_cli_bench_reproduce_resolves_preset_yaml_and_flags(tmp_path, monkeypatch, capsys):
