@@ -297,6 +297,16 @@ def throughput(config: ReproduceConfig, target: Path, records: list[dict], evalu
     return result
 
 
+def recorded_seconds(runs: dict, evaluations: dict) -> dict:
+    """The work behind the numbers, whenever it ran (a resumed run's ``timings`` cover only the
+    last invocation): training seconds summed over runs, generation and offline-prediction seconds
+    summed over evaluations (engine starts and model loads not included)."""
+    combos = [c for pair in evaluations.values() for c in pair["combos"]]
+    return {"train_runs": sum(run.get("seconds") or 0.0 for run in runs.values()),
+            "serving": sum(c["served"]["seconds"] for c in combos),
+            "offline_prediction": sum(c["offline"].get("seconds", 0.0) for c in combos)}
+
+
 def environment() -> dict:
     """Versions and machine the numbers were measured with."""
     import os
@@ -358,7 +368,7 @@ def reproduce(config: ReproduceConfig, out: str | Path = "results") -> dict:
         "format": "vllm-lk-reproduction/1", "out": str(out), "config": config.model_dump(mode="json"), "config_digest": config.digest(),
         "target": {"path": str(target), "identity": _target_identity(target)}, "data": data, "runs": runs,
         "table": report_lib.table(records, order), "agreement": report_lib.agreement(records, config.tau_tolerance),
-        "throughput": speed, "timings": timings, "environment": environment(), "plot": str(out / "reproduction.png"), "markdown": str(out / "reproduction.md"),
+        "throughput": speed, "timings": timings, "recorded_seconds": recorded_seconds(runs, evaluations), "environment": environment(), "plot": str(out / "reproduction.png"), "markdown": str(out / "reproduction.md"),
     }
     report_lib.plot(report, out / "reproduction.png")
     write_text_atomic(out / "reproduction.md", report_lib.markdown(report))

@@ -135,6 +135,27 @@ def _num(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
+def pivot_markdown(rows: list[dict], config: dict) -> list[str]:
+    """The compact table: one row per drafter x loss, one column per (T, set): served tau and, for
+    losses other than KL, the gain over KL."""
+    columns = [(t, kind) for t in config["temperatures"] for kind in config["heldout_sets"]]
+    cells = {(r["drafter"], r["loss"], r["temperature"], r["set"]): r for r in rows}
+    lines = ["| drafter | loss | " + " | ".join(f"T={t:g} {kind}" for t, kind in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for drafter in dict.fromkeys(r["drafter"] for r in rows):
+        for loss in dict.fromkeys(r["loss"] for r in rows if r["drafter"] == drafter):
+            shown = []
+            for t, kind in columns:
+                row = cells.get((drafter, loss, t, kind))
+                if row is None:
+                    shown.append("–")
+                else:
+                    gain = "" if loss == BASELINE_LOSS else f" ({_pct(row['served_gain_over_kl'])})"
+                    shown.append(_num(row["served_tau"]) + gain)
+            lines.append(f"| {drafter} | {loss} | " + " | ".join(shown) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     """The README-ready summary: setup line, the table, the bars, throughput."""
     config, rows = report["config"], report["table"]
@@ -148,6 +169,10 @@ def markdown(report: dict) -> str:
         f"{config['eval_max_tokens']} tokens per held-out set. τ = mean acceptance length incl. the bonus token; "
         "gain = τ / τ(KL) − 1 for the same drafter, T and set (seed means). Per-run files: "
         f"`{report['out']}/runs/`, `{report['out']}/evals/`."),
+        "",
+        *pivot_markdown(rows, config),
+        "",
+        "Every evaluation, with the offline predictions beside it:",
         "",
         "| drafter | loss | T | set | served τ | predicted τ | served/predicted − 1 | predicted at served steps | served/that − 1 | gain vs KL (served) | gain vs KL (predicted) | acc. pos 1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -189,8 +214,12 @@ def markdown(report: dict) -> str:
         for m in throughput["measurements"]:
             lines.append(f"| {m['temperature']:g} | {m['baseline_tokens_per_s']:.1f} | {m['speculative_tokens_per_s']:.1f} | "
                          f"{m['speedup']:.2f}× | {_num(m['tau'])} |")
-    lines += ["", f"Plot: `{Path(report['plot']).name}`. Timings (s): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()), ""]
+    lines += ["", f"Plot: `{Path(report['plot']).name}`. Timings of this invocation (s): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items())]
+    if recorded := report.get("recorded_seconds"):
+        lines[-1] += ("; work recorded in the run files, whenever it ran (s): "
+                      + ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in recorded.items()))
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from training.reproduce import (
     eval_records,
     eval_settings,
     finished_training,
+    recorded_seconds,
     load_config,
     pending_combos,
 )
@@ -85,7 +86,7 @@ def report_for(tmp_path, records):
         "agreement": rep.agreement(records, 0.03), "plot": str(tmp_path / "reproduction.png"),
         "throughput": {"pair": {"drafter": "medusa", "loss": "lk-hybrid", "seed": 1}, "prompts": "p", "concurrency": 1,
                        "measurements": [{"temperature": 1.0, "baseline_tokens_per_s": 100.0, "speculative_tokens_per_s": 150.0, "speedup": 1.5, "tau": 2.5}]},
-        "timings": {"total": 12.0},
+        "timings": {"total": 12.0}, "recorded_seconds": {"train_runs": 300.0, "serving": 40.0, "offline_prediction": 5.0},
     }
 
 
@@ -100,6 +101,9 @@ def test_markdown_and_plot(tmp_path):
     assert "served vs predicted τ at the served steps within 3 %: 6 of 6 evaluations" in text
     assert "standard error is 2.0–2.0 % of τ; |served − predicted at the served steps| ≤ 2 standard errors in 6 of 6" in text
     assert "| 1 | 100.0 | 150.0 | 1.50× | 2.500 |" in text
+    assert "| drafter | loss | T=1 code |" in text and "| medusa | lk-hybrid | 2.400 (+14.3 %) |" in text
+    assert "| medusa | kl | 2.100 |" in text  # seed mean, no gain column for the baseline
+    assert "whenever it ran (s): train runs 300, serving 40, offline prediction 5" in text
     png = rep.plot(report, tmp_path / "reproduction.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -186,3 +190,10 @@ def test_cli_bench_reproduce_resolves_preset_yaml_and_flags(tmp_path, monkeypatc
     assert config.target == tmp_path and seen["out"] == tmp_path / "o"
     assert "SUMMARY" in capsys.readouterr().out
     assert main(["bench", "reproduce", "--steps", "9"]) == 0 and seen["config"].drafters == ReproduceConfig().drafters
+
+
+def test_recorded_seconds_sum_the_run_files():
+    runs = {"a": {"seconds": 100.0}, "b": {"seconds": None}, "c": {"seconds": 20.5}}
+    combo = {"served": {"seconds": 3.0}, "offline": {"seconds": 1.0}}
+    evaluations = {"e1": {"combos": [combo, combo]}, "e2": {"combos": [{"served": {"seconds": 4.0}, "offline": {}}]}}
+    assert recorded_seconds(runs, evaluations) == {"train_runs": 120.5, "serving": 10.0, "offline_prediction": 2.0}
