@@ -381,7 +381,7 @@ def summary(report: dict) -> str:
     lines = []
     for temperature in report["config"]["temperatures"]:
         for drafter, gains in report_lib.gain_summary(report["table"], temperature).items():
-            lines.append(f"T={temperature:g} {drafter}: served tau gain over KL " + ", ".join(f"{loss} {100 * g:+.1f}%" for loss, g in gains.items()))
+            lines.append(f"T={temperature:g} {drafter}: served tau gain over KL " + ", ".join(f"{loss} {report_lib.percent(g)}" for loss, g in gains.items()))
     agree, tolerance = report["agreement"], 100 * report["config"]["tau_tolerance"]
     lines.append(f"served vs predicted tau within {tolerance:g}%: {sum(a['within_tolerance'] for a in agree)}/{len(agree)} "
                  f"(independent positions), {sum(a['at_steps_within_tolerance'] for a in agree)}/{len(agree)} (at the served steps)")

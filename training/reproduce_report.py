@@ -125,7 +125,7 @@ def best_pair(records: list[dict], temperature: float) -> tuple[str, str, int] |
 # rendering
 
 
-def _pct(value: float) -> str:
+def percent(value: float) -> str:
     if value is None or math.isnan(value):
         return "–"
     return f"{round(100 * value, 1) + 0.0:+.1f} %"  # + 0.0: no "-0.0 %" for a rounding-level negative
@@ -150,7 +150,7 @@ def pivot_markdown(rows: list[dict], config: dict) -> list[str]:
                 if row is None:
                     shown.append("–")
                 else:
-                    gain = "" if loss == BASELINE_LOSS else f" ({_pct(row['served_gain_over_kl'])})"
+                    gain = "" if loss == BASELINE_LOSS else f" ({percent(row['served_gain_over_kl'])})"
                     shown.append(_num(row["served_tau"]) + gain)
             lines.append(f"| {drafter} | {loss} | " + " | ".join(shown) + " |")
     return lines
@@ -180,14 +180,14 @@ def markdown(report: dict) -> str:
     for row in rows:
         lines.append(
             f"| {row['drafter']} | {row['loss']} | {row['temperature']:g} | {row['set']} | {_num(row['served_tau'])} | "
-            f"{_num(row['predicted_tau'])} | {_pct(relative(row['served_tau'], row['predicted_tau']))} | "
-            f"{_num(row['predicted_tau_at_steps'])} | {_pct(relative(row['served_tau'], row['predicted_tau_at_steps']))} | "
-            f"{_pct(row['served_gain_over_kl'])} | {_pct(row['predicted_gain_over_kl'])} | {_num(row['served_acceptance_1'])} |"
+            f"{_num(row['predicted_tau'])} | {percent(relative(row['served_tau'], row['predicted_tau']))} | "
+            f"{_num(row['predicted_tau_at_steps'])} | {percent(relative(row['served_tau'], row['predicted_tau_at_steps']))} | "
+            f"{percent(row['served_gain_over_kl'])} | {percent(row['predicted_gain_over_kl'])} | {_num(row['served_acceptance_1'])} |"
         )
     lines += ["", "## Bars", ""]
     for temperature in config["temperatures"]:
         for drafter, gains in gain_summary(rows, temperature).items():
-            shown = ", ".join(f"{loss} {_pct(g)}" for loss, g in gains.items())
+            shown = ", ".join(f"{loss} {percent(g)}" for loss, g in gains.items())
             lines.append(f"- T={temperature:g}, {drafter}: served τ gain over KL (mean over sets): {shown}")
     agree = report["agreement"]
     for name, diff_key, flag in (("predicted τ (independent positions)", "served_vs_predicted", "within_tolerance"),
@@ -197,7 +197,7 @@ def markdown(report: dict) -> str:
         worst = max(diffs, key=lambda a: abs(a[diff_key]), default=None)
         lines.append(f"- served vs {name} within {100 * tolerance:g} %: {within} of {len(agree)} evaluations"
                      + (f" (worst: {worst['drafter']}/{worst['loss']} seed {worst['seed']} T={worst['temperature']:g} "
-                        f"{worst['set']}: {_pct(worst[diff_key])})" if worst else ""))
+                        f"{worst['set']}: {percent(worst[diff_key])})" if worst else ""))
     z = [abs(a["at_steps_z"]) for a in agree if not math.isnan(a.get("at_steps_z", math.nan))]
     if z:
         se = [a["served_tau_se"] / a["served_tau"] for a in agree if not math.isnan(a.get("served_tau_se", math.nan))]
