@@ -224,7 +224,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> Path:
-    """Served tau (bars) and predicted tau (dots), one panel per (temperature, set)."""
+    """Served tau (bars) and the two predictions (dots, crosses), one panel per (temperature, set)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,14 +245,17 @@ def plot(report: dict, path: Path) -> Path:
                 served = [by_drafter[d]["served_tau"] if d in by_drafter else math.nan for d in drafters]
                 predicted = [by_drafter[d]["predicted_tau"] if d in by_drafter else math.nan for d in drafters]
                 ax.bar(xs, served, width, label=loss)
-                ax.plot(xs, predicted, "k.", label="predicted" if n == 0 else None)
+                at_steps = [by_drafter[d].get("predicted_tau_at_steps", math.nan) if d in by_drafter else math.nan for d in drafters]
+                ax.plot(xs, predicted, "k.", label="predicted (independent positions)" if n == 0 else None)
+                ax.plot(xs, at_steps, "kx", markersize=4, label="predicted at the served steps" if n == 0 else None)
             ax.set_xticks(range(len(drafters)), drafters)
             ax.set_title(f"T={temperature:g}, {kind} (held out)")
             ax.set_ylabel("served τ")
             ax.set_ylim(bottom=1.0)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"K={config['num_speculative_tokens']}, {config['steps']} steps, seeds {config['seeds']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
