@@ -64,7 +64,7 @@ class ReproduceConfig(EngineFields):
     train_max_tokens: int = Field(192, ge=8, description="tokens the target generates per training prompt")
     generate_temperature: float = Field(1.0, ge=0, description="sampling temperature of the regenerated training data")
     heldout_sets: list[SetKind] = Field(["code", "docstring"], min_length=1, description="held-out prompt kinds (builtin KIND:heldout)")
-    heldout_prompts: int = Field(24, ge=1, description="prompts per held-out set")
+    heldout_prompts: int = Field(64, ge=1, description="prompts per held-out set")
     eval_max_tokens: int = Field(128, ge=2, description="tokens generated per held-out prompt")
     temperatures: list[float] = Field([0.0, 1.0], min_length=1, description="serving temperatures (0 = greedy)")
     throughput_prompts: int = Field(8, ge=0, description="held-out code prompts for the throughput comparison (0: skip it)")
