@@ -21,6 +21,13 @@ products larger), and a head's rows are teacher-forced on target tokens while se
 position k > 1 on the drafts accepted before it. Position 1 has no such assumption: its prediction
 differs from the measurement only by sampling noise and by which rows serving happens to verify.
 An independent draft model has one head; its alpha is used for every position.
+
+Predicted at the served steps (``offline["at_served_steps"]``, :func:`predict_at_steps`): each
+request's per-step record says where every verification step's context ended; the prediction
+averages prod_{j<=k} alpha_j(t) over those steps, each head's alpha taken at the step's own
+context end t. Steps start right after rejections more often than a uniform position would, and
+the independent-positions prediction ignores that; this one does not (at T = 0 it reproduces the
+served accepted counts: an accepted greedy draft is the next token).
 """
 
 from __future__ import annotations
@@ -222,7 +229,7 @@ def offline_alphas(config: EvalConfig, target: Path, sequences, k: int | None = 
                 counts.append(0)
             sums[head] += float(alpha.sum())
             counts[head] += alpha.numel()
-            per_head.append(_alpha_grid(alpha.double(), loss_mask, head))
+            per_head.append(alpha_grid(alpha.double(), loss_mask, head))
         if k and all(steps is not None for *_, steps in batch):
             position_sums, used = predict_at_steps(per_head, [(prompt_len, steps) for _, prompt_len, steps in batch], k)
             step_sums += position_sums
@@ -234,7 +241,7 @@ def offline_alphas(config: EvalConfig, target: Path, sequences, k: int | None = 
     return [s / c if c else math.nan for s, c in zip(sums, counts)], counts, at_steps
 
 
-def _alpha_grid(alpha: torch.Tensor, loss_mask: torch.Tensor, offset: int) -> torch.Tensor:  # [B, T]
+def alpha_grid(alpha: torch.Tensor, loss_mask: torch.Tensor, offset: int) -> torch.Tensor:  # [B, T]
     """Scatter a head's flat per-row alpha (training.drafters.base.select_rows order: draft row t
     paired with target row t + offset where the mask trains it) back to [B, T], nan elsewhere."""
     grid = torch.full(loss_mask.shape, math.nan, dtype=alpha.dtype)

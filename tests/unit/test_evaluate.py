@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.evaluate import _alpha_grid, predict, predict_at_steps
+from training.evaluate import alpha_grid, predict, predict_at_steps
 
 NAN = math.nan
 
@@ -16,12 +16,12 @@ def test_alpha_grid_puts_each_row_at_its_context_end():
     # prompt of 2 tokens + 6 generated: rows t = 1..6 train (token t + 1 was generated)
     mask = torch.tensor([[False, True, True, True, True, True, True, False]])
     head0 = torch.arange(6, dtype=torch.float64)  # rows t = 1..6
-    grid0 = _alpha_grid(head0, mask, 0)
+    grid0 = alpha_grid(head0, mask, 0)
     assert grid0[0, 1:7].tolist() == head0.tolist() and math.isnan(grid0[0, 0]) and math.isnan(grid0[0, 7])
     # head 1: draft row t is trained where target row t + 1 is: t = 0..5 for mask rows 1..6
-    grid1 = _alpha_grid(torch.arange(6, dtype=torch.float64), mask, 1)
+    grid1 = alpha_grid(torch.arange(6, dtype=torch.float64), mask, 1)
     assert grid1[0, :6].tolist() == list(range(6)) and math.isnan(grid1[0, 6]) and math.isnan(grid1[0, 7])
-    assert _alpha_grid(torch.zeros(0, dtype=torch.float64), mask, 8).isnan().all()
+    assert alpha_grid(torch.zeros(0, dtype=torch.float64), mask, 8).isnan().all()
 
 
 def test_prediction_walks_the_served_steps():
