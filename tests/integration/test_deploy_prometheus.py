@@ -159,7 +159,9 @@ def test_every_dashboard_query_returns_data(prometheus, scraped):
     assert not empty, "\n".join(empty)
     (errors,) = [expr for title, ref, expr in queries if title == "Errors and 429s" and ref == "A"]
     by_status = {r["metric"]["status"]: float(r["value"][1]) for r in query(prometheus, assets.concrete(errors))}
-    assert by_status.keys() == {"429", "504"} and min(by_status.values()) > 0, by_status
+    # the alerted statuses exist from start-up at 0 (server/metrics.py); only those that happened move
+    assert {"429", "500", "503", "504"} <= by_status.keys(), by_status
+    assert by_status["429"] > 0 and by_status["504"] > 0 and by_status["500"] == by_status["503"] == 0, by_status
 
 
 def test_dashboard_instance_variable_has_values(prometheus, scraped, servers):
