@@ -263,15 +263,18 @@ def predict_at_steps(per_head: list[torch.Tensor], requests: list[tuple[int, lis
     uses its alpha at t + j - 1). Steps whose positions run past the generated tokens are skipped.
     """
     sums, used = torch.zeros(k, dtype=torch.float64), 0
-    heads = len(per_head)
+    one_head = len(per_head) == 1
+    if not one_head and len(per_head) < k:
+        return sums, used  # fewer heads than drafts: predict() says so
+    grid = per_head[0] if one_head else torch.stack(per_head[:k], dim=-1)  # [B, T] or [B, T, k]
+    length = grid.shape[1]
     for b, (prompt_len, accepted_per_step) in enumerate(requests):
-        rows = per_head[0].shape[1]
         t = prompt_len
         for accepted in accepted_per_step:
-            if heads == 1:
-                alphas = per_head[0][b, t : t + k] if t + k <= rows else None
+            if one_head:
+                alphas = grid[b, t : t + k] if t + k <= length else None
             else:
-                alphas = torch.stack([per_head[j][b, t] for j in range(k)]) if t < rows and heads >= k else None
+                alphas = grid[b, t] if t < length else None
             if alphas is not None and not bool(alphas.isnan().any()):
                 sums += alphas.cumprod(0)
                 used += 1
