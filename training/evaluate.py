@@ -43,14 +43,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from training.generate import (
-    EngineFields,
-    make_llm,
-    prepare_prompts,
-    record_id,
-    record_seed,
-    resolve_target,
-)
+from training.generate import EngineFields, make_llm, prepare_prompts, record_seed, resolve_target
+from training.prompts import record_id
 
 logger = logging.getLogger(__name__)
 

@@ -11,18 +11,8 @@ import pytest
 
 from training import corpus
 from training.data import DataError
-from training.generate import (
-    GenerateConfig,
-    append_line,
-    builtin_prompts,
-    check_run_config,
-    encode_prompts,
-    generate,
-    load_prompts,
-    parse_builtin,
-    read_done,
-    record_id,
-)
+from training.generate import GenerateConfig, append_line, check_run_config, encode_prompts, generate, read_done
+from training.prompts import builtin_prompts, load_prompts, parse_builtin, record_id
 
 HELDOUT_EVERY = 20  # the toy target's default split
 
