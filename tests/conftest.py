@@ -53,6 +53,14 @@ def tiny_target(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gqa_target(tiny_target, tmp_path_factory) -> Path:
+    """``tiny_target``'s function with grouped-query attention: 4 query heads on 2 key/value heads."""
+    from tests.heads import write_gqa_target
+
+    return write_gqa_target(tiny_target, tmp_path_factory.mktemp("models") / "tiny-gqa-target", group=2)
+
+
+@pytest.fixture(scope="session")
 def tiny_eagle(tiny_target, tmp_path_factory) -> Path:
     """EAGLE-1 head for ``tiny_target`` (shares its embeddings and lm_head)."""
     from tests.heads import write_eagle

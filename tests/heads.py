@@ -157,3 +157,27 @@ def write_eagle(target_dir: Path, out: Path, seed: int = 0) -> Path:
     }
     head_config = dict(config, num_hidden_layers=1, architectures=["LlamaForCausalLM"])
     return _save(out, head_config, tensors)
+
+
+
+def write_gqa_target(target_dir: Path, out: Path, group: int = 2) -> Path:
+    """The same function as the target, laid out with grouped-query attention: every query head
+    is repeated ``group`` times (the copies read the original key/value head, which is kept) and
+    o_proj's columns for the copies are divided by ``group``, so the attention output is unchanged
+    exactly. With the tiny target's 2 heads: 4 query heads on 2 key/value heads, head i reading
+    key/value head i // 2, the layout of Llama-3-style targets. Tokenizer files are copied."""
+    import shutil
+
+    config, weights = _target(target_dir)
+    heads, head_dim = config["num_attention_heads"], config["head_dim"]
+    assert config["num_key_value_heads"] == heads, "expects a full multi-head attention target"
+    shutil.copytree(target_dir, out)
+    for name, weight in list(weights.items()):
+        if name.endswith("self_attn.q_proj.weight"):  # [heads * d, hidden] -> [group * heads * d, hidden]
+            weights[name] = weight.reshape(heads, 1, head_dim, -1).expand(-1, group, -1, -1).reshape(group * heads * head_dim, -1).contiguous()
+        elif name.endswith("self_attn.o_proj.weight"):  # [hidden, heads * d] -> [hidden, group * heads * d]
+            columns = weight.reshape(-1, heads, 1, head_dim).expand(-1, -1, group, -1) / group
+            weights[name] = columns.reshape(weight.shape[0], group * heads * head_dim).contiguous()
+    save_file(weights, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(dict(config, num_attention_heads=group * heads), indent=2))
+    return out

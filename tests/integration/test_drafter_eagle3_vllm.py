@@ -1,7 +1,9 @@
 """A trained EAGLE-3 head served by a real vLLM 0.32 engine computes what training computed.
 
 The head is trained for a few dozen steps on sequences sampled from the tiny target, exported,
-and served with ``method="eagle3"``, K = 3, T = 1, a truncated draft vocabulary. Two checks:
+and served with ``method="eagle3"``, K = 3, T = 1, a truncated draft vocabulary; once for the
+target with full multi-head attention and once for a grouped-query copy (the head's own
+attention then has fewer key/value heads than query heads, as for Llama-3 targets). Two checks:
 
 1. The draft logits vLLM computes (recorded from ``Eagle3LlamaForCausalLM.compute_logits``) equal
    ``Eagle3Drafter.unroll`` on the generated sequence, at every step k whose inputs training
@@ -60,8 +62,17 @@ def sample_sequences(model, prompt: list[int], count: int, length: int, seed: in
     return ids
 
 
+@pytest.fixture(scope="module", params=["tiny_target", "tiny_gqa_target"], ids=["mha", "gqa"])
+def target_dir(request) -> Path:
+    """The target, with full multi-head attention and with grouped-query attention (4 query heads
+    on 2 key/value heads, as Llama-3-style targets): the head's attention follows the target's
+    layout, and a head that paired query and key/value heads differently from vLLM would fail
+    the logits check."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(scope="module")
-def trained_head(tiny_target, tmp_path_factory):
+def trained_head(target_dir, tmp_path_factory):
     """(target model, drafter, export dir): 60 AdamW steps of LK-hybrid on 64 sampled sequences."""
     from training.drafters import eagle3
     from training.losses import multi_head_loss
@@ -70,7 +81,7 @@ def trained_head(tiny_target, tmp_path_factory):
     from training.vocab import token_frequencies
 
     start = time.perf_counter()
-    model, _ = load_target(tiny_target)
+    model, _ = load_target(target_dir)
     torch.manual_seed(0)
     data = sample_sequences(model, [0], count=64, length=47, seed=0)  # [64, 48]; 0 = the document separator
     config = TrainConfig(drafter="eagle3", num_heads=K, draft_vocab_size=DRAFT_VOCAB)
@@ -86,25 +97,37 @@ def trained_head(tiny_target, tmp_path_factory):
         loss.backward()
         optimizer.step()
     logger.info("sampled and trained %d steps in %.0f s: alpha per step %s", TRAIN_STEPS, time.perf_counter() - start, alphas)
+    assert drafter.g.num_kv_heads == model.config.num_key_value_heads
     out = tmp_path_factory.mktemp("models") / "eagle3-trained"
     drafter.export(out)
     return model, drafter.eval(), out
 
 
 @pytest.fixture(scope="module")
-def served(trained_head, tiny_target, tmp_path_factory, clean_env):
+def served(trained_head, target_dir, tmp_path_factory, clean_env):
     """What the child process recorded (see ``serve``)."""
     _, _, head = trained_head
     result = tmp_path_factory.mktemp("served") / "served.pt"
     env = dict(clean_env, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.integration.test_drafter_eagle3_vllm", str(tiny_target), str(head), str(result)],
+        [sys.executable, "-m", "tests.integration.test_drafter_eagle3_vllm", str(target_dir), str(head), str(result)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     logger.info("served in %.0f s (engine start included)", time.perf_counter() - start)
     return torch.load(result)
+
+
+def test_gqa_copy_computes_the_same_function(tiny_target, tiny_gqa_target):
+    """The grouped-query layout changes nothing but the layout: same logits as the original."""
+    from training.target import load_target
+
+    (mha, _), (gqa, _) = load_target(tiny_target), load_target(tiny_gqa_target)
+    assert (gqa.config.num_attention_heads, gqa.config.num_key_value_heads) == (4, 2)
+    ids = torch.arange(5, 69).reshape(2, 32)
+    with torch.no_grad():
+        assert torch.allclose(gqa(input_ids=ids).logits, mha(input_ids=ids).logits, atol=1e-5)
 
 
 def offline(model, drafter, prompt_ids, output_ids):
