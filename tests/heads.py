@@ -181,3 +181,15 @@ def write_gqa_target(target_dir: Path, out: Path, group: int = 2) -> Path:
     save_file(weights, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(dict(config, num_attention_heads=group * heads), indent=2))
     return out
+
+
+def write_rope_scaled_target(target_dir: Path, out: Path, rope_parameters: dict) -> Path:
+    """A copy of a target whose config.json declares scaled rotary embeddings (Llama-3.1's
+    "llama3", YaRN, ...): the same weights computing a different function, which transformers
+    and vLLM both derive from ``rope_parameters`` alone."""
+    import shutil
+
+    config, _ = _target(target_dir)
+    shutil.copytree(target_dir, out)
+    (out / "config.json").write_text(json.dumps(dict(config, rope_parameters=rope_parameters), indent=2))
+    return out

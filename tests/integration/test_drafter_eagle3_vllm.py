@@ -2,8 +2,9 @@
 
 The head is trained for a few dozen steps on sequences sampled from the tiny target, exported,
 and served with ``method="eagle3"``, K = 3, T = 1, a truncated draft vocabulary; once for the
-target with full multi-head attention and once for a grouped-query copy (the head's own
-attention then has fewer key/value heads than query heads, as for Llama-3 targets). Two checks:
+target with full multi-head attention, for a grouped-query copy (the head's own attention then
+has fewer key/value heads than query heads, as for Llama-3 targets) and for targets with
+Llama-3.1's and YaRN's scaled rotary embeddings (the head's rope is the target's). Two checks:
 
 1. The draft logits vLLM computes (recorded from ``Eagle3LlamaForCausalLM.compute_logits``) equal
    ``Eagle3Drafter.unroll`` on the generated sequence, at every step k whose inputs training
@@ -62,13 +63,29 @@ def sample_sequences(model, prompt: list[int], count: int, length: int, seed: in
     return ids
 
 
-@pytest.fixture(scope="module", params=["tiny_target", "tiny_gqa_target"], ids=["mha", "gqa"])
-def target_dir(request) -> Path:
-    """The target, with full multi-head attention and with grouped-query attention (4 query heads
-    on 2 key/value heads, as Llama-3-style targets): the head's attention follows the target's
-    layout, and a head that paired query and key/value heads differently from vLLM would fail
-    the logits check."""
-    return request.getfixturevalue(request.param)
+# scaled rotary embeddings with short "original" contexts, so that the scaling changes most
+# frequencies at the positions the test reaches (< 100)
+ROPE_SCALED = {
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+}
+
+
+@pytest.fixture(scope="module", params=["mha", "gqa", "llama3", "yarn"])
+def target_dir(request, tiny_target, tmp_path_factory) -> Path:
+    """The target with full multi-head attention; with grouped-query attention (4 query heads on
+    2 key/value heads, as Llama-3-style targets); with Llama-3.1's and YaRN's scaled rotary
+    embeddings. The head's attention takes the target's layout and rope: a head that paired query
+    and key/value heads, or rotated positions, differently from vLLM fails the logits check."""
+    if request.param == "mha":
+        return tiny_target
+    if request.param == "gqa":
+        return request.getfixturevalue("tiny_gqa_target")
+    from tests.heads import write_rope_scaled_target
+
+    out = tmp_path_factory.mktemp("models") / f"tiny-target-{request.param}"
+    return write_rope_scaled_target(tiny_target, out, ROPE_SCALED[request.param])
 
 
 @pytest.fixture(scope="module")

@@ -227,3 +227,59 @@ def test_a_few_optimizer_steps_lower_the_loss(target, counts):
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0], losses
     assert drafter.embed_weight.grad is None and not drafter.embed_weight.requires_grad
+
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+}
+
+
+def with_rope(target, rope: dict):
+    """The target model object with another rope_parameters (only the config is read)."""
+    import copy
+
+    other = copy.copy(target)
+    other.config = copy.deepcopy(target.config)
+    other.config.rope_parameters = dict(rope)
+    return other
+
+
+@pytest.mark.parametrize("kind", list(ROPES))
+def test_rotary_embedding_equals_transformers(target, kind):
+    """The head rotates q and k as transformers' LlamaRotaryEmbedding does for the same
+    rope_parameters (inverse frequencies and YaRN's cos/sin factor), at positions well past the
+    scaled types' original context; vLLM's equality is checked by the served test."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    scaled = with_rope(target, ROPES[kind])
+    drafter = eagle3.build(scaled, TrainConfig(drafter="eagle3", num_heads=K))
+    attn = drafter.midlayer.self_attn
+    x = torch.randn(1, 2, 6, 32, generator=torch.Generator().manual_seed(0))  # [B, h, T, d]
+    positions = torch.tensor([0, 1, 17, 63, 200, 511])
+    ours = eagle3.rotate(x, positions, attn.inv_freq, attn.rope_scale)
+    cos, sin = LlamaRotaryEmbedding(scaled.config)(x, positions[None])
+    theirs, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert drafter.hf_config()["rope_parameters"] == ROPES[kind]  # vLLM builds its rope from this
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, "rope_type 'dynamic' is not supported"),
+    ({"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 16, "long_factor": [1.0] * 16,
+      "original_max_position_embeddings": 64}, "rope_type 'longrope' is not supported"),
+])
+def test_sequence_length_dependent_rope_is_refused(target, rope, match):
+    with pytest.raises(ValueError, match=match):
+        eagle3.build(with_rope(target, rope), TrainConfig(drafter="eagle3", num_heads=K))
+
+
+def test_scaled_rope_survives_export_and_load(target, tmp_path):
+    scaled = with_rope(target, ROPES["llama3"])
+    drafter = eagle3.build(scaled, TrainConfig(drafter="eagle3", num_heads=K))
+    drafter.export(tmp_path / "head")
+    loaded = eagle3.load(tmp_path / "head", scaled)
+    assert loaded.g == drafter.g and loaded.g.rope == ROPES["llama3"]

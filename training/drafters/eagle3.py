@@ -60,7 +60,7 @@ class Eagle3Geometry:
     head_dim: int
     vocab_size: int
     rms_norm_eps: float
-    rope_theta: float
+    rope: dict  # the target's rope_parameters (rope_type, rope_theta, scaling fields)
     max_position_embeddings: int
     aux_layers: tuple[int, int, int]
     num_steps: int  # K: TTT steps (trained), also the K to serve with
@@ -94,13 +94,41 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Neox-style rotary embedding (vLLM's ``get_rope`` default, HF's rotate_half).
-    x [B, h, T, d], positions [T] -> [B, h, T, d]."""
+# rope types whose frequencies are fixed (vLLM precomputes one cos/sin table, as transformers
+# does for these); "dynamic" and "longrope" change with the sequence length in transformers but
+# not in vLLM, so a head trained on one would not be the head served.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_frequencies(g: Eagle3Geometry) -> tuple[torch.Tensor, float]:
+    """(inv_freq [d/2], cos/sin scale) of the target's rotary embedding, which the head shares:
+    its exported config carries the same rope_parameters, so vLLM builds the same one. Scaled
+    types come from transformers' own tables (what the target's HF forward uses)."""
+    kind = g.rope.get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_type {kind!r} is not supported by the EAGLE-3 drafter (supported: {', '.join(ROPE_TYPES)})")
+    if g.rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings are not supported by the EAGLE-3 drafter")
+    if kind == "default":
+        d = g.head_dim
+        return 1.0 / float(g.rope["rope_theta"]) ** (torch.arange(0, d, 2, dtype=torch.float32) / d), 1.0
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(
+        hidden_size=g.hidden_size, num_attention_heads=g.num_heads, num_key_value_heads=g.num_kv_heads,
+        head_dim=g.head_dim, max_position_embeddings=g.max_position_embeddings, rope_parameters=dict(g.rope),
+    )
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    return inv_freq.to(torch.float32), float(scale)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Neox-style rotary embedding (vLLM's ``get_rope``, HF's rotate_half); ``scale`` multiplies
+    cos and sin (YaRN's attention factor). x [B, h, T, d], positions [T], inv_freq [d/2] -> [B, h, T, d]."""
     d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [d/2]
-    angles = positions.to(torch.float32)[:, None] * inv_freq  # [T, d/2]
-    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # [T, d]
+    angles = positions.to(torch.float32)[:, None] * inv_freq.to(x.device)  # [T, d/2]
+    cos, sin = angles.cos().repeat(1, 2) * scale, angles.sin().repeat(1, 2) * scale  # [T, d]
     half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], dim=-1)
     return (x.float() * cos + half.float() * sin).to(x.dtype)
 
@@ -116,6 +144,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(2 * h, g.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(2 * h, g.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(g.num_heads * d, h, bias=False)
+        inv_freq, self.rope_scale = rope_frequencies(g)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d/2], not exported
 
     def _heads(self, x: torch.Tensor, count: int) -> torch.Tensor:  # [B, T, count*d] -> [B, num_heads, T, d]
         b, t, _ = x.shape
@@ -125,8 +155,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """x [B, T, 2H] at ``positions`` [T]; appends this step's (k, v) to ``cache``; -> [B, T, H]."""
         g = self.g
-        q = rotate(self._heads(self.q_proj(x), g.num_heads), positions, g.rope_theta)  # [B, h, T, d]
-        k = rotate(self._heads(self.k_proj(x), g.num_kv_heads), positions, g.rope_theta)  # [B, h, T, d]
+        q = rotate(self._heads(self.q_proj(x), g.num_heads), positions, self.inv_freq, self.rope_scale)  # [B, h, T, d]
+        k = rotate(self._heads(self.k_proj(x), g.num_kv_heads), positions, self.inv_freq, self.rope_scale)  # [B, h, T, d]
         v = self._heads(self.v_proj(x), g.num_kv_heads)  # [B, h, T, d]
         cache.append((k, v))
         out = ttt_attention(q, cache, g.head_dim**-0.5)  # [B, h, T, d]
@@ -248,7 +278,7 @@ class Eagle3Drafter(Drafter):
             "draft_vocab_size": self.lm_head.out_features,
             "max_position_embeddings": g.max_position_embeddings,
             "rms_norm_eps": g.rms_norm_eps,
-            "rope_parameters": {"rope_theta": g.rope_theta, "rope_type": "default"},
+            "rope_parameters": dict(g.rope),
             "tie_word_embeddings": False,
             "target_hidden_size": g.hidden_size,
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(g.aux_layers), "use_aux_hidden_state": True},
@@ -264,12 +294,13 @@ class Eagle3Drafter(Drafter):
         return tensors
 
 
-def _rope_theta(rope: dict | None, legacy_theta: float | None = None) -> float:
-    """rope_theta of a plain (unscaled) rotary embedding; other rope types are refused."""
-    rope = rope or {"rope_theta": legacy_theta or 10000.0}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope scaling {rope} is not supported by the EAGLE-3 drafter")
-    return float(rope["rope_theta"])
+def _rope_parameters(rope: dict | None, legacy_theta: float | None = None) -> dict:
+    """rope_parameters in transformers 5's form (rope_type and rope_theta always present)."""
+    rope = dict(rope or {})
+    rope.setdefault("rope_theta", legacy_theta or 10000.0)
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    rope["rope_theta"] = float(rope["rope_theta"])
+    return rope
 
 
 def build(target_model, config, token_counts: torch.Tensor | None = None) -> Eagle3Drafter:
@@ -285,11 +316,11 @@ def build(target_model, config, token_counts: torch.Tensor | None = None) -> Eag
         always = [i for i in SPECIAL_IDS if i < vocab]
         draft_vocab = select_draft_vocab(token_counts.cpu(), config.draft_vocab_size, always=always)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    rope_theta = _rope_theta(getattr(tc, "rope_parameters", None), getattr(tc, "rope_theta", None))
+    rope = _rope_parameters(getattr(tc, "rope_parameters", None), getattr(tc, "rope_theta", None))
     g = Eagle3Geometry(
         hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, num_heads=tc.num_attention_heads,
         num_kv_heads=getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads, head_dim=head_dim,
-        vocab_size=vocab, rms_norm_eps=float(tc.rms_norm_eps), rope_theta=rope_theta,
+        vocab_size=vocab, rms_norm_eps=float(tc.rms_norm_eps), rope=rope,
         max_position_embeddings=tc.max_position_embeddings, aux_layers=aux, num_steps=config.num_heads,
     )
     drafter = Eagle3Drafter(g, target_model.get_input_embeddings().weight.float(), draft_vocab)
@@ -324,7 +355,7 @@ def load(path: str | Path, target_model) -> Eagle3Drafter:
     g = Eagle3Geometry(
         hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
         num_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"], vocab_size=hf["vocab_size"],
-        rms_norm_eps=float(hf["rms_norm_eps"]), rope_theta=_rope_theta(hf.get("rope_parameters"), hf.get("rope_theta")),
+        rms_norm_eps=float(hf["rms_norm_eps"]), rope=_rope_parameters(hf.get("rope_parameters"), hf.get("rope_theta")),
         max_position_embeddings=hf["max_position_embeddings"],
         aux_layers=check_aux_layers(eagle.get("eagle_aux_hidden_state_layer_ids") or default_aux_layers(num_layers), num_layers),
         num_steps=int(hf.get("ttt_steps", 3)),
