@@ -40,6 +40,11 @@ class TrainConfig(FrozenConfig):
     draft_num_layers: int = Field(1, ge=1, description="draft-model: decoder layers of the independent draft")
     draft_hidden_size: int | None = Field(None, description="draft-model: width (default: half the target's, head_dim kept)")
     mlp_inner_dim: int | None = Field(None, description="MLP speculator: inner width (default: the target's hidden size)")
+    mlp_tie_weights: bool = Field(
+        False,
+        description="MLP speculator: one emb/ln/head shared by all stages and one proj by stages >= 2 "
+        "(fms-extras tie_weights, the layout of IBM's Llama-3 speculators: ~K times fewer parameters)",
+    )
     medusa_num_layers: int = Field(1, ge=1, description="MEDUSA: residual blocks per head")
 
     @model_validator(mode="after")

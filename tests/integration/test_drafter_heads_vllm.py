@@ -1,5 +1,5 @@
-"""Trained MEDUSA and MLP-speculator heads, served by a real vLLM engine, accept at the rate the
-training module predicts offline.
+"""Trained MEDUSA and MLP-speculator heads (untied and tied stages), served by a real vLLM engine,
+accept at the rate the training module predicts offline.
 
 For each kind: sample sequences from the tiny target at T=1, train the drafter briefly with
 AdamW + multi_head_loss, export, serve it in vLLM (T=1, seeded requests), then replay every
@@ -116,12 +116,16 @@ def train(drafter, batch: TargetOutputs) -> list[float]:
     return [sum(a[k] for a in history[-10:]) / 10 for k in range(K)]
 
 
-@pytest.fixture(scope="module", params=["medusa", "mlp"])
+# kind -> TrainConfig fields; "mlp-tied" shares emb/ln/head across stages (IBM's Llama-3 layout)
+KINDS = {"medusa": dict(drafter="medusa"), "mlp": dict(drafter="mlp"), "mlp-tied": dict(drafter="mlp", mlp_tie_weights=True)}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
 def trained(request, target_model, target_batch, tmp_path_factory):
     """(kind, trained drafter, export directory)."""
     torch.manual_seed(0)
     model, _ = target_model
-    drafter = build_drafter(TrainConfig(drafter=request.param, num_heads=K), model)
+    drafter = build_drafter(TrainConfig(num_heads=K, **KINDS[request.param]), model)
     start = time.perf_counter()
     with one_torch_thread():
         alphas = train(drafter, target_batch)

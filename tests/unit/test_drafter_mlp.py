@@ -139,3 +139,33 @@ def test_a_few_steps_lower_the_loss(target_model):
     drafter = mlp.build(model, config("mlp"))
     losses = train(drafter, real_batch(target_model), steps=15)
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_tied_stages_share_one_module_and_export_each_tensor_once(target_model, tmp_path):
+    """fms-extras tie_weights: emb/ln/head shared by all stages, proj by stages >= 2. The export
+    holds each shared tensor once; vLLM's serving class (built from config.json) and load()
+    both read it back into the same forward."""
+    model, _ = target_model
+    tied = mlp.build(model, config("mlp", mlp_tie_weights=True))
+    untied = mlp.build(model, config("mlp"))
+    core = tied.speculator
+    assert core.tie_weights and len({id(m) for m in core.emb}) == 1 and len({id(m) for m in core.head}) == 1
+    assert core.proj[0] is not core.proj[1] and core.proj[1] is core.proj[K - 1]
+    count = lambda d: sum(p.numel() for p in d.parameters())  # noqa: E731
+    assert count(untied) - count(tied) == (K - 1) * (count(untied.speculator.emb[0]) + count(untied.speculator.ln[0])
+                                                     + count(untied.speculator.head[0])) + (K - 2) * count(untied.speculator.proj[1])
+    randomised(tied, seed=3)
+    tied.export(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert sorted(tensors) == ["speculator." + n for n in
+                               ("emb.0.weight", "head.0.weight", "ln.0.bias", "ln.0.weight", "proj.0.weight", "proj.1.weight")]
+    assert json.loads((tmp_path / "config.json").read_text())["tie_weights"] is True
+    gen = torch.Generator().manual_seed(4)
+    hidden, ids = torch.randn(2, 7, model.config.hidden_size, generator=gen), torch.randint(0, 512, (2, 7), generator=gen)
+    with torch.no_grad():
+        want = tied.stage_logits(hidden, ids)
+        for other in (load_drafter(tmp_path, model).speculator, serving_model(tmp_path)):
+            state = other.initial_state(hidden)
+            for k in range(1, K + 1):
+                state, logits = other.step(k - 1, state, mlp.shift_left(ids, k))
+                torch.testing.assert_close(logits, want[k - 1])

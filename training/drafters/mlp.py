@@ -41,12 +41,17 @@ class MLPDrafter(Drafter):
     kind = "mlp"
     vllm_method = "mlp_speculator"
 
-    def __init__(self, vocab_size: int, emb_dim: int, inner_dim: int, n_predict: int, target_layers: int, scale_input: bool = True) -> None:
+    def __init__(
+        self, vocab_size: int, emb_dim: int, inner_dim: int, n_predict: int, target_layers: int,
+        scale_input: bool = True, tie_weights: bool = False,
+    ) -> None:
         super().__init__()
         self.hidden_layers = (target_layers,)  # the final normed state, as vLLM hands it to the proposer
-        # untied stages: training has no reason to share them, and a tied export is a different layout
+        # tied stages hold one module in several ModuleList slots: named_parameters() (optimizer,
+        # export) sees each shared tensor once, under stage 0's name (proj: stage 1's)
         self.speculator = MLPSpeculatorCore(
-            vocab_size=vocab_size, emb_dim=emb_dim, inner_dim=inner_dim, n_predict=n_predict, scale_input=scale_input
+            vocab_size=vocab_size, emb_dim=emb_dim, inner_dim=inner_dim, n_predict=n_predict,
+            scale_input=scale_input, tie_weights=tie_weights,
         )
 
     @property
@@ -84,7 +89,7 @@ class MLPDrafter(Drafter):
             "n_predict": core.n_predict,
             "top_k_tokens_per_head": [1] * core.n_predict,
             "n_candidates": 1,
-            "tie_weights": False,
+            "tie_weights": core.tie_weights,
             "scale_input": core.scale_input,
             "torch_dtype": "float32",
         }
@@ -105,7 +110,9 @@ def build(target_model, config, token_counts=None) -> MLPDrafter:
     Parameters are fp32 whatever torch's default dtype (lower precision comes from autocast)."""
     tc = target_model.config
     inner = config.mlp_inner_dim or tc.hidden_size
-    drafter = MLPDrafter(tc.vocab_size, tc.hidden_size, inner, config.num_heads, tc.num_hidden_layers).float()
+    drafter = MLPDrafter(
+        tc.vocab_size, tc.hidden_size, inner, config.num_heads, tc.num_hidden_layers, tie_weights=config.mlp_tie_weights
+    ).float()
     core, std = drafter.speculator, 1 / math.sqrt(inner)
     lm_head = target_model.get_output_embeddings().weight.detach().float()  # [V, H]
     embed = target_model.get_input_embeddings().weight.detach().float()  # [V, H]
@@ -126,11 +133,10 @@ def load(path: str | Path, target_model) -> MLPDrafter:
     ``load_weights`` (so a layout mismatch fails here as it would in vLLM)."""
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
-    if hf.get("tie_weights"):
-        raise ValueError(f"{path}: tied MLP speculators are served but not trained here")
     drafter = MLPDrafter(
         hf["vocab_size"], hf["emb_dim"], hf.get("inner_dim") or hf["emb_dim"], hf["n_predict"],
         target_model.config.num_hidden_layers, scale_input=bool(hf.get("scale_input")),
+        tie_weights=bool(hf.get("tie_weights")),
     ).float()
     loaded = drafter.speculator.load_weights(load_file(str(path / "model.safetensors")).items())
     missing = {name for name, _ in drafter.speculator.named_parameters()} - loaded
