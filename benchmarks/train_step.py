@@ -25,6 +25,7 @@ from training.drafters import build_drafter
 from training.target import load_target, run_target
 from training.train_config import TrainConfig
 from training.trainer import collate, drafter_losses, make_optimizer
+from training.vocab import token_frequencies
 
 LOSSES = ["kl", "lk-hybrid", "lk-alpha"]
 DRAFTERS = ["eagle3", "medusa", "mlp", "draft-model"]
@@ -46,9 +47,11 @@ def batches(tokenizer, batch_size: int, seq_len: int, count: int) -> list[tuple[
 def bench_drafter(kind: str, target_model, data, args) -> list[dict]:
     runs = {}
     for loss in args.losses:
-        config = TrainConfig(drafter=kind, loss=loss, num_heads=args.heads, batch_size=args.batch_size, seq_len=args.seq_len, draft_vocab_size=args.draft_vocab)
+        vocab = args.draft_vocab if kind in ("eagle3", "medusa") else None
+        config = TrainConfig(drafter=kind, loss=loss, num_heads=args.heads, batch_size=args.batch_size, seq_len=args.seq_len, draft_vocab_size=vocab)
         torch.manual_seed(0)
-        drafter = build_drafter(config, target_model)
+        counts = token_frequencies((ids[m].tolist() for ids, m in data), target_model.config.vocab_size)
+        drafter = build_drafter(config, target_model, counts)
         runs[loss] = (config, drafter, make_optimizer(drafter, config), [])
     for rnd in range(args.rounds + 1):
         ids, mask = data[rnd % len(data)]
@@ -82,7 +85,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--draft-vocab", type=int, default=None, help="EAGLE-3 draft vocabulary size")
+    parser.add_argument("--draft-vocab", type=int, default=None, help="EAGLE-3 and MEDUSA draft vocabulary size")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

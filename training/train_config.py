@@ -35,7 +35,7 @@ class TrainConfig(FrozenConfig):
     fsdp: bool = Field(False, description="under torchrun: shard the drafter's parameters, gradients and optimizer state across ranks (FSDP2) instead of replicating them, for drafters too large for one device")
     cache_target: bool = Field(False, description="cache the target's logits and hidden states on disk (fp32) after the first epoch's forward, for multi-epoch runs")
     eval_sequences: int = Field(16, ge=0, description="held-out sequences (taken from the data file, never trained on) for offline alpha")
-    draft_vocab_size: int | None = Field(None, ge=1, description="EAGLE-3: truncated draft vocabulary size (most frequent tokens; default: full)")
+    draft_vocab_size: int | None = Field(None, ge=1, description="EAGLE-3 and MEDUSA: truncated draft vocabulary size (most frequent response tokens; default: full)")
     aux_layers: list[int] | None = Field(None, description="EAGLE-3: the three target layers fused (default: vLLM's (2, L//2, L-3), spread if not distinct)")
     draft_num_layers: int = Field(1, ge=1, description="draft-model: decoder layers of the independent draft")
     draft_hidden_size: int | None = Field(None, description="draft-model: width (default: half the target's, head_dim kept)")
@@ -51,6 +51,8 @@ class TrainConfig(FrozenConfig):
     def _check(self) -> "TrainConfig":
         if any(t <= 0 for t in self.temperatures):
             raise ValueError("temperatures must be > 0 (T=0 drafts are argmax; train at a small T instead)")
+        if self.draft_vocab_size is not None and self.drafter not in ("eagle3", "medusa"):
+            raise ValueError(f"draft_vocab_size applies to eagle3 and medusa drafters, not {self.drafter}")
         if self.aux_layers is not None and len(self.aux_layers) != 3:
             raise ValueError("aux_layers must name exactly three target layers")
         return self

@@ -1,5 +1,5 @@
-"""Trained MEDUSA and MLP-speculator heads (untied and tied stages), served by a real vLLM engine,
-accept at the rate the training module predicts offline.
+"""Trained MEDUSA (full and truncated draft vocabulary) and MLP-speculator heads (untied and tied
+stages), served by a real vLLM engine, accept at the rate the training module predicts offline.
 
 For each kind: sample sequences from the tiny target at T=1, train the drafter briefly with
 AdamW + multi_head_loss, export, serve it in vLLM (T=1, seeded requests), then replay every
@@ -38,9 +38,10 @@ import torch
 
 from training.drafters import build_drafter
 from training.drafters.base import TargetOutputs
-from training.losses import multi_head_loss
+from training.losses import draft_loss, multi_head_loss
 from training.target import run_target
 from training.train_config import TrainConfig
+from training.vocab import token_frequencies
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ def train(drafter, batch: TargetOutputs) -> list[float]:
     history = []
     for _ in range(STEPS):
         pairs = drafter(rows(batch, torch.randperm(batch.input_ids.shape[0], generator=gen)[:BATCH]))
-        loss, alphas = multi_head_loss([d for d, _ in pairs], [t for _, t in pairs], "lk-hybrid", eta=drafter.default_eta)
+        loss, alphas = multi_head_loss([d for d, _ in pairs], [t for _, t in pairs], "lk-hybrid", eta=drafter.default_eta,
+                                       draft_ids=drafter.draft_ids)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -116,8 +118,14 @@ def train(drafter, batch: TargetOutputs) -> list[float]:
     return [sum(a[k] for a in history[-10:]) / 10 for k in range(K)]
 
 
-# kind -> TrainConfig fields; "mlp-tied" shares emb/ln/head across stages (IBM's Llama-3 layout)
-KINDS = {"medusa": dict(drafter="medusa"), "mlp": dict(drafter="mlp"), "mlp-tied": dict(drafter="mlp", mlp_tie_weights=True)}
+# kind -> TrainConfig fields; "medusa-vocab" has a truncated draft vocabulary (300 of 512 ids,
+# vLLM's token_map), "mlp-tied" shares emb/ln/head across stages (IBM's Llama-3 layout)
+KINDS = {
+    "medusa": dict(drafter="medusa"),
+    "medusa-vocab": dict(drafter="medusa", draft_vocab_size=300),
+    "mlp": dict(drafter="mlp"),
+    "mlp-tied": dict(drafter="mlp", mlp_tie_weights=True),
+}
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -125,7 +133,9 @@ def trained(request, target_model, target_batch, tmp_path_factory):
     """(kind, trained drafter, export directory)."""
     torch.manual_seed(0)
     model, _ = target_model
-    drafter = build_drafter(TrainConfig(num_heads=K, **KINDS[request.param]), model)
+    trained_tokens = target_batch.input_ids[:, 1:][target_batch.loss_mask[:, :-1]]  # the tokens rows are trained to predict
+    counts = token_frequencies([trained_tokens.tolist()], model.config.vocab_size)
+    drafter = build_drafter(TrainConfig(num_heads=K, **KINDS[request.param]), model, counts)
     start = time.perf_counter()
     with one_torch_thread():
         alphas = train(drafter, target_batch)
@@ -160,7 +170,7 @@ def offline_alpha(drafter, model, sequence: list[int]) -> list[torch.Tensor]:
     training forward (one sequence, every row kept, so pair row i is anchor row i)."""
     ids = torch.tensor([sequence])
     target = run_target(model, ids, torch.ones_like(ids, dtype=torch.bool), hidden_layers=drafter.hidden_layers)
-    return [torch.minimum(d.softmax(-1), t.softmax(-1)).sum(-1) for d, t in drafter(target)]
+    return [draft_loss(d, t, "tv", draft_ids=drafter.draft_ids)[1] for d, t in drafter(target)]
 
 
 def replay(drafter, model, outputs) -> dict[str, list[float]]:

@@ -86,13 +86,43 @@ def test_export_has_vllms_layout_and_loads_back_identically(tiny_target, target_
         assert torch.equal(a, b) and torch.equal(ta, tb)
 
 
-def test_load_refuses_a_truncated_vocabulary(target_model, tmp_path):
+def test_truncated_vocabulary_exports_a_token_map_and_loads_back(target_model, tmp_path):
+    """--draft-vocab-size: each lm_head keeps the target's rows of the most frequent tokens, the
+    export carries vLLM's token_map (draft id -> target id, int64) and truncated_vocab_size, and
+    load() rebuilds the same heads."""
     model, _ = target_model
+    counts = torch.arange(512) % 97  # a fixed, uneven frequency table
+    drafter = medusa.build(model, config("medusa", draft_vocab_size=100), counts)
+    ids = drafter.draft_ids
+    assert ids.shape == (100,) and torch.equal(ids, ids.sort().values) and set(range(5)) <= set(ids.tolist())
+    assert all(head.weight.shape == (100, model.config.hidden_size) for head in drafter.lm_heads)
+    torch.testing.assert_close(drafter.lm_heads[0].weight, model.get_output_embeddings().weight[ids])
+    randomised(drafter).export(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert tensors["token_map"].dtype == torch.int64 and torch.equal(tensors["token_map"], ids)
+    assert json.loads((tmp_path / "config.json").read_text())["truncated_vocab_size"] == 100
+    loaded = medusa.load(tmp_path, model)
+    target = real_batch(target_model)
+    assert torch.equal(loaded.draft_ids, ids)
+    for (a, _), (b, _) in zip(drafter(target), loaded(target)):
+        assert a.shape[-1] == 100 and torch.equal(a, b)
+
+
+def test_truncation_needs_token_counts_and_a_consistent_checkpoint(target_model, tmp_path):
+    model, _ = target_model
+    with pytest.raises(ValueError, match="token counts"):
+        medusa.build(model, config("medusa", draft_vocab_size=100))
     medusa.build(model, config("medusa")).export(tmp_path)
     hf = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(hf, truncated_vocab_size=100)))
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ValueError, match="token_map"):
         medusa.load(tmp_path, model)
+
+
+def test_draft_vocab_size_is_refused_where_it_means_nothing():
+    for kind in ("mlp", "draft-model"):
+        with pytest.raises(ValueError, match="eagle3 and medusa"):
+            config(kind, draft_vocab_size=100)
 
 
 def test_a_few_steps_lower_the_loss(target_model):

@@ -7,9 +7,11 @@ that produced the last sampled token x_{t+1} — and proposes x_{t+1+k}:
     logits_k = lm_head_k(block_k(h_t))
 
 which is ``vllm/model_executor/models/medusa.py`` (``ResidualBlock`` with ``medusa_fc_bias``
-unset, one ``ParallelLMHead`` per head, ``logit_scale`` 1, full vocabulary so no ``token_map``)
-and ``vllm_lk.proposers.lk_medusa_propose`` (q_k = softmax of head k's logits after the request's
-sampling transforms). Every head sees the same h_t, so heads are independent given the anchor:
+unset, one ``ParallelLMHead`` per head, ``logit_scale`` 1) and ``vllm_lk.proposers.lk_medusa_propose``
+(q_k = softmax of head k's logits after the request's sampling transforms). With a truncated
+draft vocabulary (``--draft-vocab-size``) each lm_head has a row per draft token only and the
+checkpoint's ``token_map`` names their target ids; vLLM scatters the logits into the target
+vocabulary with -inf elsewhere, so q is 0 off the draft vocabulary, as in training's loss. Every head sees the same h_t, so heads are independent given the anchor:
 head k is verified against target row t+k and trained with ``select_rows(..., offset=k)``.
 
 Initialisation follows the MEDUSA reference: residual weights zero (each block starts as the
@@ -27,8 +29,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
+from training.vocab import select_draft_vocab
 
 ARCHITECTURE = "MedusaModel"
+SPECIAL_IDS = range(5)  # always in a truncated draft vocabulary (the toy tokenizer's specials)
 
 
 class ResidualBlock(nn.Module):
@@ -49,15 +53,24 @@ class MedusaDrafter(Drafter):
     vllm_method = "medusa"
     default_eta = 10.0  # the paper's MEDUSA setting
 
-    def __init__(self, hidden_size: int, vocab_size: int, num_heads: int, num_layers: int, target_layers: int) -> None:
+    def __init__(
+        self, hidden_size: int, vocab_size: int, num_heads: int, num_layers: int, target_layers: int,
+        draft_vocab: torch.Tensor | None = None,  # [Vd] sorted target ids, or None: the full vocabulary
+    ) -> None:
         super().__init__()
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.num_heads, self.num_layers = num_heads, num_layers
         self.hidden_layers = (target_layers,)  # the final normed state, as vLLM hands it to MEDUSA
+        rows = vocab_size if draft_vocab is None else draft_vocab.shape[0]
         self.blocks = nn.ModuleList(ResidualBlock(hidden_size, num_layers) for _ in range(num_heads))
-        self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, vocab_size, bias=False) for _ in range(num_heads))
+        self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, rows, bias=False) for _ in range(num_heads))
+        self.register_buffer("draft_vocab", draft_vocab, persistent=True)  # checkpoints carry it
 
-    def head_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:  # [..., H] -> K x [..., V]
+    @property
+    def draft_ids(self) -> torch.Tensor | None:
+        return self.draft_vocab
+
+    def head_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:  # [..., H] -> K x [..., Vd]
         """Every head's logits from the target's final normed hidden states (vLLM's
         ``Medusa.forward`` then ``compute_logits``)."""
         return [lm_head(block(hidden)) for block, lm_head in zip(self.blocks, self.lm_heads)]
@@ -77,26 +90,42 @@ class MedusaDrafter(Drafter):
             "vocab_size": self.vocab_size,
             "num_heads": self.num_heads,
             "num_hidden_layers": self.num_layers,
-            "truncated_vocab_size": self.vocab_size,
+            "truncated_vocab_size": self.lm_heads[0].out_features,
             "medusa_fc_bias": False,
             "torch_dtype": "float32",
         }
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().export_tensors()
+        if self.draft_vocab is not None:  # vLLM's name for the draft -> target id map
+            tensors["token_map"] = self.draft_vocab.detach().cpu().to(torch.int64).contiguous()
+        return tensors
 
 
 
 
 def build(target_model, config, token_counts=None) -> MedusaDrafter:
-    """Fresh heads for ``target_model``: zero residual weights, lm_heads = the target's lm_head.
-    Parameters are fp32 whatever torch's default dtype (lower precision comes from autocast)."""
+    """Fresh heads for ``target_model``: zero residual weights, lm_heads = the target's lm_head
+    (its rows of the draft vocabulary when ``config.draft_vocab_size`` truncates it: the most
+    frequent tokens of ``token_counts``). Parameters are fp32 whatever torch's default dtype
+    (lower precision comes from autocast)."""
     tc = target_model.config
-    drafter = MedusaDrafter(tc.hidden_size, tc.vocab_size, config.num_heads, config.medusa_num_layers, tc.num_hidden_layers).float()
+    draft_vocab = None
+    if config.draft_vocab_size is not None and config.draft_vocab_size < tc.vocab_size:
+        if token_counts is None:
+            raise ValueError("a truncated draft vocabulary needs the training data's token counts")
+        always = [i for i in SPECIAL_IDS if i < tc.vocab_size]
+        draft_vocab = select_draft_vocab(token_counts.cpu(), config.draft_vocab_size, always=always)
+    drafter = MedusaDrafter(
+        tc.hidden_size, tc.vocab_size, config.num_heads, config.medusa_num_layers, tc.num_hidden_layers, draft_vocab
+    ).float()
     lm_head = target_model.get_output_embeddings().weight.detach().float()  # [V, H]
     with torch.no_grad():
         for block in drafter.blocks:
             for layer in block.layers:
                 layer.weight.zero_()
         for head in drafter.lm_heads:
-            head.weight.copy_(lm_head)
+            head.weight.copy_(lm_head if draft_vocab is None else lm_head[draft_vocab])
     return drafter
 
 
@@ -104,10 +133,19 @@ def load(path: str | Path, target_model) -> MedusaDrafter:
     """The drafter ``export`` wrote to ``path`` (strict: every tensor present, none extra)."""
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
-    if hf.get("truncated_vocab_size", hf["vocab_size"]) != hf["vocab_size"] or hf.get("medusa_fc_bias"):
-        raise ValueError(f"{path}: truncated vocabularies and biased MEDUSA blocks are not supported")
+    if hf.get("medusa_fc_bias") or hf.get("original_lm_head"):
+        raise ValueError(f"{path}: biased MEDUSA blocks and a single shared lm_head are not supported")
+    tensors = load_file(str(path / "model.safetensors"))
+    token_map = tensors.pop("token_map", None)
+    truncated = hf.get("truncated_vocab_size") or hf["vocab_size"]
+    if (token_map is None) != (truncated == hf["vocab_size"]) or (token_map is not None and token_map.shape[0] != truncated):
+        raise ValueError(f"{path}: truncated_vocab_size {truncated} and the token_map tensor do not match")
     drafter = MedusaDrafter(
-        hf["hidden_size"], hf["vocab_size"], hf["num_heads"], hf["num_hidden_layers"], target_model.config.num_hidden_layers
+        hf["hidden_size"], hf["vocab_size"], hf["num_heads"], hf["num_hidden_layers"], target_model.config.num_hidden_layers,
+        None if token_map is None else token_map.to(torch.int64),
     ).float()
-    drafter.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    missing, unexpected = drafter.load_state_dict(tensors, strict=False)
+    missing = [m for m in missing if m != "draft_vocab"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing tensors {missing}, unexpected {unexpected}")
     return drafter
