@@ -22,7 +22,10 @@ What it changes, and why (details in docs/verification.md):
 5. Per-request speculative stats (vLLM's ``per_request_spec_decode_metrics``) reach the front end
    with every output of a running request, not only at the end, so a server can show acceptance
    live; per-step (drafted, accepted) with "detailed".
-6. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
+6. MEDUSA checkpoints with a truncated draft vocabulary (``token_map``) load: vLLM 0.32 sizes
+   every head at the full vocabulary and its loader then asserts; vllm_lk.heads.medusa sizes them
+   at the draft vocabulary (registered under ``MedusaModel``).
+7. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
    V2 runner (GPU with Triton) has its own sampler classes that these patches do not cover.
 """
 
@@ -329,6 +332,8 @@ def apply() -> bool:
     from vllm_lk.heads.mlp_speculator import ARCHITECTURE, LKMLPSpeculator
 
     ModelRegistry.register_model(ARCHITECTURE, LKMLPSpeculator)
+    # a string: vLLM imports it where the model is built (vllm_lk.heads.medusa imports vLLM)
+    ModelRegistry.register_model("MedusaModel", "vllm_lk.heads.medusa:LKMedusa")
     runner = gpu_model_runner.GPUModelRunner
     runner.__init__ = _wrap_runner_init(runner.__init__, gpu_model_runner)
     runner.propose_draft_token_ids = _wrap_propose_draft_token_ids(runner.propose_draft_token_ids)
