@@ -160,20 +160,56 @@ def test_second_token_marginal_is_the_targets(any_drafter_llm, target_model, tem
     assert chi_square_p_value(observed, expected) > threshold
 
 
-def test_joint_of_three_tokens_with_top_k_top_p(any_drafter_llm, target_model):
-    """T=0.8, top_k=4, top_p=0.9: the joint law of tokens 1..3 (at most 64 sequences) equals
-    the target's exactly computed joint. Seeded requests; threshold p > 1e-3."""
+@torch.no_grad()
+def penalized_next_token_probs(model, prompt: list[int], outputs: list[list[int]], temperature, top_k=None, top_p=None,
+                               repetition: float = 1.0, presence: float = 0.0, frequency: float = 0.0) -> torch.Tensor:
+    """p(. | prompt + output) for each output ([len(outputs), V], float64): vLLM's penalties on the
+    logits (OpenAI's definitions, applied before temperature / top-k / top-p as vLLM does):
+    repetition divides positive and multiplies negative logits of tokens seen in the prompt or the
+    output; presence and frequency subtract per token of the output (once / per occurrence)."""
+    logits = model(input_ids=torch.tensor([prompt + out for out in outputs])).logits[:, -1].double()
+    for row, out in enumerate(outputs):
+        seen = torch.tensor(sorted(set(prompt) | set(out)), dtype=torch.long)
+        values = logits[row, seen]
+        logits[row, seen] = torch.where(values > 0, values / repetition, values * repetition)
+        if out:
+            counts = torch.bincount(torch.tensor(out), minlength=logits.shape[1]).double()
+            logits[row] -= frequency * counts + presence * (counts > 0).double()
+    n = len(outputs)
+    return sampling_probs(
+        logits, torch.full((n,), float(temperature), dtype=torch.float64),
+        None if top_k is None else torch.full((n,), top_k), None if top_p is None else torch.full((n,), top_p),
+    )
+
+
+JOINT_CASES = {
+    "topk-topp": ("def ", dict(temperature=0.8, top_k=4, top_p=0.9)),
+    # a prompt where the top-4 candidates repeat earlier tokens, so that each penalty moves the
+    # joint law (dropping any one of them from the reference moves it by TV >= 0.22)
+    "penalties": ("import os\nimport sys\nimport ", dict(temperature=0.8, top_k=4, top_p=0.9, repetition_penalty=1.3,
+                                                         presence_penalty=0.6, frequency_penalty=0.6)),
+}
+
+
+@pytest.mark.parametrize("case", list(JOINT_CASES))
+def test_joint_of_three_tokens_equals_the_target(any_drafter_llm, target_model, case):
+    """T=0.8, top_k=4, top_p=0.9 (and, in "penalties", repetition / presence / frequency
+    penalties, which vLLM applies to the target's logits at each draft position counting the
+    drafts before it as output): the joint law of tokens 1..3 (at most 64 sequences) equals the
+    target's exactly computed joint. Seeded requests; threshold p > 1e-3."""
     model, tokenizer = target_model
-    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    params = dict(temperature=0.8, top_k=4, top_p=0.9)
+    text, params = JOINT_CASES[case]
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     n = 2000
     tokens = generate_tokens(any_drafter_llm, prompt, n, max_tokens=3, **params)
-    transform = (params["temperature"], params["top_k"], params["top_p"])
+    transform = dict(temperature=params["temperature"], top_k=params["top_k"], top_p=params["top_p"],
+                     repetition=params.get("repetition_penalty", 1.0), presence=params.get("presence_penalty", 0.0),
+                     frequency=params.get("frequency_penalty", 0.0))
 
     joint: dict[tuple[int, ...], float] = {(): 1.0}
     for _ in range(3):
         prefixes = list(joint)
-        probs = next_token_probs(model, [prompt + list(s) for s in prefixes], *transform)
+        probs = penalized_next_token_probs(model, prompt, [list(s) for s in prefixes], **transform)
         joint = {s + (v,): joint[s] * float(probs[i, v]) for i, s in enumerate(prefixes)
                  for v in probs[i].nonzero()[:, 0].tolist()}
     cells = sorted(joint)
