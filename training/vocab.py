@@ -1,5 +1,5 @@
-"""Truncated draft vocabularies (EAGLE-3 style): the most frequent target tokens, and the d2t/t2d
-maps vLLM reads.
+"""Truncated draft vocabularies (EAGLE-3 and MEDUSA): the most frequent target tokens, and the
+d2t/t2d maps vLLM reads for EAGLE-3 (MEDUSA's token_map is the draft ids themselves).
 
 vLLM 0.32 (``Eagle3LlamaForCausalLM.compute_logits``) scatters draft logits into the target
 vocabulary with ``target_id = draft_id + d2t[draft_id]``; ``t2d`` is a boolean mask over the target
@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+
+SPECIAL_IDS = range(5)  # always in a truncated draft vocabulary (the toy tokenizer's specials)
 
 
 def token_frequencies(sequences: Iterable[Sequence[int]], vocab_size: int) -> torch.Tensor:  # [V] int64
@@ -45,6 +47,16 @@ def select_draft_vocab(counts: torch.Tensor, draft_vocab_size: int, always: Sequ
             chosen.append(token)
             taken.add(token)
     return torch.tensor(sorted(chosen), dtype=torch.int64)
+
+
+def draft_vocab_for(draft_vocab_size: int | None, vocab_size: int, token_counts: torch.Tensor | None) -> torch.Tensor | None:
+    """A drafter's draft vocabulary ([Vd] ascending target ids), or None when ``draft_vocab_size``
+    leaves the full vocabulary: the special tokens plus the most frequent ones in ``token_counts``."""
+    if draft_vocab_size is None or draft_vocab_size >= vocab_size:
+        return None
+    if token_counts is None:
+        raise ValueError("a truncated draft vocabulary needs the training data's token counts")
+    return select_draft_vocab(token_counts.cpu(), draft_vocab_size, always=[i for i in SPECIAL_IDS if i < vocab_size])
 
 
 def draft_maps(draft_ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,12 +41,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
-from training.vocab import draft_maps, select_draft_vocab
+from training.vocab import draft_maps, draft_vocab_for
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
-SPECIAL_IDS = range(5)  # always in a truncated draft vocabulary (the toy tokenizer's specials)
 
 
 @dataclass(frozen=True)
@@ -309,12 +308,7 @@ def build(target_model, config, token_counts: torch.Tensor | None = None) -> Eag
     tc = target_model.config
     num_layers, vocab = tc.num_hidden_layers, tc.vocab_size
     aux = check_aux_layers(config.aux_layers, num_layers) if config.aux_layers else default_aux_layers(num_layers)
-    draft_vocab = None
-    if config.draft_vocab_size is not None and config.draft_vocab_size < vocab:
-        if token_counts is None:
-            raise ValueError("a truncated draft vocabulary needs the training data's token counts")
-        always = [i for i in SPECIAL_IDS if i < vocab]
-        draft_vocab = select_draft_vocab(token_counts.cpu(), config.draft_vocab_size, always=always)
+    draft_vocab = draft_vocab_for(config.draft_vocab_size, vocab, token_counts)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     rope = _rope_parameters(getattr(tc, "rope_parameters", None), getattr(tc, "rope_theta", None))
     g = Eagle3Geometry(

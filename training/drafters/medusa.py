@@ -11,8 +11,9 @@ unset, one ``ParallelLMHead`` per head, ``logit_scale`` 1) and ``vllm_lk.propose
 (q_k = softmax of head k's logits after the request's sampling transforms). With a truncated
 draft vocabulary (``--draft-vocab-size``) each lm_head has a row per draft token only and the
 checkpoint's ``token_map`` names their target ids; vLLM scatters the logits into the target
-vocabulary with -inf elsewhere, so q is 0 off the draft vocabulary, as in training's loss. Every head sees the same h_t, so heads are independent given the anchor:
-head k is verified against target row t+k and trained with ``select_rows(..., offset=k)``.
+vocabulary with -inf elsewhere, so q is 0 off the draft vocabulary, as in training's loss.
+Every head sees the same h_t, so heads are independent given the anchor: head k is verified
+against target row t+k and trained with ``select_rows(..., offset=k)``.
 
 Initialisation follows the MEDUSA reference: residual weights zero (each block starts as the
 identity, so head k starts as the target's own next-token head) and lm_heads copied from the
@@ -29,10 +30,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
-from training.vocab import select_draft_vocab
+from training.vocab import draft_vocab_for
 
 ARCHITECTURE = "MedusaModel"
-SPECIAL_IDS = range(5)  # always in a truncated draft vocabulary (the toy tokenizer's specials)
 
 
 class ResidualBlock(nn.Module):
@@ -110,12 +110,7 @@ def build(target_model, config, token_counts=None) -> MedusaDrafter:
     frequent tokens of ``token_counts``). Parameters are fp32 whatever torch's default dtype
     (lower precision comes from autocast)."""
     tc = target_model.config
-    draft_vocab = None
-    if config.draft_vocab_size is not None and config.draft_vocab_size < tc.vocab_size:
-        if token_counts is None:
-            raise ValueError("a truncated draft vocabulary needs the training data's token counts")
-        always = [i for i in SPECIAL_IDS if i < tc.vocab_size]
-        draft_vocab = select_draft_vocab(token_counts.cpu(), config.draft_vocab_size, always=always)
+    draft_vocab = draft_vocab_for(config.draft_vocab_size, tc.vocab_size, token_counts)
     drafter = MedusaDrafter(
         tc.hidden_size, tc.vocab_size, config.num_heads, config.medusa_num_layers, tc.num_hidden_layers, draft_vocab
     ).float()

@@ -21,8 +21,6 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.medusa import Medusa, ResidualBlock
 from vllm.model_executor.models.utils import maybe_prefix
 
-ARCHITECTURE = "MedusaModel"
-
 
 class LKMedusa(Medusa):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
