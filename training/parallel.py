@@ -24,6 +24,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     sharded: bool = False
+    owns_group: bool = False  # init_distributed created the process group (close_distributed ends it)
 
     @property
     def main(self) -> bool:
@@ -34,9 +35,18 @@ def init_distributed(device: torch.device, fsdp: bool = False) -> Dist:
     """Join the torchrun process group when launched by torchrun, else a single process."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return Dist()
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), sharded=fsdp)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), sharded=fsdp, owns_group=owns)
+
+
+def close_distributed(ctx: Dist) -> None:
+    """End the process group ``init_distributed`` created. A rank that exits with a live gloo group
+    can abort in the group's destructor ("terminate called without an active exception", exit -6:
+    seen on CI for the rank that finished while rank 0 still exported), failing the whole run."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce(tensor: torch.Tensor, ctx: Dist) -> torch.Tensor:

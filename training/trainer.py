@@ -33,7 +33,9 @@ from training.drafters import build_drafter
 from training.evaluate import predict
 from training.export import export_drafter, file_sha256
 from training.losses import multi_head_loss
-from training.parallel import all_reduce, full_state, init_distributed, load_full_state, norm_value, shard, sync_gradients
+from training.parallel import (
+    all_reduce, close_distributed, full_state, init_distributed, load_full_state, norm_value, shard, sync_gradients,
+)
 from training.drafters.base import TargetOutputs
 from training.target import load_target, run_target
 from training.target_cache import TargetCache
@@ -196,7 +198,13 @@ def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, ou
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank
     ctx = init_distributed(device, config.fsdp)
-    run_dir, target_dir, data_path = Path(out), Path(target_dir), Path(data_path)
+    try:
+        return _train(config, ctx, device, Path(out), Path(target_dir), Path(data_path), resume)
+    finally:
+        close_distributed(ctx)
+
+
+def _train(config: TrainConfig, ctx, device, run_dir: Path, target_dir: Path, data_path: Path, resume: bool) -> dict:
     if not resume and latest_checkpoint(run_dir) is not None:
         raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
     started = time.time()
