@@ -91,6 +91,27 @@ class LiveEngine:
         self.engine.shutdown()
 
 
+class PacedEngine:
+    """The real engine, passing on one output per ``delay`` seconds, so that a long request
+    outlives a short timeout or drain on any machine (CI once generated all 500 tokens inside a
+    1 s timeout); at 0.05 s a 500-token request takes ~8 s."""
+
+    def __init__(self, engine, delay: float):
+        self.engine, self.delay = engine, delay
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    async def generate(self, *args, **kwargs):
+        stream = self.engine.generate(*args, **kwargs)
+        try:
+            async for output in stream:
+                await asyncio.sleep(self.delay)
+                yield output
+        finally:
+            await stream.aclose()
+
+
 def unfinished_engine_requests(live: LiveEngine) -> int:
     """Requests the front end still tracks (an aborted one leaves at once)."""
 

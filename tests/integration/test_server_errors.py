@@ -15,7 +15,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.integration.server_harness import API_KEY, MODEL, scrape, tiny_config, unfinished_engine_requests
+from tests.integration.server_harness import API_KEY, MODEL, PacedEngine, scrape, tiny_config, unfinished_engine_requests
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -191,7 +191,8 @@ def test_failure_mid_stream_is_an_sse_error_event(live):
 
 
 def test_request_timeout_aborts(live):
-    base, app = live.serve(tiny_config(live.config.target, live.config.drafter, request_timeout_s=1.0))
+    base, app = live.serve(tiny_config(live.config.target, live.config.drafter, request_timeout_s=1.0),
+                           engine=PacedEngine(live.engine, delay=0.05))
     body = {**LONG, "max_tokens": 500, "prompt": "x"}
     assert_error(httpx.post(base + "/v1/completions", json=body, headers=AUTH, timeout=60), 504, "timeout_error")
     with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
@@ -219,11 +220,12 @@ def test_disconnect_mid_stream_aborts_the_engine_request(live, served):
     assert wait_until(lambda: _engine_idle(base))
 
 
-def test_disconnect_while_waiting_for_a_whole_response_aborts(live, served):
+def test_disconnect_while_waiting_for_a_whole_response_aborts(live):
     """The client hangs up while its (non-streaming) request is running in the engine. A raw
     socket closed once the engine holds the request, not a client timeout racing generation
-    (on a quiet machine 400 tokens finished inside a 1 s timeout)."""
-    base, app = served
+    (on a quiet machine 400 tokens finished inside a 1 s timeout), and paced outputs, so the
+    request is still running when the server notices, on any machine."""
+    base, app = live.serve(engine=PacedEngine(live.engine, delay=0.05))
     body = json.dumps({**LONG, "n": 4, "max_tokens": 500}).encode()
     host, port = base.removeprefix("http://").split(":")
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
@@ -268,7 +270,8 @@ def test_shutdown_drains_in_flight_streams(live):
 
 
 def test_shutdown_aborts_what_outlives_the_drain_timeout(live):
-    base, app = live.serve(tiny_config(live.config.target, live.config.drafter, drain_timeout_s=0.5))
+    base, app = live.serve(tiny_config(live.config.target, live.config.drafter, drain_timeout_s=0.5),
+                           engine=PacedEngine(live.engine, delay=0.05))
     started, events = threading.Event(), []
     thread = _stream_in_thread(base, {**LONG, "max_tokens": 500}, started, events)
     assert started.wait(60)
