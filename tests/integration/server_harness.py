@@ -91,25 +91,43 @@ class LiveEngine:
         self.engine.shutdown()
 
 
-class PacedEngine:
-    """The real engine, passing on one output per ``delay`` seconds, so that a long request
-    outlives a short timeout or drain on any machine (CI once generated all 500 tokens inside a
-    1 s timeout); at 0.05 s a 500-token request takes ~8 s."""
+class EngineWrapper:
+    """The real engine, with ``after_output(count)`` run after each output a request's stream
+    passes on (``count`` outputs so far); the engine stream is closed (the request aborted) when
+    the wrapper's stream ends early."""
 
-    def __init__(self, engine, delay: float):
-        self.engine, self.delay = engine, delay
+    def __init__(self, engine):
+        self.engine = engine
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
+    async def after_output(self, count: int) -> None:
+        pass
+
     async def generate(self, *args, **kwargs):
         stream = self.engine.generate(*args, **kwargs)
         try:
+            count = 0
             async for output in stream:
-                await asyncio.sleep(self.delay)
                 yield output
+                count += 1
+                await self.after_output(count)
         finally:
             await stream.aclose()
+
+
+class PacedEngine(EngineWrapper):
+    """One output per ``delay`` seconds, so that a long request outlives a short timeout or drain
+    on any machine (CI once generated all 500 tokens inside a 1 s timeout); at 0.05 s a
+    500-token request takes ~8 s."""
+
+    def __init__(self, engine, delay: float):
+        super().__init__(engine)
+        self.delay = delay
+
+    async def after_output(self, count: int) -> None:
+        await asyncio.sleep(self.delay)
 
 
 def unfinished_engine_requests(live: LiveEngine) -> int:

@@ -15,7 +15,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.integration.server_harness import API_KEY, MODEL, PacedEngine, scrape, tiny_config, unfinished_engine_requests
+from tests.integration.server_harness import (
+    API_KEY, MODEL, EngineWrapper, PacedEngine, scrape, tiny_config, unfinished_engine_requests,
+)
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -153,26 +155,16 @@ def test_not_ready_then_failed_engine_is_503(live):
     assert assert_error(httpx.get(base + "/ready"), 503)["code"] == "engine_dead"
 
 
-class FailingEngine:
+class FailingEngine(EngineWrapper):
     """The real engine, except that generation raises after ``after`` outputs."""
 
     def __init__(self, engine, after: int):
-        self.engine, self.after = engine, after
+        super().__init__(engine)
+        self.after = after
 
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    async def generate(self, *args, **kwargs):
-        stream = self.engine.generate(*args, **kwargs)
-        try:
-            count = 0
-            async for output in stream:
-                yield output
-                count += 1
-                if count >= self.after:
-                    raise RuntimeError("injected engine failure")
-        finally:
-            await stream.aclose()
+    async def after_output(self, count: int) -> None:
+        if count >= self.after:
+            raise RuntimeError("injected engine failure")
 
 
 def test_failure_mid_stream_is_an_sse_error_event(live):
