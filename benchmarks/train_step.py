@@ -46,11 +46,11 @@ def batches(tokenizer, batch_size: int, seq_len: int, count: int) -> list[tuple[
 
 def bench_drafter(kind: str, target_model, data, args) -> list[dict]:
     runs = {}
+    vocab = args.draft_vocab if kind in ("eagle3", "medusa") else None
+    counts = token_frequencies((ids[m].tolist() for ids, m in data), target_model.config.vocab_size)
     for loss in args.losses:
-        vocab = args.draft_vocab if kind in ("eagle3", "medusa") else None
         config = TrainConfig(drafter=kind, loss=loss, num_heads=args.heads, batch_size=args.batch_size, seq_len=args.seq_len, draft_vocab_size=vocab)
         torch.manual_seed(0)
-        counts = token_frequencies((ids[m].tolist() for ids, m in data), target_model.config.vocab_size)
         drafter = build_drafter(config, target_model, counts)
         runs[loss] = (config, drafter, make_optimizer(drafter, config), [])
     for rnd in range(args.rounds + 1):

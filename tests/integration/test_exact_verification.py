@@ -113,10 +113,21 @@ def target_model(tiny_target):
 
 
 @torch.no_grad()
-def next_token_probs(model, prefixes: list[list[int]], temperature, top_k=None, top_p=None) -> torch.Tensor:
-    """The target's p(. | prefix) after the sampling transforms, in float64 ([len(prefixes), V])."""
-    logits = model(input_ids=torch.tensor(prefixes)).logits[:, -1].double()
-    n = len(prefixes)
+def next_token_probs(model, prompt: list[int], outputs: list[list[int]], temperature, top_k=None, top_p=None,
+                     repetition: float = 1.0, presence: float = 0.0, frequency: float = 0.0) -> torch.Tensor:
+    """p(. | prompt + output) for each output ([len(outputs), V], float64): vLLM's penalties on the
+    logits (OpenAI's definitions, applied before temperature / top-k / top-p as vLLM does):
+    repetition divides positive and multiplies negative logits of tokens seen in the prompt or the
+    output; presence and frequency subtract per token of the output (once / per occurrence)."""
+    logits = model(input_ids=torch.tensor([prompt + out for out in outputs])).logits[:, -1].double()
+    for row, out in enumerate(outputs):
+        seen = torch.tensor(sorted(set(prompt) | set(out)), dtype=torch.long)
+        values = logits[row, seen]
+        logits[row, seen] = torch.where(values > 0, values / repetition, values * repetition)
+        if out:
+            counts = torch.bincount(torch.tensor(out), minlength=logits.shape[1]).double()
+            logits[row] -= frequency * counts + presence * (counts > 0).double()
+    n = len(outputs)
     return sampling_probs(
         logits, torch.full((n,), float(temperature), dtype=torch.float64),
         None if top_k is None else torch.full((n,), top_k), None if top_p is None else torch.full((n,), top_p),
@@ -151,35 +162,13 @@ def test_second_token_marginal_is_the_targets(any_drafter_llm, target_model, tem
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     n, threshold = (3000, 1e-3) if seeded else (12000, 1e-6)
     tokens = generate_tokens(any_drafter_llm, prompt, n, max_tokens=2, seeded=seeded, temperature=temperature)
-    p1 = next_token_probs(model, [prompt], temperature)[0]  # [V]
+    p1 = next_token_probs(model, prompt, [[]], temperature)[0]  # [V]
     vocab = p1.shape[0]
-    p2 = torch.cat([next_token_probs(model, [prompt + [a] for a in range(s, min(s + 128, vocab))], temperature)
+    p2 = torch.cat([next_token_probs(model, prompt, [[a] for a in range(s, min(s + 128, vocab))], temperature)
                     for s in range(0, vocab, 128)])  # [V, V]
     expected = (p1 @ p2) * n
     observed = torch.bincount(torch.tensor([t[1] for t in tokens]), minlength=vocab).double()
     assert chi_square_p_value(observed, expected) > threshold
-
-
-@torch.no_grad()
-def penalized_next_token_probs(model, prompt: list[int], outputs: list[list[int]], temperature, top_k=None, top_p=None,
-                               repetition: float = 1.0, presence: float = 0.0, frequency: float = 0.0) -> torch.Tensor:
-    """p(. | prompt + output) for each output ([len(outputs), V], float64): vLLM's penalties on the
-    logits (OpenAI's definitions, applied before temperature / top-k / top-p as vLLM does):
-    repetition divides positive and multiplies negative logits of tokens seen in the prompt or the
-    output; presence and frequency subtract per token of the output (once / per occurrence)."""
-    logits = model(input_ids=torch.tensor([prompt + out for out in outputs])).logits[:, -1].double()
-    for row, out in enumerate(outputs):
-        seen = torch.tensor(sorted(set(prompt) | set(out)), dtype=torch.long)
-        values = logits[row, seen]
-        logits[row, seen] = torch.where(values > 0, values / repetition, values * repetition)
-        if out:
-            counts = torch.bincount(torch.tensor(out), minlength=logits.shape[1]).double()
-            logits[row] -= frequency * counts + presence * (counts > 0).double()
-    n = len(outputs)
-    return sampling_probs(
-        logits, torch.full((n,), float(temperature), dtype=torch.float64),
-        None if top_k is None else torch.full((n,), top_k), None if top_p is None else torch.full((n,), top_p),
-    )
 
 
 JOINT_CASES = {
@@ -209,7 +198,7 @@ def test_joint_of_three_tokens_equals_the_target(any_drafter_llm, target_model, 
     joint: dict[tuple[int, ...], float] = {(): 1.0}
     for _ in range(3):
         prefixes = list(joint)
-        probs = penalized_next_token_probs(model, prompt, [list(s) for s in prefixes], **transform)
+        probs = next_token_probs(model, prompt, [list(s) for s in prefixes], **transform)
         joint = {s + (v,): joint[s] * float(probs[i, v]) for i, s in enumerate(prefixes)
                  for v in probs[i].nonzero()[:, 0].tolist()}
     cells = sorted(joint)
@@ -273,13 +262,13 @@ def test_per_position_acceptance_matches_sum_of_min(spec_llm, target_model, tiny
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
 
     # analytic: walk the tree of accepted drafts; mass = P(reach this prefix with all accepted)
-    first = next_token_probs(model, [prompt], params["temperature"], params["top_k"])[0]
+    first = next_token_probs(model, prompt, [[]], params["temperature"], params["top_k"])[0]
     level = {(a,): float(first[a]) for a in first.nonzero()[:, 0].tolist()}
     analytic = []
     for _ in range(K):
         prefixes = list(level)
-        p = next_token_probs(model, [prompt + list(s) for s in prefixes], params["temperature"], params["top_k"])
-        q = next_token_probs(draft, [prompt + list(s) for s in prefixes], params["temperature"], params["top_k"])
+        p = next_token_probs(model, prompt, [list(s) for s in prefixes], params["temperature"], params["top_k"])
+        q = next_token_probs(draft, prompt, [list(s) for s in prefixes], params["temperature"], params["top_k"])
         both = torch.minimum(p, q)  # P(draft = v and accepted) = min(p_v, q_v)
         level = {s + (v,): level[s] * float(both[i, v]) for i, s in enumerate(prefixes) for v in both[i].nonzero()[:, 0].tolist()}
         analytic.append(sum(level.values()))
