@@ -53,6 +53,20 @@ def _target_identity(target_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def _data_fields(config: DefaultDrafterConfig) -> dict:
+    return config.model_dump(include={"code_prompts", "docstring_prompts", "max_tokens", "temperature", "seed"})
+
+
+def default_data_dir(target_dir: Path, config: DefaultDrafterConfig) -> Path:
+    """Where the regenerated training data lives: keyed by the target and the data fields only,
+    so drafters of every kind (`vllm-lk bench speed` builds several) train on one generation."""
+    from training.toy import default_cache_dir
+
+    fields = json.dumps(_data_fields(config), sort_keys=True)
+    key = hashlib.sha256(f"{_target_identity(target_dir)}:{fields}".encode()).hexdigest()[:12]
+    return default_cache_dir() / f"drafter-data-{key}"
+
+
 def default_drafter_dir(target_dir: Path, config: DefaultDrafterConfig) -> Path:
     from training.toy import default_cache_dir
 
@@ -60,20 +74,15 @@ def default_drafter_dir(target_dir: Path, config: DefaultDrafterConfig) -> Path:
     return default_cache_dir() / f"drafter-{config.drafter}-{key}"
 
 
-def ensure_default_drafter(target_dir: str | Path | None = None, config: DefaultDrafterConfig | None = None) -> Path:
-    """Directory of the default drafter for ``target_dir`` (default: the toy target), building it
-    (generate, then train) if the cache does not hold a finished one."""
-    from training.generate import GenerateConfig, generate, make_llm, resolve_target
-    from training.trainer import train
+def ensure_default_data(target: Path, config: DefaultDrafterConfig) -> Path:
+    """The regenerated conversations (JSONL) for ``target``, generating what is missing."""
+    from training.generate import GenerateConfig, generate, make_llm
 
-    config = config or DefaultDrafterConfig()
-    target = resolve_target(Path(target_dir) if target_dir is not None else None)
-    work = default_drafter_dir(target, config)
-    drafter_dir = work / "run" / "drafter"
-    if (drafter_dir / "lk_metadata.json").is_file():
-        logger.info("default drafter: cached at %s", drafter_dir)
-        return drafter_dir
-    logger.info("default drafter: building in %s (regenerate data with the target, then train %s with %s)", work, config.drafter, config.loss)
+    work = default_data_dir(target, config)
+    data = work / "train.jsonl"
+    if data.is_file():
+        return data
+    logger.info("default drafter: regenerating training data with the target in %s", work)
     work.mkdir(parents=True, exist_ok=True)
     sets = {"code": config.code_prompts, "docstring": config.docstring_prompts}
     gen = GenerateConfig(target=target, prompts="builtin:code:train:1", max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed)
@@ -84,8 +93,27 @@ def ensure_default_drafter(target_dir: str | Path | None = None, config: Default
             generate(spec, work / f"{kind}.jsonl", llm=llm)
     finally:
         llm.llm_engine.engine_core.shutdown()
-    data = work / "train.jsonl"
-    data.write_text("".join((work / f"{kind}.jsonl").read_text() for kind in sets))
+    partial = work / "train.jsonl.partial"
+    partial.write_text("".join((work / f"{kind}.jsonl").read_text() for kind in sets))
+    partial.replace(data)
+    return data
+
+
+def ensure_default_drafter(target_dir: str | Path | None = None, config: DefaultDrafterConfig | None = None) -> Path:
+    """Directory of the default drafter for ``target_dir`` (default: the toy target), building it
+    (generate, then train) if the cache does not hold a finished one."""
+    from training.generate import resolve_target
+    from training.trainer import train
+
+    config = config or DefaultDrafterConfig()
+    target = resolve_target(Path(target_dir) if target_dir is not None else None)
+    work = default_drafter_dir(target, config)
+    drafter_dir = work / "run" / "drafter"
+    if (drafter_dir / "lk_metadata.json").is_file():
+        logger.info("default drafter: cached at %s", drafter_dir)
+        return drafter_dir
+    data = ensure_default_data(target, config)
+    logger.info("default drafter: training %s with %s in %s", config.drafter, config.loss, work)
     run_dir = work / "run"
     train(config.train_config(), target, data, run_dir, resume=(run_dir / "checkpoints").is_dir())
     return drafter_dir
