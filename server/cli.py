@@ -97,6 +97,17 @@ def _bench_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_speed(args: argparse.Namespace) -> int:
+    from training.config import resolve_config
+    from training.speed import SpeedConfig, bench_speed, summary
+
+    config = resolve_config(SpeedConfig, args)
+    if args.quick:
+        config = SpeedConfig.quick(**{k: v for k, v in config.model_dump().items() if k in config.model_fields_set})
+    print(summary(bench_speed(config, json_path=args.json)))
+    return 0
+
+
 def _add_bench_commands(sub) -> None:
     from training.config import add_config_args
     from training.reproduce import ReproduceConfig
@@ -117,6 +128,22 @@ def _add_bench_commands(sub) -> None:
     rep.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results)")
     add_config_args(rep, ReproduceConfig)
     rep.set_defaults(func=_bench_reproduce)
+
+    from training.speed import SpeedConfig
+
+    speed = bench_sub.add_parser(
+        "speed",
+        help="tokens/s with and without speculation: each drafter x fixed K / adaptive x T x concurrency",
+        description="Measure decode speed without speculation and with each drafter (built with the default "
+        "drafter's recipe if missing; cached) at each fixed K and adaptively, at each temperature and concurrency, "
+        "in interleaved rounds on one set of held-out code prompts. Prints a markdown table; --json FILE also "
+        "writes FILE (rows: drafter, mode, K, temperature, concurrency, tokens_per_s, speedup, tau, ...), FILE.md "
+        "and FILE.png.",
+    )
+    speed.add_argument("--quick", action="store_true", help="2 drafters (mlp, eagle3), K 1/3/5, 4 prompts: <= 15 min once drafters are cached")
+    speed.add_argument("--json", type=Path, default=None, help="write the report here (and .md / .png beside it)")
+    add_config_args(speed, SpeedConfig)
+    speed.set_defaults(func=_bench_speed)
 
 
 def _add_training_commands(sub) -> None:
@@ -168,6 +195,9 @@ def _add_serve_command(sub) -> None:
     serve.add_argument("--method", default=None, help="vLLM speculative method (default: from the drafter's LK metadata)")
     serve.add_argument("--num-speculative-tokens", dest="num_speculative_tokens", type=int, default=None,
                        help="K drafts per step (default: the drafter's trained K, else 3)")
+    serve.add_argument("--speculation", choices=["adaptive", "fixed"], default=None,
+                       help="fixed (default): K drafts every step; adaptive: draft and verify per step only what is "
+                       "expected to pay, up to K (docs/speed.md)")
     serve.add_argument("--host", default=None, help="interface to bind (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="TCP port (default: 8000)")
     keys = serve.add_mutually_exclusive_group()

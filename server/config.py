@@ -9,7 +9,7 @@ unchanged (``engine_args``), so parallelism, context length, dtype and memory ar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -28,6 +28,10 @@ class ServerConfig(BaseModel):
         "None: the drafter's lk_metadata.json vllm_method, else draft_model")
     num_speculative_tokens: int | None = Field(
         None, ge=1, le=16, description="K, drafts per verification step (None: the drafter's trained K, else 3)")
+    speculation: Literal["adaptive", "fixed"] = Field(
+        "fixed", description="fixed: K drafts every step; adaptive: each step drafts and verifies only what is "
+        "expected to pay (up to K per request, none when speculation would not pay; vllm_lk.adaptive). Fixed is "
+        "the default until adaptive measures at least as fast (docs/speed.md)")
     default_drafter: bool = Field(
         True, description="when drafter is None, serve the default LK drafter for the target "
         "(training.default_drafter: built on first use, then cached); false: serve without speculation")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.config import ServerConfig
+from vllm_lk.speculation import MODE_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ def build_engine(config: ServerConfig, spec: SpecSetup):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     kwargs = engine_kwargs(config, spec)
+    # the engine-core process reads it when its model runner starts (vllm_lk.speculation)
+    os.environ[MODE_ENV] = config.speculation
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     unknown = sorted(set(kwargs) - known)
     if unknown:

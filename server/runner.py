@@ -32,11 +32,13 @@ def resolve_defaults(config: ServerConfig) -> ServerConfig:
         raise FileNotFoundError(f"{target} is not a HF model directory (no config.json)")
     if config.drafter is None and config.default_drafter:
         try:
-            from training.default_drafter import ensure_default_drafter
+            from training import default_drafter
         except ImportError:
             logger.warning("no default drafter available (training.default_drafter missing): serving without speculation")
         else:
-            updates["drafter"] = Path(ensure_default_drafter(Path(target)))
+            updates["drafter"] = Path(default_drafter.ensure_default_drafter(Path(target)))
+            if config.num_speculative_tokens is None:
+                updates["num_speculative_tokens"] = getattr(default_drafter, "SERVED_K", None)
     return config.model_copy(update=updates) if updates else config
 
 

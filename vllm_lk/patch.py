@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from vllm_lk import sampling
+from vllm_lk import sampling, speculation
 from vllm_lk.proposers import (
     LKMLPProposer,
     draft_sample,
@@ -134,6 +134,37 @@ def _wrap_proposer_init(original):
     return __init__
 
 
+def _wrap_sample_draft_tokens(original):
+    """Adaptive speculation: record each draft pass's confidence and stop vLLM's draft loop
+    (StopDrafting, caught by _wrap_propose) when another pass does not pay."""
+
+    @functools.wraps(original)
+    def _sample_draft_tokens(self, hidden_states, sampling_metadata):
+        if (self.__dict__.get("_lk_policy") is None or self.use_local_argmax_reduction
+                or self.use_heterogeneous_vocab or not self._enable_probabilistic_draft_probs):
+            return original(self, hidden_states, sampling_metadata)
+        logits = self.model.compute_logits(hidden_states)
+        ids, probs = draft_sample(logits, sampling_metadata)
+        passes = len(self._lk_ids) + 1
+        speculation.record_pass(self, logits, probs, ids, stop=passes < self.num_speculative_tokens)
+        return ids, probs
+
+    return _sample_draft_tokens
+
+
+def _wrap_propose(original):
+    @functools.wraps(original)
+    def propose(self, *args, **kwargs):
+        try:
+            return original(self, *args, **kwargs)
+        except speculation.StopDrafting:
+            ids, probs = speculation.drafts_so_far(self)
+            self._last_draft_probs = probs
+            return ids
+
+    return propose
+
+
 ONE_HOT = "one-hot"  # marker: this request's drafts were chosen deterministically
 
 
@@ -154,16 +185,34 @@ def _propose_mlp(runner, scheduler_output, sampled_token_ids, sampling_metadata,
     runner._draft_prob_req_ids = None
     hidden = _last_token_rows(sample_hidden_states, sampled_token_ids, spec_decode_metadata)
     last = torch.tensor([t[-1] if len(t) else 0 for t in sampled_token_ids], dtype=torch.long, device=hidden.device)
-    return runner.drafter.propose_mlp(hidden, last, sampling_metadata)
+    return runner.drafter.propose_mlp(hidden, last, sampling_metadata, scheduler_output.num_spec_tokens_to_schedule)
 
 
 def _wrap_propose_draft_token_ids(original):
     @functools.wraps(original)
-    def propose_draft_token_ids(self, *args, **kwargs):
-        if isinstance(self.drafter, LKMLPProposer):
-            drafts = _propose_mlp(self, *args, **kwargs)
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        policy = self.__dict__.get("_lk_policy")
+        if policy is not None:  # adaptive speculation: this step's cap k*
+            sampling_metadata = args[0] if args else kwargs["sampling_metadata"]
+            spec_metadata = args[4] if len(args) > 4 else kwargs.get("spec_decode_metadata")
+            greedy = speculation.greedy_flags(sampling_metadata, self.input_batch.num_reqs)
+            speculation.observe(self, scheduler_output, sampled_token_ids, spec_metadata, greedy)
+            k = policy.plan(list(self.input_batch.req_ids), greedy).k
+            speculation.begin_drafting(self, self.drafter, k)
         else:
-            drafts = original(self, *args, **kwargs)
+            k = self.__dict__.get("_lk_fixed_k")
+        stock_k = scheduler_output.num_spec_tokens_to_schedule
+        if k is not None:
+            scheduler_output.num_spec_tokens_to_schedule = k
+        try:
+            if isinstance(self.drafter, LKMLPProposer):
+                drafts = _propose_mlp(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+            else:
+                drafts = original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+        finally:
+            scheduler_output.num_spec_tokens_to_schedule = stock_k
+        if policy is not None:
+            drafts = speculation.finish(self, self.drafter, drafts, k)
         if self._draft_probs is None and hasattr(self.drafter, "take_last_draft_probs"):
             # drafters the runner does not ask for q (MEDUSA)
             probs = self.drafter.take_last_draft_probs()
@@ -236,29 +285,33 @@ def _wrap_sample_tokens(original):
 
 def _wrap_runner_init(original, runner_module):
     """Build vllm_lk's proposer for method="mlp_speculator" (stock 0.32 raises "Unknown
-    speculative decoding method"): route it through the runner's pluggable custom-class branch."""
+    speculative decoding method"): route it through the runner's pluggable custom-class branch.
+    Then attach adaptive speculation's policy (vllm_lk.speculation) when it is on."""
     stock_factory = runner_module.create_custom_proposer
 
     @functools.wraps(original)
     def __init__(self, vllm_config, *args, **kwargs):
         spec = vllm_config.speculative_config
         if spec is None or spec.method != "mlp_speculator":
-            return original(self, vllm_config, *args, **kwargs)
-        spec.method = "custom_class"
-        runner_module.create_custom_proposer = LKMLPProposer
-        try:
             original(self, vllm_config, *args, **kwargs)
-        finally:
-            spec.method = "mlp_speculator"
-            runner_module.create_custom_proposer = stock_factory
+        else:
+            spec.method = "custom_class"
+            runner_module.create_custom_proposer = LKMLPProposer
+            try:
+                original(self, vllm_config, *args, **kwargs)
+            finally:
+                spec.method = "mlp_speculator"
+                runner_module.create_custom_proposer = stock_factory
+        speculation.install(self)
 
     return __init__
 
 
 def _wrap_update_from_output(original):
-    """Engine core: attach each running request's cumulative speculative stats to every output,
-    not only the final one, so the front end sees acceptance live (needs the engine argument
-    ``per_request_spec_decode_metrics`` = "summary" or "detailed"; "summary" is K+1 integers)."""
+    """Engine core: attach each running request's speculative stats to every output, not only
+    the final one, so the front end sees acceptance live (needs the engine argument
+    ``per_request_spec_decode_metrics`` = "summary" or "detailed"). Each output carries only
+    the steps the front end has not seen (:func:`_delta`); _merge_spec_metrics adds them up."""
 
     @functools.wraps(original)
     def update_from_output(self, *args, **kwargs):
@@ -269,22 +322,57 @@ def _wrap_update_from_output(original):
                     continue
                 request = self.requests.get(output.request_id)
                 metrics = getattr(request, "spec_decode_metrics", None)
-                if metrics is not None:  # a copy: the next step mutates the request's own lists
-                    output.spec_decode_metrics = _snapshot(metrics)
+                if metrics is not None:
+                    output.spec_decode_metrics = _delta(request, metrics)
         return outputs_by_client
 
     return update_from_output
 
 
-def _snapshot(metrics):
-    """A copy of a RequestSpecDecodeMetrics (flat dataclass of ints and int lists): ~1 µs where
-    copy.deepcopy costs ~20 µs per request per step."""
+def _delta(request, metrics):
+    """A RequestSpecDecodeMetrics with the cumulative histogram and draft count (K+2 ints) and
+    the per-step lists from the first step not yet sent: O(new steps) per output, where a full
+    copy costs O(steps) per output and O(steps^2) over a request."""
+    sent = request.__dict__.get("_lk_sent_steps", 0)
+    request._lk_sent_steps = len(metrics.per_step_drafted)
     return dataclasses.replace(
         metrics,
         histogram=list(metrics.histogram),
-        per_step_accepted=list(metrics.per_step_accepted),
-        per_step_drafted=list(metrics.per_step_drafted),
+        per_step_accepted=metrics.per_step_accepted[sent:],
+        per_step_drafted=metrics.per_step_drafted[sent:],
     )
+
+
+def _merge_spec_metrics(current, new):
+    """Front end: the request's cumulative record after an engine output's record ``new``.
+
+    ``new`` starts at step sum(histogram) - len(per-step lists): 0 for a full record (vLLM's
+    final one, or the first delta), which replaces ``current``; otherwise its steps extend
+    ``current`` (the histogram and draft count are cumulative in every record)."""
+    if new is None or current is None:
+        return new if new is not None else current
+    start = sum(new.histogram) - len(new.per_step_drafted)
+    if start == 0:
+        return new
+    if len(current.per_step_drafted) == start:
+        current.per_step_drafted.extend(new.per_step_drafted)
+        current.per_step_accepted.extend(new.per_step_accepted)
+    current.histogram = new.histogram
+    current.num_draft_tokens = new.num_draft_tokens
+    return current
+
+
+def _spec_metrics_property():
+    """RequestState.spec_decode_metrics, merging deltas on assignment (vLLM assigns each
+    engine output's record to it)."""
+
+    def get(self):
+        return self.__dict__.get("_lk_spec_decode_metrics")
+
+    def set_(self, value):
+        self.__dict__["_lk_spec_decode_metrics"] = _merge_spec_metrics(self.__dict__.get("_lk_spec_decode_metrics"), value)
+
+    return property(get, set_)
 
 
 def _wrap_new_completion_output(original):
@@ -325,6 +413,8 @@ def apply() -> bool:
     proposer = llm_base_proposer.SpecDecodeBaseProposer
     proposer.__init__ = _wrap_proposer_init(proposer.__init__)
     proposer._sample_from_logits = lambda self, logits, sampling_metadata: draft_sample(logits, sampling_metadata)
+    proposer._sample_draft_tokens = _wrap_sample_draft_tokens(proposer._sample_draft_tokens)
+    proposer.propose = _wrap_propose(proposer.propose)
     medusa.MedusaProposer.propose = lk_medusa_propose
     medusa.MedusaProposer.take_last_draft_probs = take_last_draft_probs
     from vllm import ModelRegistry
@@ -340,11 +430,17 @@ def apply() -> bool:
     runner._get_spec_decode_draft_probs = lk_get_spec_decode_draft_probs
     runner.sample_tokens = _wrap_sample_tokens(runner.sample_tokens)
 
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    WorkerBase.lk_set_speculation = speculation.set_speculation  # LLM.collective_rpc("lk_set_speculation", ...)
+    WorkerBase.lk_speculation_state = speculation.policy_snapshot
+
     from vllm.v1.core.sched import scheduler
     from vllm.v1.engine import output_processor
 
     scheduler.Scheduler.update_from_output = _wrap_update_from_output(scheduler.Scheduler.update_from_output)
     state = output_processor.RequestState
     state._new_completion_output = _wrap_new_completion_output(state._new_completion_output)
+    state.spec_decode_metrics = _spec_metrics_property()
     _applied = True
     return True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_lk import sampling
+from vllm_lk import sampling, speculation
 
 
 def uniform_draws(
@@ -71,12 +71,19 @@ def draft_sample(logits, sampling_metadata):
 
 def lk_medusa_propose(self, num_speculative_tokens, target_hidden_states, sampling_metadata, slot_mappings=None):
     """MEDUSA: head k's q is its own softmax (it sees the same hidden state as every head);
-    stock vLLM drafts argmax and gives no q."""
-    assert num_speculative_tokens == self.num_speculative_tokens
-    head_logits = self.model.compute_logits(self.model(target_hidden_states))  # K x [B, V]
+    stock vLLM drafts argmax and gives no q. Only the first ``num_speculative_tokens`` heads run
+    (adaptive speculation may ask for fewer than the checkpoint has, or none)."""
+    k = num_speculative_tokens
+    assert 0 <= k <= self.num_speculative_tokens, (k, self.num_speculative_tokens)
+    self._lk_last_draft_probs = None
+    if k == 0:
+        return torch.empty(target_hidden_states.shape[0], 0, dtype=torch.long, device=target_hidden_states.device)
+    head_logits = self.model.compute_logits([block(target_hidden_states) for block in self.model.blocks[:k]])  # k x [B, V]
     drafts = [draft_sample(logits, sampling_metadata) for logits in head_logits]
+    for logits, (ids, q) in zip(head_logits, drafts):  # one pass: the policy trims afterwards
+        speculation.record_pass(self, logits, q, ids, decide=False)
     probs = [q for _, q in drafts]
-    self._lk_last_draft_probs = None if any(q is None for q in probs) else torch.stack(probs, dim=1)  # [B, K, V]
+    self._lk_last_draft_probs = None if any(q is None for q in probs) else torch.stack(probs, dim=1)  # [B, k, V]
     return torch.stack([ids for ids, _ in drafts], dim=1)
 
 
@@ -110,14 +117,21 @@ class LKMLPProposer:
         hidden_states: torch.Tensor,  # [B, H] target's final hidden state at each request's last token
         last_token_ids: torch.Tensor,  # [B] that token
         sampling_metadata,
-    ) -> torch.Tensor:  # [B, K] draft token ids
+        num_speculative_tokens: int | None = None,  # this step's k (<= the stages; adaptive may stop sooner)
+    ) -> torch.Tensor:  # [B, k] draft token ids
+        k = self.num_speculative_tokens if num_speculative_tokens is None else num_speculative_tokens
+        self._lk_last_draft_probs = None
+        if k == 0:
+            return torch.empty(hidden_states.shape[0], 0, dtype=torch.long, device=hidden_states.device)
         state = self.model.initial_state(hidden_states.to(self.model.proj[0].weight.dtype))
         tokens, ids, probs = last_token_ids, [], []
-        for stage in range(self.num_speculative_tokens):
+        for stage in range(k):
             state, logits = self.model.step(stage, state, tokens)
             tokens, q = draft_sample(logits.float(), sampling_metadata)
             ids.append(tokens)
             probs.append(q)
+            if not speculation.record_pass(self, logits, q, tokens):
+                break
         self._lk_last_draft_probs = None if any(q is None for q in probs) else torch.stack(probs, dim=1)
         return torch.stack(ids, dim=1)
 

@@ -22,14 +22,30 @@ K = 3
 PROMPT = "def "
 
 
-def make_llm(target, draft, method="draft_model"):
+def make_llm(target, draft, method="draft_model", adaptive=False):
     from vllm import LLM
 
-    return LLM(
+    llm = LLM(
         model=str(target), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1,
         max_model_len=512, seed=0, per_request_spec_decode_metrics="detailed",
         speculative_config={"method": method, "model": str(draft), "num_speculative_tokens": K},
     )
+    if adaptive:
+        llm.collective_rpc("lk_set_speculation", args=("adaptive", None, DECISIVE))
+    return llm
+
+
+# Adaptive speculation whose decisions vary from step to step and request to request: every
+# other step explores (a K cycling through 0..3, each request verifying a random prefix of its
+# drafts), the others follow the rule under pinned cost constants (a draft whose survival
+# probability is below ~0.05 is not verified; the draft loop stops once no next draft pays).
+# The live policy would settle on whatever this tiny engine's timings favour, often every draft
+# or none.
+DECISIVE = {"warmup_steps": 0, "explore_every": 2, "cost": [0.004, 0.0, 0.0001, 0.00001]}
+
+
+def drafts_per_step(outputs) -> set[int]:
+    return {n for out in outputs for n in out.outputs[0].spec_decode_metrics.per_step_drafted}
 
 
 def acceptance_counts(outputs) -> tuple[list[int], list[int]]:
@@ -46,9 +62,10 @@ def acceptance_counts(outputs) -> tuple[list[int], list[int]]:
 
 
 def per_position_acceptance(outputs) -> list[float]:
+    """Per draft position (None where adaptive speculation never drafted that far)."""
     drafted, accepted = acceptance_counts(outputs)
     assert drafted[0] > 0, "no speculative steps happened"
-    return [a / d for a, d in zip(accepted, drafted)]
+    return [a / d if d else None for a, d in zip(accepted, drafted)]
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +86,27 @@ def spec_llm(tiny_target, tiny_draft):
 HEAD_FIXTURES = {"eagle": "tiny_eagle", "eagle3": "tiny_eagle3", "medusa": "tiny_medusa", "mlp_speculator": "tiny_mlp"}
 
 
-@pytest.fixture(scope="module", params=["draft_model", "eagle", "eagle3", "medusa", "mlp_speculator"])
+DRAFTERS = ["draft_model", "eagle", "eagle3", "medusa", "mlp_speculator"]
+
+
+@pytest.fixture(scope="module", params=DRAFTERS + [f"{d}-adaptive" for d in DRAFTERS])
 def any_drafter_llm(request, tiny_target):
     """One engine per drafter kind (EAGLE-3 with a truncated draft vocabulary; the MLP
-    speculator runs on vllm_lk's own model class and proposer)."""
+    speculator runs on vllm_lk's own model class and proposer), with fixed K and with adaptive
+    speculation (decisive_policy)."""
+    method, _, mode = request.param.partition("-")
     if request.param == "draft_model":
         yield request.getfixturevalue("spec_llm")
         return
-    head = request.getfixturevalue(HEAD_FIXTURES[request.param])
-    llm = make_llm(tiny_target, head, method=request.param)
+    draft = request.getfixturevalue("tiny_draft" if method == "draft_model" else HEAD_FIXTURES[method])
+    llm = make_llm(tiny_target, draft, method=method, adaptive=mode == "adaptive")
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def identity_adaptive_llm(tiny_target):
+    llm = make_llm(tiny_target, tiny_target, adaptive=True)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -94,14 +123,16 @@ def any_drafter_llm(request, tiny_target):
     ],
     ids=["T1", "T1-seeded", "T0.7", "T0.7-seeded", "topk-topp", "greedy"],
 )
-def test_identical_draft_is_always_accepted(identity_llm, params):
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_identical_draft_is_always_accepted(identity_llm, identity_adaptive_llm, params, adaptive):
     from vllm import SamplingParams
 
+    llm = identity_adaptive_llm if adaptive else identity_llm
     prompts = ["def main(", "import os\n", "class Stack:\n", "x = "] * 4
     sp = SamplingParams(max_tokens=32, ignore_eos=True, **params)
-    acceptance = per_position_acceptance(identity_llm.generate(prompts, sp, use_tqdm=False))
+    acceptance = per_position_acceptance(llm.generate(prompts, sp, use_tqdm=False))
     assert len(acceptance) == K
-    assert min(acceptance) >= 0.98, acceptance
+    assert min(a for a in acceptance if a is not None) >= 0.98, acceptance
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +247,11 @@ def test_sampled_drafts_are_accepted_below_one_but_not_never(any_drafter_llm):
 
     llm = any_drafter_llm
     sp = SamplingParams(max_tokens=24, ignore_eos=True, temperature=1.0)
-    acceptance = per_position_acceptance(llm.generate(["import ", "def f("] * 8, sp, use_tqdm=False))
+    outputs = llm.generate(["import ", "def f("] * 8, sp, use_tqdm=False)
+    acceptance = per_position_acceptance(outputs)
     assert 0.0 < acceptance[0] < 0.98, acceptance
+    if llm.collective_rpc("lk_speculation_state")[0] is not None:  # adaptive: decisions really vary
+        assert len(drafts_per_step(outputs)) > 1, drafts_per_step(outputs)
 
 
 def test_seeded_requests_reproduce_in_any_batch(spec_llm):

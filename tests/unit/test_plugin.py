@@ -69,3 +69,37 @@ def test_vllms_plugin_loader_activates_it_unless_disabled(clean_env):
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert expected in proc.stdout
+
+
+def test_spec_metrics_deltas_add_up_to_the_engines_record():
+    """The engine core sends each running request's per-step lists from the first step not yet
+    sent (O(new steps) per output); the front end's record must equal the engine's after any
+    sequence of outputs, and vLLM's final full record replaces it."""
+    from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
+
+    from vllm_lk.patch import _delta, _merge_spec_metrics
+
+    class Request:
+        pass
+
+    request, engine = Request(), RequestSpecDecodeMetrics.new(3)
+    front = None
+    sizes = []
+    for step, (drafted, accepted) in enumerate([(3, 1), (3, 3), (2, 0), (0, 0), (3, 2), (1, 1)]):
+        if drafted:
+            engine.observe(drafted, accepted, detailed=True)
+        if step != 1:  # a step whose output was not sent (e.g. no new token) is caught up later
+            delta = _delta(request, engine)
+            sizes.append(len(delta.per_step_drafted))
+            front = _merge_spec_metrics(front, delta)
+            assert front.per_step_drafted == engine.per_step_drafted
+            assert front.per_step_accepted == engine.per_step_accepted
+            assert front.histogram == engine.histogram and front.num_draft_tokens == engine.num_draft_tokens
+    assert sizes == [1, 2, 0, 1, 1]  # only new steps travel
+    assert _merge_spec_metrics(front, engine) is engine  # the final full record replaces
+    summary = RequestSpecDecodeMetrics.new(3)  # "summary" level: no per-step lists
+    summary.observe(3, 2)
+    merged = _merge_spec_metrics(None, _delta(Request(), summary))
+    summary.observe(3, 1)
+    merged = _merge_spec_metrics(merged, _delta(Request(), summary))
+    assert merged.histogram == [0, 1, 1, 0] and merged.num_draft_tokens == 6

@@ -1,0 +1,34 @@
+"""`vllm-lk bench speed` end to end on the tiny target and a tiny MLP speculator: real engines,
+runtime switches between fixed K and adaptive speculation, the JSON / markdown / PNG report and
+the step breakdown. (Speeds on tiny models mean nothing; the toy target's figures are in
+docs/speed.md, made by the same command.)"""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_bench_speed_writes_every_cell(tiny_target, tiny_mlp, tmp_path):
+    from training.speed import SpeedConfig, bench_speed
+
+    config = SpeedConfig(target=tiny_target, drafters=["mlp"], drafter_dirs={"mlp": tiny_mlp}, num_heads=3, ks=[1, 3],
+                         temperatures=[0.0, 1.0], concurrency=[1, 2], prompts=2, max_tokens=16, rounds=1,
+                         warmup_requests=1, max_model_len=256, profile_k=3)
+    report = bench_speed(config, json_path=tmp_path / "speed.json")
+    rows = {(r["drafter"], r["mode"], r["K"], r["temperature"], r["concurrency"]) for r in report["rows"]}
+    for t in (0.0, 1.0):
+        for c in (1, 2):
+            assert {("none", "none", 0, t, c), ("mlp", "fixed", 1, t, c), ("mlp", "fixed", 3, t, c), ("mlp", "adaptive", 3, t, c)} <= rows
+    fixed1 = [r for r in report["rows"] if r["mode"] == "fixed" and r["K"] == 1]
+    assert all(r["drafts_per_step"] == pytest.approx(1.0) for r in fixed1)  # the runtime K switch took effect
+    assert all(1.0 <= r["tau"] <= 2.0 for r in fixed1)
+    written = json.loads((tmp_path / "speed.json").read_text())
+    assert {"drafter", "mode", "K", "temperature", "concurrency", "tokens_per_s", "speedup", "tau"} <= set(written["rows"][0])
+    assert (tmp_path / "speed.md").read_text().startswith("# vllm-lk bench speed")
+    assert (tmp_path / "speed.png").stat().st_size > 10_000
+    breakdown = {(b["drafter"], b["temperature"]): b for b in written["breakdown"]}
+    assert set(breakdown) == {("none", 0.0), ("none", 1.0), ("mlp", 0.0), ("mlp", 1.0)}
+    assert breakdown[("mlp", 1.0)]["ms_per_step"]["draft_forward"] > 0
+    assert breakdown[("none", 1.0)]["ms_per_step"]["draft_forward"] == 0

@@ -1,0 +1,166 @@
+"""vllm_lk.adaptive: the stopping rule keeps speculative sampling exact, and its estimates learn.
+
+Exactness by enumeration (float64, 1e-9): one speculative step where the number of drafts to
+verify is chosen by the live policy from the drafts' confidences (max_v q_i(v), a function of
+the drafts before i), then target sampling to K+1 tokens, gives exactly the target's joint law.
+A rule that looks at the sampled draft itself (verify x_i only if q_i(x_i) is high) does not:
+the enumeration must tell the two apart, or it proves nothing.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.unit.test_sampling import TRANSFORMS, PrefixModel, target_joint, transformed
+from vllm_lk import adaptive, sampling
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def adaptive_step_distribution(target, draft, vocab, k_max, transform, keep):
+    """P(first K+1 tokens) when draft i (drawn from q_i) is verified only if
+    ``keep(drafts_before_i, confidences_1..i, x_i)``; otherwise it is discarded and the step
+    ends with a token from p (the target's sample at that position)."""
+    out = {}
+
+    def complete(prefix, prob):
+        if prob == 0.0:
+            return
+        if len(prefix) == k_max + 1:
+            out[tuple(prefix)] = out.get(tuple(prefix), 0.0) + prob
+            return
+        p = transformed(target, prefix, transform)
+        for v in range(len(p)):
+            complete(prefix + [v], prob * float(p[v]))
+
+    def step(prefix, prob, confidences):
+        p = transformed(target, prefix, transform)
+        if len(prefix) == k_max:
+            complete(prefix, prob)
+            return
+        q = transformed(draft, prefix, transform)
+        conf = confidences + [float(q.max())]
+        residual = sampling.residual_probs(p, q)
+        for x in range(vocab):
+            mass = prob * float(q[x])
+            if mass == 0.0:
+                continue
+            if not keep(prefix, conf, x):  # drafted, not verified: the step's token comes from p
+                complete(prefix, mass)
+                continue
+            accept = min(1.0, float(p[x]) / float(q[x]))
+            step(prefix + [x], mass * accept, conf)
+            for v in range(vocab):
+                complete(prefix + [v], mass * (1 - accept) * float(residual[v]))
+
+    step([], 1.0, [])
+    return out
+
+
+def trained_policy(k_max: int, rate: float) -> adaptive.Policy:
+    """A policy whose acceptance estimate rises steeply with confidence (as drafts' do)."""
+    policy = adaptive.Policy(max_k=k_max)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        conf = rng.uniform(0, 1, size=k_max)
+        accepted = 0
+        while accepted < k_max and rng.uniform() < conf[accepted] ** 2:
+            accepted += 1
+        policy.observe_verification("warm", conf, accepted)
+    for k in range(40):
+        policy.observe_step(1, k % (k_max + 1), k % (k_max + 1), 0.004 + 0.001 * (k % (k_max + 1)))
+    policy.last_plan = adaptive.Plan(k=k_max, rate=rate, baseline_rate=rate)
+    policy.greedy = np.zeros(1, dtype=bool)
+    return policy
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS[:5])
+@pytest.mark.parametrize("vocab,k_max", [(4, 2), (3, 3)])
+def test_policy_lengths_keep_the_output_exact(vocab, k_max, transform):
+    target = PrefixModel(vocab, seed=11, spread=1.5)
+    draft = PrefixModel(vocab, seed=12, spread=2.0)
+    policy = trained_policy(k_max, rate=1.0)
+    # set the rate so that the first draft at the root just pays: later drafts then pay or not
+    # depending on the confidences that earlier drafts lead to
+    root = float(transformed(draft, [], transform).max())
+    first = float(policy.acceptance.survival(np.array([[root]]), np.ones(1), np.zeros(1, bool))[0, 0])
+    assert policy.lengths_for(["r"], np.array([[root]]))[0] == 1  # the replay gives the same survival
+    policy.last_plan.rate = 0.95 * first / policy.cost.theta[3]
+    decisions = []
+
+    def keep(prefix, confidences, x):
+        length = int(policy.lengths_for(["r"], np.array([confidences]))[0])
+        decisions.append(length >= len(confidences))
+        return decisions[-1]
+
+    got = adaptive_step_distribution(target, draft, vocab, k_max, transform, keep)
+    want = target_joint(target, vocab, k_max + 1, transform)
+    assert any(decisions) and not all(decisions), "the rule must both keep and drop drafts here"
+    assert max(abs(got.get(s, 0.0) - p) for s, p in want.items()) < 1e-9
+
+
+def test_a_rule_that_reads_the_sampled_draft_is_not_exact():
+    vocab, k_max, transform = 4, 2, (1.0, None, None)
+    target = PrefixModel(vocab, seed=11, spread=1.5)
+    draft = PrefixModel(vocab, seed=12, spread=2.0)
+
+    def keep_if_likely(prefix, confidences, x):
+        return float(transformed(draft, prefix, transform)[x]) > 0.3
+
+    got = adaptive_step_distribution(target, draft, vocab, k_max, transform, keep_if_likely)
+    want = target_joint(target, vocab, k_max + 1, transform)
+    assert max(abs(got.get(s, 0.0) - p) for s, p in want.items()) > 1e-3
+
+
+def test_acceptance_model_learns_confidence_and_request_factors():
+    model = adaptive.AcceptanceModel(num_positions=3)
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        conf = rng.uniform(0, 1, size=3)
+        accepted = 0
+        while accepted < 3 and rng.uniform() < conf[accepted]:
+            accepted += 1
+        model.observe("easy" if rng.uniform() < 0.5 else "other", conf, accepted)
+    rates = model.bucket_rates()[0]
+    # P(accept | confidence c) = c here: each bucket's rate is near its centre
+    centres = (np.arange(adaptive.NUM_BUCKETS) + 0.5) / adaptive.NUM_BUCKETS
+    assert np.abs(rates - centres).max() < 0.08
+    assert abs(model.request_factor("easy") - 1.0) < 0.1  # calibrated: no per-request correction
+    model.observe("lucky", np.array([0.05, 0.05, 0.05]), 3)
+    assert model.request_factor("lucky") > 1.2
+    model.forget({"easy"})
+    assert set(model.requests) == {"easy"}
+
+
+def test_cost_model_recovers_the_step_cost():
+    cost = adaptive.CostModel()
+    rng = np.random.default_rng(2)
+    theta = np.array([0.004, 0.0002, 0.0011, 0.0003])
+    for _ in range(300):
+        batch = int(rng.integers(1, 9))
+        passes = int(rng.integers(0, 6))
+        drafted = batch * passes - int(rng.integers(0, batch)) * (passes > 0)
+        seconds = float(cost.features(batch, passes, drafted) @ theta) * rng.uniform(0.97, 1.03)
+        cost.observe(batch, passes, drafted, seconds)
+    assert np.allclose(cost.theta, theta, rtol=0.15, atol=5e-5)
+
+
+@pytest.mark.parametrize("rate_per_pass,expect_k", [(0.0004, 3), (0.02, 0)])
+def test_plan_speculates_only_when_it_pays(rate_per_pass, expect_k):
+    policy = adaptive.Policy(max_k=3, warmup_steps=8, explore_every=10**9)
+    for i in range(200):
+        k = i % 4
+        policy.observe_step(1, k, k, 0.004 + rate_per_pass * k)
+        conf = np.full(max(k, 1), 0.9)
+        policy.observe_verification("r", conf, int(0.8 * len(conf)))
+    for _ in range(100):
+        policy.observe_verification("r", np.full(3, 0.9), 3)
+    plan = policy.plan(["r"])
+    assert plan.k == expect_k
+    assert plan.baseline_rate == pytest.approx(250, rel=0.05)

@@ -1,0 +1,52 @@
+"""training.speed's report arithmetic on synthetic records (the measurement itself runs real
+engines: `vllm-lk bench speed`, exercised by tests/e2e)."""
+
+import json
+
+import pytest
+
+from training.speed import SpeedConfig, cells, markdown, plot, summarize
+
+
+def record(round_index, drafter, mode, k, temperature, concurrency, tokens_per_s, tau=None, drafts=None):
+    steps = 100 if tau else 0
+    return {"block": "mlp", "round": round_index, "drafter": drafter, "mode": mode, "K": k, "temperature": temperature,
+            "concurrency": concurrency, "tokens": int(tokens_per_s * 10), "seconds": 10.0, "steps": steps,
+            "accepted": round((tau - 1) * steps) if tau else 0, "drafted": round(drafts * steps) if drafts else 0}
+
+
+def test_speedup_is_against_the_same_rounds_baseline_and_c_solves_the_bound():
+    config = SpeedConfig(drafters=["mlp"], ks=[1, 3], temperatures=[0.0], concurrency=[1], rounds=2)
+    records = []
+    for rnd, base in enumerate([200.0, 100.0]):  # round 2 runs on a machine twice as slow
+        records += [record(rnd, None, "none", 0, 0.0, 1, base), record(rnd, None, "none", 0, 0.0, 1, base)]
+        records.append(record(rnd, "mlp", "fixed", 1, 0.0, 1, 1.5 * base, tau=1.8, drafts=1))
+        records.append(record(rnd, "mlp", "fixed", 3, 0.0, 1, 2.0 * base, tau=2.6, drafts=3))
+        records.append(record(rnd, "mlp", "adaptive", 3, 0.0, 1, 2.2 * base, tau=2.4, drafts=2))
+    rows = {(r["mode"], r["K"]): r for r in summarize(records, config)}
+    assert rows[("none", 0)]["speedup"] == pytest.approx(1.0)
+    assert rows[("fixed", 1)]["speedup"] == pytest.approx(1.5) and rows[("fixed", 1)]["speedup_min"] == pytest.approx(1.5)
+    assert rows[("fixed", 3)]["tau"] == pytest.approx(2.6)
+    c = ((1.8 / 1.5 - 1) / 1 + (2.6 / 2.0 - 1) / 3) / 2  # speedup = tau / (1 + K c), per fixed row
+    assert rows[("fixed", 3)]["c"] == pytest.approx(c)
+    assert rows[("adaptive", 3)]["bound"] == pytest.approx(2.4 / (1 + 2 * c))  # K = drafts per step
+    assert rows[("adaptive", 3)]["drafts_per_step"] == pytest.approx(2.0)
+    report = {"config": json.loads(config.model_dump_json()), "rows": list(rows.values()),
+              "environment": {"machine": "test"}}
+    text = markdown(report)
+    assert "| 0 | 1 | mlp | adaptive | – | " in text and "2.20× [2.20–2.20]" in text
+
+
+def test_each_round_visits_no_speculation_twice_and_every_setting():
+    config = SpeedConfig(drafters=["mlp", "eagle3"], ks=[1, 3], temperatures=[0.0, 1.0], concurrency=[1, 8])
+    visits = cells(config, "mlp")
+    assert len(visits) == (2 + 2 + 1) * 4
+    assert sum(1 for (kind, _, _), _, _ in visits if kind is None) == 2 * 4
+
+
+def test_plot_writes_a_png(tmp_path):
+    config = SpeedConfig(drafters=["mlp"], ks=[1, 3], temperatures=[0.0], concurrency=[1], rounds=1)
+    records = [record(0, None, "none", 0, 0.0, 1, 100.0), record(0, "mlp", "fixed", 1, 0.0, 1, 120.0, 1.5, 1),
+               record(0, "mlp", "fixed", 3, 0.0, 1, 130.0, 2.0, 3), record(0, "mlp", "adaptive", 3, 0.0, 1, 140.0, 1.9, 2)]
+    plot({"rows": summarize(records, config)}, tmp_path / "speed.png")
+    assert (tmp_path / "speed.png").stat().st_size > 10_000

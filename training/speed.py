@@ -1,0 +1,331 @@
+"""`vllm-lk bench speed`: does speculation pay, for which drafter, at which K?
+
+No speculation against each drafter x {fixed K, adaptive} x temperature x concurrency, on one set
+of held-out code prompts (``ignore_eos``, so every request decodes ``max_tokens``), measured in
+interleaved rounds: the no-speculation engine stays up for the whole run and each drafter's for
+its block; each round of a block visits the drafter's cells and no speculation (twice) in a new
+shuffled order, so drift in a shared machine's load falls on all cells alike. Speedup is against
+the no-speculation cells of the same block, round, temperature and concurrency; the report gives
+the median over rounds (and blocks, for no speculation) and the min-max spread.
+
+One engine per drafter, started at the largest K; fixed K below it and adaptive speculation are
+switched at runtime (vllm_lk.speculation.set_speculation), so the settings of one drafter share
+an engine and its warm caches. The drafters are the embedded default's recipe
+(training.default_drafter) per architecture, built on first use and cached.
+
+Alongside each speedup: tau (tokens per verification step) and the bound tau / (1 + K c) that a
+per-drafted-token cost c implies, with c fitted per drafter from the fixed-K rows
+(speedup = tau / (1 + K c) solved for c and averaged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from training.config import FrozenConfig
+from training.train_config import DrafterKind
+
+logger = logging.getLogger(__name__)
+
+
+class SpeedConfig(FrozenConfig):
+    target: Path | None = Field(None, description="HF target directory (default: the toy target, built if missing)")
+    drafters: list[DrafterKind] = Field(["mlp", "eagle3", "medusa", "draft-model"], description="drafter architectures to measure (each built with the default drafter's recipe)")
+    drafter_dirs: dict[str, Path] = Field(default_factory=dict, description="drafter directories to use instead of building (kind -> exported drafter)")
+    num_heads: int = Field(5, ge=1, description="heads / stages / TTT steps the drafters are trained with (the largest K served)")
+    ks: list[int] = Field([1, 2, 3, 5], min_length=1, description="fixed K values to measure (each <= num_heads)")
+    adaptive: bool = Field(True, description="also measure adaptive speculation (vllm_lk.adaptive)")
+    temperatures: list[float] = Field([0.0, 1.0], min_length=1, description="sampling temperatures")
+    concurrency: list[int] = Field([1, 8], min_length=1, description="requests in flight at once")
+    prompts: int = Field(8, ge=1, description="held-out code prompts per cell")
+    max_tokens: int = Field(128, ge=8, description="tokens decoded per request (ignore_eos)")
+    rounds: int = Field(2, ge=1, description="interleaved rounds (the spread is over rounds)")
+    warmup_requests: int = Field(4, ge=0, description="requests per engine before measuring (caches; the adaptive policy's start-up measurement)")
+    seed: int = Field(0, description="prompt sample and per-request seeds")
+    gpu_memory_utilization: float = Field(0.1, gt=0, le=1, description="per engine (two run at a time)")
+    max_model_len: int = Field(1024, ge=64, description="engine max_model_len")
+    profile_k: int | None = Field(3, ge=1, description="K of the per-drafter step breakdown (training.speed_profile; None: skip it)")
+
+    @classmethod
+    def quick(cls, **overrides) -> "SpeedConfig":
+        """<= 15 min on 2 cores once the drafters are cached: the two fastest drafters, K 1/3/5."""
+        return cls(**{"drafters": ["mlp", "eagle3"], "ks": [1, 3, 5], "rounds": 2, "prompts": 4, **overrides})
+
+
+def drafter_dirs(config: SpeedConfig, target: Path) -> dict[str, Path]:
+    from training.default_drafter import DefaultDrafterConfig, ensure_default_drafter
+
+    return {kind: config.drafter_dirs.get(kind) or ensure_default_drafter(target, DefaultDrafterConfig(drafter=kind, num_heads=config.num_heads))
+            for kind in config.drafters}
+
+
+def start_engine(config: SpeedConfig, target: Path, kind: str | None, drafter: Path | None):
+    from training.evaluate import VLLM_METHODS
+    from training.generate import EngineFields, make_llm
+
+    engine = EngineFields(gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
+                          max_num_seqs=max(config.concurrency))
+    extra = {}
+    if kind is not None:
+        extra = {"speculative_config": {"method": VLLM_METHODS[kind], "model": str(drafter), "num_speculative_tokens": max(config.ks)},
+                 "per_request_spec_decode_metrics": "summary"}
+    return make_llm(target, engine, seed=config.seed, disable_log_stats=False, **extra)
+
+
+def set_mode(llm, mode: str, k: int | None) -> None:
+    llm.collective_rpc("lk_set_speculation", args=(mode, k))
+
+
+def run_cell(llm, prompts: list[list[int]], temperature: float, concurrency: int, config: SpeedConfig) -> dict:
+    """Decode every prompt, ``concurrency`` at a time; tokens, seconds and speculative counts."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    tokens = steps = drafted = accepted = 0
+    seconds = 0.0
+    for start in range(0, len(prompts), concurrency):
+        chunk = prompts[start : start + concurrency]
+        params = [SamplingParams(temperature=temperature, max_tokens=config.max_tokens, ignore_eos=True,
+                                 seed=config.seed * 1000 + start + i) for i in range(len(chunk))]
+        began = time.perf_counter()
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in chunk], params, use_tqdm=False)
+        seconds += time.perf_counter() - began
+        for out in outputs:
+            tokens += len(out.outputs[0].token_ids)
+            record = out.outputs[0].spec_decode_metrics
+            if record is not None:
+                steps += sum(record.histogram)
+                accepted += sum(j * n for j, n in enumerate(record.histogram))
+                drafted += record.num_draft_tokens
+    return {"tokens": tokens, "seconds": seconds, "steps": steps, "drafted": drafted, "accepted": accepted}
+
+
+def cells(config: SpeedConfig, kind: str) -> list[tuple]:
+    """(drafter or None, mode, K) x (T, concurrency): what one round of a drafter's block visits,
+    no speculation twice among them."""
+    settings = [(None, "none", 0)] * 2 + [(kind, "fixed", k) for k in config.ks]
+    if config.adaptive:
+        settings.append((kind, "adaptive", max(config.ks)))
+    return [(s, t, c) for s in settings for t in config.temperatures for c in config.concurrency]
+
+
+def measure(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompts: list[list[int]]) -> list[dict]:
+    """Every cell in every round; one record per (block, round, cell visit). The no-speculation
+    engine stays up throughout; each drafter's engine for its block (two engines at a time fit
+    a CPU machine's memory), where its settings and no speculation interleave round by round."""
+    none = start_engine(config, target, None, None)
+    records = []
+    try:
+        warm(none, None, prompts, config)
+        bar = tqdm(total=config.rounds * sum(len(cells(config, kind)) for kind in drafters), desc="bench speed", unit="cell")
+        for kind, path in drafters.items():
+            llm = start_engine(config, target, kind, path)
+            try:
+                warm(llm, kind, prompts, config)
+                for round_index in range(config.rounds):
+                    order = cells(config, kind)
+                    random.Random(f"{config.seed}:{kind}:{round_index}").shuffle(order)
+                    for (cell_kind, mode, k), temperature, concurrency in order:
+                        engine = llm if cell_kind is not None else none
+                        if cell_kind is not None:
+                            set_mode(engine, mode, None if mode == "adaptive" else k)
+                        result = run_cell(engine, prompts, temperature, concurrency, config)
+                        records.append({"block": kind, "round": round_index, "drafter": cell_kind, "mode": mode, "K": k,
+                                        "temperature": temperature, "concurrency": concurrency, **result})
+                        bar.update()
+            finally:
+                llm.llm_engine.engine_core.shutdown()
+        bar.close()
+        return records
+    finally:
+        none.llm_engine.engine_core.shutdown()
+
+
+def warm(llm, kind: str | None, prompts: list[list[int]], config: SpeedConfig) -> None:
+    """Caches, and the adaptive policy's start-up measurement, before anything is timed."""
+    if kind is not None and config.adaptive:
+        set_mode(llm, "adaptive", None)
+    for temperature in config.temperatures:
+        run_cell(llm, prompts[: config.warmup_requests], temperature, 1, config)
+
+
+def summarize(records: list[dict], config: SpeedConfig) -> list[dict]:
+    """The report rows: median speedup over rounds (against the same round's no-speculation
+    rate at the same T and concurrency), its min-max spread, tau and drafts per step."""
+    def rate(items):
+        return sum(r["tokens"] for r in items) / sum(r["seconds"] for r in items)
+
+    baseline = {}
+    for r in records:
+        if r["mode"] == "none":
+            baseline.setdefault((r["block"], r["round"], r["temperature"], r["concurrency"]), []).append(r)
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["drafter"], r["mode"], r["K"], r["temperature"], r["concurrency"]), []).append(r)
+    rows = []
+    for (kind, mode, k, temperature, concurrency), items in groups.items():
+        per_round = {}
+        for r in items:
+            per_round.setdefault((r["block"], r["round"]), []).append(r)
+        speedups = [rate(rs) / rate(baseline[(block, rnd, temperature, concurrency)]) for (block, rnd), rs in per_round.items()]
+        steps = sum(r["steps"] for r in items)
+        rows.append({
+            "drafter": kind or "none", "mode": mode, "K": k, "temperature": temperature, "concurrency": concurrency,
+            "tokens_per_s": rate(items), "speedup": statistics.median(speedups),
+            "speedup_min": min(speedups), "speedup_max": max(speedups),
+            "tau": 1 + sum(r["accepted"] for r in items) / steps if steps else None,
+            "drafts_per_step": sum(r["drafted"] for r in items) / steps if steps else None,
+        })
+    add_cost_fit(rows)
+    return sorted(rows, key=lambda r: (r["temperature"], r["concurrency"], r["drafter"] != "none", r["drafter"], r["mode"], r["K"]))
+
+
+def add_cost_fit(rows: list[dict]) -> None:
+    """c per (drafter, T, concurrency) from its fixed rows (speedup = tau / (1 + K c)), and the
+    bound tau / (1 + K c) beside every speculative row (adaptive: K = its drafts per step)."""
+    fits: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["mode"] == "fixed" and r["tau"]:
+            fits.setdefault((r["drafter"], r["temperature"], r["concurrency"]), []).append((r["tau"] / r["speedup"] - 1) / r["K"])
+    for r in rows:
+        c = fits.get((r["drafter"], r["temperature"], r["concurrency"]))
+        if r["mode"] == "none" or not c or not r["tau"]:
+            continue
+        r["c"] = statistics.mean(c)
+        k = r["K"] if r["mode"] == "fixed" else r["drafts_per_step"]
+        r["bound"] = r["tau"] / (1 + k * r["c"])
+
+
+def markdown(report: dict) -> str:
+    config = report["config"]
+    lines = [
+        "# vllm-lk bench speed", "",
+        f"{report['environment']['machine']}; {config['prompts']} held-out code prompts x {config['max_tokens']} tokens "
+        f"(ignore_eos), {config['rounds']} interleaved rounds; speedup = median over rounds vs no speculation "
+        "(same round, T, concurrency) [min-max]; tau = tokens per verification step; "
+        "c = fitted cost of one drafted token relative to a decode step; bound = tau / (1 + K c).", "",
+        "| T | conc. | drafter | mode | K | tok/s | speedup [spread] | tau | drafts/step | c | bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        fmt = lambda v, f="{:.2f}": "–" if v is None else f.format(v)
+        lines.append(
+            f"| {r['temperature']:g} | {r['concurrency']} | {r['drafter']} | {r['mode']} | {r['K'] if r['mode'] == 'fixed' else '–'} | "
+            f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}× [{r['speedup_min']:.2f}–{r['speedup_max']:.2f}] | {fmt(r['tau'])} | "
+            f"{fmt(r['drafts_per_step'])} | {fmt(r.get('c'))} | {fmt(r.get('bound'))} |")
+    if report.get("breakdown"):
+        names = ("target_forward", "draft_forward", "drafting", "verification", "sampling", "scheduler", "other_engine", "front_end", "step")
+        lines += ["", "Where a step's time goes (ms per engine step, concurrency 1, fixed K; training.speed_profile; "
+                  "drafting includes draft_forward):", "",
+                  "| drafter | K | T | tok/s | tokens/step | " + " | ".join(names) + " | target forward by query tokens |",
+                  "|---" * (len(names) + 6) + "|"]
+        for b in report["breakdown"]:
+            by_tokens = ", ".join(f"{n}: {v:.2f}" for n, v in sorted(b["target_forward_ms_by_query_tokens"].items(), key=lambda kv: int(kv[0])) if int(n) <= 16)
+            lines.append(f"| {b['drafter']} | {b['K']} | {b['temperature']:g} | {b['tokens_per_s']:.0f} | {b['tokens_per_step']:.2f} | "
+                         + " | ".join(f"{b['ms_per_step'][n]:.2f}" for n in names) + f" | {by_tokens} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    panels = sorted({(r["temperature"], r["concurrency"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
+    for ax, (temperature, concurrency) in zip(axes[0], panels):
+        panel = [r for r in rows if (r["temperature"], r["concurrency"]) == (temperature, concurrency) and r["mode"] != "none"]
+        for kind in sorted({r["drafter"] for r in panel}):
+            fixed = sorted((r for r in panel if r["drafter"] == kind and r["mode"] == "fixed"), key=lambda r: r["K"])
+            line = ax.errorbar([r["K"] for r in fixed], [r["speedup"] for r in fixed],
+                               yerr=[[r["speedup"] - r["speedup_min"] for r in fixed], [r["speedup_max"] - r["speedup"] for r in fixed]],
+                               marker="o", capsize=2, label=f"{kind} fixed K")
+            for r in panel:
+                if r["drafter"] == kind and r["mode"] == "adaptive":
+                    ax.scatter([r["drafts_per_step"]], [r["speedup"]], marker="*", s=140, color=line[0].get_color(),
+                               edgecolor="black", zorder=3, label=f"{kind} adaptive (x = drafts/step)")
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(f"T={temperature:g}, concurrency {concurrency}")
+        ax.set_xlabel("K (drafts per step)")
+    axes[0][0].set_ylabel("speedup vs no speculation")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment() -> dict:
+    import os
+
+    import torch
+    import vllm
+
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "vllm": vllm.__version__, "python": platform.python_version()}
+
+
+def profile_steps(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompts: list[list[int]]) -> list[dict]:
+    """The step breakdown (training.speed_profile, one process per setting): no speculation, and
+    each drafter at fixed K = profile_k, at each temperature; concurrency 1."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from training.evaluate import VLLM_METHODS
+
+    settings = [(None, None)] + [(kind, path) for kind, path in drafters.items()]
+    rows = []
+    for (kind, path), temperature in tqdm([(s, t) for s in settings for t in config.temperatures], desc="step breakdown"):
+        spec = {"target": str(target), "method": VLLM_METHODS[kind] if kind else None, "drafter": str(path) if path else None,
+                "k": min(config.profile_k, config.num_heads), "mode": "fixed", "temperature": temperature,
+                "prompts": prompts, "max_tokens": config.max_tokens,
+                "gpu_memory_utilization": config.gpu_memory_utilization, "max_model_len": config.max_model_len}
+        with tempfile.TemporaryDirectory() as tmp:
+            spec_file, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+            spec_file.write_text(json.dumps(spec))
+            subprocess.run([sys.executable, "-m", "training.speed_profile", "--spec", str(spec_file), "--out", str(out)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            result = json.loads(out.read_text())
+        rows.append({"drafter": kind or "none", "K": spec["k"] if kind else 0, "temperature": temperature, **result})
+    return rows
+
+
+def bench_speed(config: SpeedConfig, out: str | Path | None = None, json_path: str | Path | None = None) -> dict:
+    """Build what is missing, measure, write JSON (+ markdown and PNG beside it); the report."""
+    from training.generate import EngineFields, prepare_prompts, resolve_target
+
+    target = resolve_target(config.target)
+    assert max(config.ks) <= config.num_heads, "every K must be <= num_heads"
+    drafters = drafter_dirs(config, target)
+    _, prompts = prepare_prompts(f"builtin:code:heldout:{config.prompts}:{config.seed}", target,
+                                 EngineFields(max_model_len=config.max_model_len), config.max_tokens)
+    started = time.perf_counter()
+    records = measure(config, target, drafters, prompts)
+    breakdown = profile_steps(config, target, drafters, prompts) if config.profile_k else []
+    report = {"config": json.loads(config.model_dump_json()), "target": str(target),
+              "drafters": {k: str(v) for k, v in drafters.items()}, "rows": summarize(records, config),
+              "breakdown": breakdown, "records": records, "seconds": time.perf_counter() - started,
+              "environment": environment()}
+    json_path = Path(json_path) if json_path else (Path(out) / "speed.json" if out else None)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        json_path.with_suffix(".md").write_text(markdown(report))
+        plot(report, json_path.with_suffix(".png"))
+    return report
+
+
+def summary(report: dict) -> str:
+    return markdown(report)

@@ -1,0 +1,306 @@
+"""Adaptive speculation: how many tokens to draft and verify at each step (no vLLM imports).
+
+Each step the engine may draft up to K tokens per request. Drafting and verifying cost time; a
+draft only pays when it is likely to survive. This module decides, from three live estimates:
+
+- **acceptance**: P(draft i accepted | drafts before it accepted) as a function of the draft's own
+  confidence at that position, ``c = max_v q_i(v)`` (bucketed counts shared by all requests: the
+  global prior), times a per-request factor (its own accepted / predicted, shrunk toward 1);
+- **cost**: seconds of one engine step as a linear function of (1, requests, draft forward passes,
+  drafted tokens), fitted by exponentially weighted least squares over the steps served, with a
+  ridge toward the start-up fit (the first steps cycle K through 0..K to measure it);
+- **rate**: the plan that maximises expected tokens per second for the batch.
+
+At the start of a step :meth:`Policy.plan` picks the cap k* (0 = do not speculate this step);
+while drafting, :meth:`Policy.keep_drafting` stops the draft loop once another pass would cost
+more than it is expected to return; :meth:`Policy.lengths` then gives each request its number of
+drafts to verify (those whose survival probability still pays for their verification).
+
+Exactness: the decision to verify draft i of a request uses only draft-side information that does
+not depend on draft i's sampled value — confidences ``max q_j`` for j <= i (each a function of the
+drafts before j), earlier steps' outcomes and measured times — never the target's probabilities
+and never the sampled token x_i itself. Conditioning the verification of x_i on x_i would change
+its law away from q_i (tests/unit/test_adaptive.py enumerates both rules).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NUM_BUCKETS = 10
+
+
+def buckets(confidence: np.ndarray) -> np.ndarray:
+    """Bucket index of each confidence in [0, 1] (NaN, an unknown confidence, -> the middle)."""
+    conf = np.nan_to_num(np.asarray(confidence, dtype=np.float64), nan=0.5)
+    return np.clip((conf * NUM_BUCKETS).astype(np.int64), 0, NUM_BUCKETS - 1)
+
+
+class AcceptanceModel:
+    """Live per-position acceptance, calibrated on the draft's confidence.
+
+    Greedy (T = 0) and sampled requests are counted apart: a greedy draft survives when it is the
+    target's argmax, a sampled one with probability sum_v min(p_v, q_v); the same confidence
+    means different things for the two. Arrays are indexed [mode, ...] with mode 1 = greedy."""
+
+    def __init__(self, num_positions: int, prior_strength: float = 4.0, request_strength: float = 8.0,
+                 decay: float = 0.999, initial_rate: float = 0.6):
+        self.num_positions = num_positions
+        self.prior_strength = prior_strength
+        self.request_strength = request_strength
+        self.decay = decay
+        self.initial_rate = initial_rate
+        self.tried = np.zeros((2, NUM_BUCKETS))  # drafts verified (reached), by confidence bucket
+        self.accepted = np.zeros((2, NUM_BUCKETS))
+        self.pos_tried = np.zeros((2, num_positions))  # the same by position (confidence unknown)
+        self.pos_accepted = np.zeros((2, num_positions))
+        self.requests: dict[str, list[float]] = {}  # req_id -> [accepted, predicted]
+
+    def overall_rate(self) -> np.ndarray:  # [2]
+        tried, accepted = self.pos_tried.sum(axis=1), self.pos_accepted.sum(axis=1)
+        return (accepted + self.prior_strength * self.initial_rate) / (tried + self.prior_strength)
+
+    def position_rates(self) -> np.ndarray:  # [2, K]
+        prior = self.prior_strength * self.overall_rate()[:, None]
+        return (self.pos_accepted + prior) / (self.pos_tried + self.prior_strength)
+
+    def bucket_rates(self) -> np.ndarray:  # [2, NUM_BUCKETS]
+        prior = self.prior_strength * self.overall_rate()[:, None]
+        return (self.accepted + prior) / (self.tried + self.prior_strength)
+
+    def request_factor(self, req_id: str) -> float:
+        accepted, predicted = self.requests.get(req_id, (0.0, 0.0))
+        w = self.request_strength
+        return (accepted + w) / (predicted + w)
+
+    def survival(self, confidence: np.ndarray, factors: np.ndarray, greedy: np.ndarray) -> np.ndarray:
+        """[B, k] P(drafts 1..i all accepted) from [B, k] confidences, [B] request factors and
+        [B] greedy flags."""
+        mode = np.asarray(greedy, dtype=np.int64)[:, None]
+        rates = np.minimum(1.0, self.bucket_rates()[mode, buckets(confidence)] * factors[:, None])
+        return np.cumprod(rates, axis=1)
+
+    def prior_survival(self, factors: np.ndarray, greedy: np.ndarray, k: int) -> np.ndarray:
+        """[B, k] survival before any confidence is known (per-position rates)."""
+        rates = self.position_rates()[np.asarray(greedy, dtype=np.int64), :k]
+        return np.cumprod(np.minimum(1.0, rates * factors[:, None]), axis=1)
+
+    def observe(self, req_id: str, confidence: np.ndarray, num_accepted: int, greedy: bool = False) -> None:
+        """One verification: the request's drafts had these confidences ([k]); ``num_accepted``
+        of them were accepted (drafts past the first rejection were never tried)."""
+        k = len(confidence)
+        tried = min(num_accepted + 1, k)
+        if tried == 0:
+            return
+        mode = int(bool(greedy))
+        b = buckets(confidence[:tried])
+        rates = self.bucket_rates()[mode, b]
+        hits = (np.arange(tried) < num_accepted).astype(np.float64)
+        np.add.at(self.tried[mode], b, 1.0)
+        np.add.at(self.accepted[mode], b, hits)
+        self.pos_tried[mode, :tried] += 1.0
+        self.pos_accepted[mode, :tried] += hits
+        acc_pred = self.requests.setdefault(req_id, [0.0, 0.0])
+        acc_pred[0] += float(hits.sum())
+        acc_pred[1] += float(rates.sum())
+
+    def step_decay(self) -> None:
+        for counts in (self.tried, self.accepted, self.pos_tried, self.pos_accepted):
+            counts *= self.decay
+
+    def forget(self, live: set[str]) -> None:
+        for req_id in [r for r in self.requests if r not in live]:
+            del self.requests[req_id]
+
+
+FEATURES = ("step", "per_request", "per_draft_pass", "per_drafted_token")
+
+
+class CostModel:
+    """Seconds of one engine step ~ theta . (1, requests, draft passes, drafted tokens).
+
+    Exponentially weighted least squares (weight ``decay`` per observation) with a ridge of
+    strength ``ridge`` toward ``prior`` (the start-up fit), solved on every update (4 x 4)."""
+
+    def __init__(self, decay: float = 0.995, ridge: float = 1.0):
+        self.decay = decay
+        self.ridge = ridge
+        self.xtx = np.zeros((4, 4))
+        self.xty = np.zeros(4)
+        self.count = 0
+        self.theta = np.zeros(4)
+        self.prior: np.ndarray | None = None
+        self.frozen = False  # pinned constants (set_speculation's "cost"): observations ignored
+
+    @staticmethod
+    def features(requests: int, passes: int, drafted: int) -> np.ndarray:
+        return np.array([1.0, float(requests), float(passes), float(drafted)])
+
+    def observe(self, requests: int, passes: int, drafted: int, seconds: float) -> None:
+        if self.frozen:
+            return
+        x = self.features(requests, passes, drafted)
+        self.xtx = self.decay * self.xtx + np.outer(x, x)
+        self.xty = self.decay * self.xty + x * seconds
+        self.count += 1
+        self._solve()
+
+    def _solve(self) -> None:
+        scale = np.sqrt(np.maximum(np.diag(self.xtx), 1e-12))  # ridge in standardized units
+        prior = self.prior if self.prior is not None else np.zeros(4)
+        reg = self.ridge * np.diag(scale**2) * (1e-3 if self.prior is None else 1.0)
+        try:
+            self.theta = np.linalg.solve(self.xtx + reg, self.xty + reg @ prior)
+        except np.linalg.LinAlgError:
+            pass
+
+    def freeze_prior(self) -> None:
+        """The start-up fit becomes the prior that later fits are pulled toward."""
+        self._solve()
+        self.prior = self.theta.copy()
+
+    def predict(self, requests: int, passes: int, drafted: int) -> float:
+        return float(self.features(requests, passes, drafted) @ self.theta)
+
+    def constants(self) -> dict[str, float]:
+        return dict(zip(FEATURES, map(float, self.theta)))
+
+
+def passes_for(kind: str, k: int) -> int:
+    """Draft forward passes a drafter runs to draft k tokens per request.
+
+    EAGLE / draft model run one pass even at k = 0 (their KV cache must follow the target's);
+    MEDUSA drafts every head in one pass; the MLP speculator runs one stage per token."""
+    if kind == "parallel":
+        return int(k > 0)
+    if kind == "kv":
+        return max(k, 1)
+    return k
+
+
+@dataclass
+class Plan:
+    """The decision for one step: cap k (0: no drafts), and the rate it is expected to reach."""
+
+    k: int
+    rate: float  # expected tokens / s of this plan
+    baseline_rate: float  # expected tokens / s without speculation
+    explore: bool = False
+
+
+@dataclass
+class Policy:
+    """Chooses drafts per step; one per model runner (engine core process)."""
+
+    max_k: int
+    kind: str = "sequential"  # "kv" (EAGLE, draft model), "parallel" (MEDUSA), "sequential" (MLP)
+    warmup_steps: int = 24  # the start-up measurement: K cycles through 0..max_k, random lengths
+    explore_every: int = 64  # afterwards one step in this many explores the same way
+    acceptance: AcceptanceModel = field(init=False)
+    cost: CostModel = field(init=False)
+    steps: int = 0  # cost observations so far
+    plans: int = 0
+    explorations: int = 0
+    skipped: int = 0  # steps planned with k = 0
+    last_plan: Plan | None = None
+    greedy: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # this step's [B] flags
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))  # exploration only
+
+    def __post_init__(self) -> None:
+        self.acceptance = AcceptanceModel(self.max_k)
+        self.cost = CostModel()
+
+    # -- the plan at the start of a step ------------------------------------------------------
+    def plan(self, req_ids: list[str], greedy: np.ndarray | None = None) -> Plan:
+        """This step's cap k* for the batch (``greedy``: [B] temperature-0 flags)."""
+        batch = len(req_ids)
+        self.plans += 1
+        self.greedy = np.zeros(batch, dtype=bool) if greedy is None else np.asarray(greedy, dtype=bool)
+        self._start_step(req_ids)
+        if self.steps < self.warmup_steps or (self.plans % self.explore_every == 0):
+            self.explorations += 1
+            plan = Plan(self.explorations % (self.max_k + 1), math.nan, math.nan, explore=True)
+        else:
+            rates = np.minimum(1.0, self._position_rates[self._mode, :] * self._factors[:, None])
+            expected = batch + np.concatenate([[0.0], np.cumsum(np.cumprod(rates, axis=1).sum(axis=0))])  # [K+1]
+            seconds = np.array([self.step_seconds(batch, k, batch * k) for k in range(self.max_k + 1)])
+            rates = expected / seconds
+            k = int(np.argmax(rates))
+            plan = Plan(k, float(rates[k]), float(batch / max(self.cost.predict(batch, 0, 0), 1e-9)))
+        self.skipped += plan.k == 0
+        self.last_plan = plan
+        return plan
+
+    def _start_step(self, req_ids: list[str]) -> None:
+        """What stays fixed during one step's drafting, computed once."""
+        self._factors = np.array([self.acceptance.request_factor(r) for r in req_ids])
+        self._mode = self.greedy.astype(np.int64)
+        self._bucket_rates = self.acceptance.bucket_rates()
+        self._position_rates = self.acceptance.position_rates()
+        self._survival: list[np.ndarray] = []  # per pass: [B] P(drafts 1..j all accepted)
+        self._confidence: list[np.ndarray] = []  # per pass: [B]
+
+    def step_seconds(self, batch: int, k: int, drafted: int) -> float:
+        return max(self.cost.predict(batch, passes_for(self.kind, k), drafted), 1e-9)
+
+    # -- while drafting -----------------------------------------------------------------------
+    def add_pass(self, confidence: np.ndarray, decide: bool = True) -> bool:
+        """After draft pass j: its [B] confidences; whether pass j + 1 pays (``decide=False``:
+        record only, for heads computed in one pass)."""
+        conf = np.asarray(confidence, dtype=np.float64)
+        rate = np.minimum(1.0, self._bucket_rates[self._mode, buckets(conf)] * self._factors)
+        previous = self._survival[-1] if self._survival else 1.0
+        self._survival.append(previous * rate)
+        self._confidence.append(conf)
+        if not decide:
+            return True
+        plan, j = self.last_plan, len(self._survival)
+        if plan is None or j >= plan.k:
+            return False
+        if plan.explore:
+            return True
+        next_rate = self._position_rates[self._mode, j]
+        gain = np.minimum(1.0, self._survival[-1] * next_rate * self._factors)  # expected survivors of pass j + 1
+        per_token, per_pass = self.cost.theta[3], self.cost.theta[2]
+        active = gain >= plan.rate * per_token
+        if not active.any():
+            return False
+        return float(gain[active].sum()) >= plan.rate * (per_pass + per_token * int(active.sum()))
+
+    def lengths(self) -> np.ndarray:
+        """[B] drafts to verify per request: the prefix of its drafts whose survival probability
+        still pays for its verification (this step's passes)."""
+        plan, width = self.last_plan, len(self._survival)
+        batch = len(self._factors)
+        if plan is None or width == 0:
+            return np.full(batch, width, dtype=np.int64)
+        if plan.explore:  # random lengths (draft-side randomness): drafted tokens vary apart from passes
+            return self.rng.integers(0, width + 1, size=batch)
+        survival = np.stack(self._survival, axis=1)  # [B, k], non-increasing
+        pays = survival >= plan.rate * max(self.cost.theta[3], 0.0)
+        return np.cumprod(pays, axis=1).sum(axis=1).astype(np.int64)
+
+    def confidences(self) -> np.ndarray:
+        """[B, passes] this step's recorded confidences."""
+        return np.stack(self._confidence, axis=1) if self._confidence else np.zeros((len(self._factors), 0))
+
+    def lengths_for(self, req_ids: list[str], confidence: np.ndarray) -> np.ndarray:
+        """lengths() for [B, k] confidences given at once (the step's passes replayed)."""
+        self._start_step(req_ids)
+        for column in confidence.T:
+            self.add_pass(column, decide=False)
+        return self.lengths()
+
+    # -- after a step -------------------------------------------------------------------------
+    def observe_step(self, requests: int, passes: int, drafted: int, seconds: float) -> None:
+        self.cost.observe(requests, passes, drafted, seconds)
+        self.steps += 1
+        self.acceptance.step_decay()
+        if self.steps == self.warmup_steps:
+            self.cost.freeze_prior()
+
+    def observe_verification(self, req_id: str, confidence: np.ndarray, num_accepted: int, greedy: bool = False) -> None:
+        self.acceptance.observe(req_id, confidence, num_accepted, greedy)

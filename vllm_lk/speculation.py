@@ -1,0 +1,213 @@
+"""Adaptive speculation inside vLLM's model runner (the second module, after patch.py, that
+touches vLLM internals; the decisions themselves are vllm_lk.adaptive's pure functions).
+
+``VLLM_LK_SPECULATION=adaptive`` (our server's default) gives each model runner a
+:class:`vllm_lk.adaptive.Policy`; ``fixed`` (the default under plain vLLM) leaves vLLM's fixed K.
+At runtime :func:`set_speculation` switches a running engine (``LLM.collective_rpc``).
+
+Per engine step, in the runner that owns the drafter:
+1. the time since the previous step, with the batch it served, feeds the cost model, and each
+   request's verification outcome (accepted drafts, with the confidences they were drafted at)
+   feeds the acceptance model;
+2. the plan caps this step's drafts at k* (0: no drafts);
+3. drafting records each pass's confidence ``max_v q(v)`` and stops the draft loop when another
+   pass does not pay (EAGLE / draft-model passes, MLP stages; MEDUSA computes only k* heads);
+4. each request keeps the prefix of its drafts that still pays; the scheduler then schedules
+   exactly those for verification (vLLM verifies a variable number per request).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from vllm_lk.adaptive import Policy
+
+logger = logging.getLogger("vllm.plugins.vllm_lk.speculation")
+
+MODE_ENV = "VLLM_LK_SPECULATION"
+MODES = ("fixed", "adaptive")
+KINDS = {"eagle": "kv", "eagle3": "kv", "draft_model": "kv", "mtp": "kv", "medusa": "parallel", "mlp_speculator": "sequential"}
+
+
+def mode_from_env() -> str:
+    mode = os.environ.get(MODE_ENV, "fixed").strip().lower() or "fixed"
+    if mode not in MODES:
+        raise ValueError(f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+class StopDrafting(Exception):
+    """Raised inside vLLM's draft loop when another pass does not pay; caught by our propose."""
+
+
+def new_policy(runner) -> Policy | None:
+    config = runner.speculative_config
+    kind = KINDS.get(getattr(config, "method", None)) if config is not None else None
+    if kind is None or not runner.num_spec_tokens:
+        return None
+    return Policy(max_k=runner.num_spec_tokens, kind=kind)
+
+
+def install(runner) -> None:
+    """Called at the end of the runner's __init__: attach a policy in adaptive mode."""
+    runner._lk_policy = new_policy(runner) if mode_from_env() == "adaptive" else None
+    runner._lk_saved_policy = None  # a policy kept (with what it learned) while fixed K runs
+    runner._lk_fixed_k = None  # fixed mode at a K below the configured one (set_speculation)
+    runner._lk_last = None  # (req_ids, passes, drafted, time) of the previous step's plan
+    runner._lk_conf = {}  # req_id -> [k] confidences of its drafts awaiting verification
+    if runner._lk_policy is not None:
+        logger.info("vllm_lk: adaptive speculation (K <= %d, %s drafter)", runner.num_spec_tokens, runner._lk_policy.kind)
+
+
+def set_speculation(worker, mode: str, k: int | None = None, policy: dict | None = None) -> str:
+    """Switch a running engine (registered as the worker method ``lk_set_speculation``):
+    ``llm.collective_rpc("lk_set_speculation", args=("adaptive",))``, or ``("fixed", 2)`` for a
+    fixed K of 2 (at most the configured K; None: the configured K). A policy keeps what it
+    learned across switches. ``policy`` (adaptive only) sets Policy fields (``warmup_steps``,
+    ``explore_every``) and may pin the cost model: ``"cost": [step, per_request, per_pass,
+    per_drafted_token]`` seconds, not updated online."""
+    if mode not in MODES:
+        raise ValueError(f"speculation mode {mode!r}: expected one of {', '.join(MODES)}")
+    runner = worker.model_runner
+    if k is not None and not 0 <= k <= runner.num_spec_tokens:
+        raise ValueError(f"k={k}: the engine was started with num_speculative_tokens={runner.num_spec_tokens}")
+    if mode == "adaptive":
+        runner._lk_policy = runner._lk_policy or runner._lk_saved_policy or new_policy(runner)
+        runner._lk_fixed_k = None
+        if policy and runner._lk_policy is not None:
+            _configure(runner._lk_policy, dict(policy))
+    else:
+        runner._lk_saved_policy = runner._lk_policy or runner._lk_saved_policy
+        runner._lk_policy, runner._lk_fixed_k = None, k
+    runner._lk_last, runner._lk_conf = None, {}
+    return mode
+
+
+def _configure(policy: Policy, settings: dict) -> None:
+    cost = settings.pop("cost", None)
+    for name, value in settings.items():
+        if name not in ("warmup_steps", "explore_every"):
+            raise ValueError(f"unknown policy setting {name!r}")
+        setattr(policy, name, int(value))
+    if cost is not None:
+        if len(cost) != 4:
+            raise ValueError("cost: expected [step, per_request, per_pass, per_drafted_token] seconds")
+        policy.cost.theta = np.asarray(cost, dtype=np.float64)
+        policy.cost.frozen = True
+    policy.steps = max(policy.steps, policy.warmup_steps)
+
+
+def policy_snapshot(worker) -> dict | None:
+    """The live policy's state (``LLM.collective_rpc(policy_snapshot)``), for benchmarks."""
+    policy = getattr(worker.model_runner, "_lk_policy", None)
+    if policy is None:
+        return None
+    return {"steps": policy.steps, "plans": policy.plans, "skipped": policy.skipped,
+            "cost": policy.cost.constants(), "position_rates": policy.acceptance.position_rates().tolist(),
+            "bucket_rates": policy.acceptance.bucket_rates().tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# step bookkeeping (runner side)
+
+
+def _num_accepted(sampled_token_ids, row: int) -> int:
+    if isinstance(sampled_token_ids, torch.Tensor):
+        return int((sampled_token_ids[row] >= 0).sum()) - 1
+    return len(sampled_token_ids[row]) - 1
+
+
+def greedy_flags(sampling_metadata, batch: int) -> np.ndarray:
+    """[B] bool: requests at temperature 0."""
+    if sampling_metadata.all_greedy or sampling_metadata.temperature is None:
+        return np.ones(batch, dtype=bool)
+    return (sampling_metadata.temperature[:batch] == 0).cpu().numpy()
+
+
+def observe(runner, scheduler_output, sampled_token_ids, spec_decode_metadata, greedy: np.ndarray) -> None:
+    """Feed the previous step's time and this step's verification outcomes to the policy."""
+    policy = runner._lk_policy
+    now = time.perf_counter()
+    req_ids = runner.input_batch.req_ids
+    last = runner._lk_last
+    if spec_decode_metadata is not None:
+        for row, (req_id, n) in enumerate(zip(req_ids, spec_decode_metadata.num_draft_tokens)):
+            conf = runner._lk_conf.pop(req_id, None)
+            if n and conf is not None and len(conf) >= n:
+                policy.observe_verification(req_id, conf[:n], max(_num_accepted(sampled_token_ids, row), 0), bool(greedy[row]))
+    drafted = sum(spec_decode_metadata.num_draft_tokens) if spec_decode_metadata is not None else 0
+    steady = (
+        last is not None and last[0] == tuple(req_ids) and last[2] == drafted
+        and scheduler_output.total_num_scheduled_tokens == len(req_ids) + drafted
+    )
+    if steady:
+        policy.observe_step(len(req_ids), last[1], last[2], now - last[3])
+    runner._lk_now = now
+    if len(policy.acceptance.requests) > 4 * max(len(req_ids), 1) + 64:
+        policy.acceptance.forget(set(req_ids))
+
+
+def record_pass(proposer, logits: torch.Tensor, probs: torch.Tensor | None, ids: torch.Tensor,
+                stop: bool = False, decide: bool = True) -> bool:
+    """After a draft pass: record its [B] confidences and return whether another pass pays
+    (``decide=False``: record only, for heads computed together). ``stop``: raise StopDrafting
+    instead of returning False (inside vLLM's own draft loop). No-op (True) unless the proposer
+    drafts for an adaptive runner this step."""
+    policy = proposer.__dict__.get("_lk_policy")
+    if policy is None:
+        return True
+    source = probs if probs is not None else logits.float().softmax(dim=-1)
+    proposer._lk_ids.append(ids)
+    proposer._lk_probs.append(probs)
+    keep = policy.add_pass(source.max(dim=-1).values.cpu().numpy(), decide=decide)
+    if not keep and stop:
+        raise StopDrafting
+    return keep
+
+
+def begin_drafting(runner, proposer, k: int) -> None:
+    proposer._lk_policy = runner._lk_policy if k > 0 else None
+    proposer._lk_ids, proposer._lk_probs = [], []
+
+
+def drafts_so_far(proposer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([B, j] ids, [B, j, V] q or None) of the passes run before a StopDrafting."""
+    ids = torch.stack(proposer._lk_ids, dim=1)
+    probs = proposer._lk_probs
+    return ids, None if any(q is None for q in probs) else torch.stack(probs, dim=1).contiguous()
+
+
+def finish(runner, proposer, drafts, k: int):
+    """Trim each request's drafts to the prefix that pays; remember their confidences.
+    Returns the drafts as vLLM's runner takes them (a list of lists when trimmed)."""
+    policy = runner._lk_policy
+    proposer._lk_policy = None
+    req_ids = runner.input_batch.req_ids
+    conf = policy.confidences()
+    passes = conf.shape[1]
+    width = drafts.shape[1] if isinstance(drafts, torch.Tensor) else 0
+    if width == 0 or passes < width:  # nothing drafted, or a drafter that records no confidences
+        runner._lk_last = (tuple(req_ids), _passes(policy, width), width * len(req_ids), runner._lk_now)
+        return drafts
+    if runner.use_async_scheduling:
+        # async scheduling keeps drafts as one tensor: the loop's early stop applies, per-request
+        # trimming does not (every request verifies the drafted width)
+        lengths = np.full(len(req_ids), width, dtype=np.int64)
+    else:
+        lengths = policy.lengths()
+    conf_rows = conf[:, :width]
+    for row, req_id in enumerate(req_ids):
+        runner._lk_conf[req_id] = conf_rows[row, : lengths[row]]
+    runner._lk_last = (tuple(req_ids), _passes(policy, passes), int(lengths.sum()), runner._lk_now)
+    if bool((lengths == width).all()):
+        return drafts
+    return [row[:n] for row, n in zip(drafts.tolist(), lengths.tolist())]
+
+
+def _passes(policy: Policy, passes: int) -> int:
+    return max(passes, 1) if policy.kind == "kv" else (int(passes > 0) if policy.kind == "parallel" else passes)
