@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.test_sampling import TRANSFORMS, PrefixModel, target_joint, transformed
+from tests.unit.test_sampling import TRANSFORMS, PrefixModel, completer, target_joint, transformed
 from vllm_lk import adaptive, sampling
 
 
@@ -28,16 +28,7 @@ def adaptive_step_distribution(target, draft, vocab, k_max, transform, keep):
     ``keep(drafts_before_i, confidences_1..i, x_i)``; otherwise it is discarded and the step
     ends with a token from p (the target's sample at that position)."""
     out = {}
-
-    def complete(prefix, prob):
-        if prob == 0.0:
-            return
-        if len(prefix) == k_max + 1:
-            out[tuple(prefix)] = out.get(tuple(prefix), 0.0) + prob
-            return
-        p = transformed(target, prefix, transform)
-        for v in range(len(p)):
-            complete(prefix + [v], prob * float(p[v]))
+    complete = completer(out, target, transform, k_max + 1)
 
     def step(prefix, prob, confidences):
         p = transformed(target, prefix, transform)

@@ -183,22 +183,30 @@ def transformed(model, prefix, transform):
     return sampling.sampling_probs(model.logits(prefix)[None], torch.tensor([temperature]), k, p)[0]
 
 
+def completer(out, target, transform, length):
+    """complete(prefix, prob): add prob x P_target(continuation) to ``out`` for every
+    continuation of ``prefix`` to ``length`` tokens."""
+
+    def complete(prefix, prob):
+        if prob == 0.0:
+            return
+        if len(prefix) == length:
+            out[tuple(prefix)] = out.get(tuple(prefix), 0.0) + prob
+            return
+        p = transformed(target, prefix, transform)
+        for v in range(len(p)):
+            complete(prefix + [v], prob * float(p[v]))
+
+    return complete
+
+
 def exact_step_distribution(target, draft, vocab, k_max, transform):
     """P(first K+1 tokens) after one speculative step + target completion; and per-position
     acceptance P(draft k accepted | drafts < k accepted)."""
     out = {}
     accepted_mass = [0.0] * k_max
     reached_mass = [0.0] * k_max
-
-    def complete(prefix, prob):
-        if prob == 0.0:
-            return
-        if len(prefix) == k_max + 1:
-            out[tuple(prefix)] = out.get(tuple(prefix), 0.0) + prob
-            return
-        p = transformed(target, prefix, transform)
-        for v in range(vocab):
-            complete(prefix + [v], prob * float(p[v]))
+    complete = completer(out, target, transform, k_max + 1)
 
     def step(prefix, prob):  # prefix = accepted drafts so far
         k = len(prefix)
