@@ -224,13 +224,13 @@ def markdown(report: dict) -> str:
             f"{fmt(r['drafts_per_step'])} | {fmt(r.get('c'))} | {fmt(r.get('bound'))} |")
     if report.get("breakdown"):
         names = ("target_forward", "draft_forward", "drafting", "verification", "sampling", "scheduler", "other_engine", "front_end", "step")
-        lines += ["", "Where a step's time goes (ms per engine step, concurrency 1, fixed K; training.speed_profile; "
-                  "drafting includes draft_forward):", "",
-                  "| drafter | K | T | tok/s | tokens/step | " + " | ".join(names) + " | target forward by query tokens |",
-                  "|---" * (len(names) + 6) + "|"]
+        lines += ["", "Where a step's time goes (ms per engine step, concurrency 1; training.speed_profile; "
+                  "drafting includes draft_forward; adaptive: K is the cap):", "",
+                  "| drafter | mode | K | T | tok/s | tokens/step | " + " | ".join(names) + " | target forward by query tokens |",
+                  "|---" * (len(names) + 7) + "|"]
         for b in report["breakdown"]:
             by_tokens = ", ".join(f"{n}: {v:.2f}" for n, v in sorted(b["target_forward_ms_by_query_tokens"].items(), key=lambda kv: int(kv[0])) if int(n) <= 16)
-            lines.append(f"| {b['drafter']} | {b['K']} | {b['temperature']:g} | {b['tokens_per_s']:.0f} | {b['tokens_per_step']:.2f} | "
+            lines.append(f"| {b['drafter']} | {b.get('mode', 'fixed')} | {b['K']} | {b['temperature']:g} | {b['tokens_per_s']:.0f} | {b['tokens_per_step']:.2f} | "
                          + " | ".join(f"{b['ms_per_step'][n]:.2f}" for n in names) + f" | {by_tokens} |")
     return "\n".join(lines) + "\n"
 
@@ -278,18 +278,20 @@ def environment() -> dict:
 
 def profile_steps(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompts: list[list[int]]) -> list[dict]:
     """The step breakdown (training.speed_profile, one process per setting): no speculation, and
-    each drafter at fixed K = profile_k, at each temperature; concurrency 1."""
+    each drafter at fixed K = profile_k and adaptive with that cap, at each temperature;
+    concurrency 1."""
     import subprocess
     import sys
     import tempfile
 
     from training.evaluate import VLLM_METHODS
 
-    settings = [(None, None)] + [(kind, path) for kind, path in drafters.items()]
+    settings = [(None, None, "fixed")] + [(kind, path, mode) for kind, path in drafters.items()
+                                          for mode in (("fixed", "adaptive") if config.adaptive else ("fixed",))]
     rows = []
-    for (kind, path), temperature in tqdm([(s, t) for s in settings for t in config.temperatures], desc="step breakdown"):
+    for (kind, path, mode), temperature in tqdm([(s, t) for s in settings for t in config.temperatures], desc="step breakdown"):
         spec = {"target": str(target), "method": VLLM_METHODS[kind] if kind else None, "drafter": str(path) if path else None,
-                "k": min(config.profile_k, config.num_heads), "mode": "fixed", "temperature": temperature,
+                "k": min(config.profile_k, config.num_heads), "mode": mode, "temperature": temperature,
                 "prompts": prompts, "max_tokens": config.max_tokens,
                 "gpu_memory_utilization": config.gpu_memory_utilization, "max_model_len": config.max_model_len}
         with tempfile.TemporaryDirectory() as tmp:
@@ -298,7 +300,8 @@ def profile_steps(config: SpeedConfig, target: Path, drafters: dict[str, Path], 
             subprocess.run([sys.executable, "-m", "training.speed_profile", "--spec", str(spec_file), "--out", str(out)],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             result = json.loads(out.read_text())
-        rows.append({"drafter": kind or "none", "K": spec["k"] if kind else 0, "temperature": temperature, **result})
+        rows.append({"drafter": kind or "none", "mode": mode if kind else "none", "K": spec["k"] if kind else 0,
+                     "temperature": temperature, **result})
     return rows
 
 

@@ -169,6 +169,14 @@ class CostModel:
         return dict(zip(FEATURES, map(float, self.theta)))
 
 
+def batch_bucket(batch: int) -> int:
+    """The cost model a batch of this size uses: 1, 2, 4, 8, ... (sizes 5-8 share bucket 8). A
+    step's cost is not linear in the batch size (at 1 request a drafted token rides on a forward
+    that reads the weights anyway; at 8 the verified tokens start to cost compute), so each
+    bucket fits its own model."""
+    return 1 << max(batch - 1, 0).bit_length()
+
+
 def passes_for(kind: str, k: int) -> int:
     """Draft forward passes a drafter runs to draft k tokens per request.
 
@@ -197,10 +205,11 @@ class Policy:
 
     max_k: int
     kind: str = "sequential"  # "kv" (EAGLE, draft model), "parallel" (MEDUSA), "sequential" (MLP)
-    warmup_steps: int = 24  # the start-up measurement: K cycles through 0..max_k, random lengths
+    warmup_steps: int = 24  # per batch bucket, the start-up measurement: K cycles through 0..max_k, random lengths
     explore_every: int = 64  # afterwards one step in this many explores the same way
     acceptance: AcceptanceModel = field(init=False)
-    cost: CostModel = field(init=False)
+    costs: dict[int, CostModel] = field(default_factory=dict)  # batch bucket -> its cost model
+    pinned: np.ndarray | None = None  # cost constants set by the operator (no online fit)
     steps: int = 0  # cost observations so far
     plans: int = 0
     explorations: int = 0
@@ -211,7 +220,28 @@ class Policy:
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel(self.max_k)
-        self.cost = CostModel()
+        self._cost: CostModel | None = None
+
+    def cost_for(self, batch: int) -> CostModel:
+        bucket = batch_bucket(batch)
+        model = self.costs.get(bucket)
+        if model is None:
+            model = self.costs[bucket] = CostModel()
+            if self.pinned is not None:
+                model.theta, model.frozen = self.pinned.copy(), True
+        return model
+
+    @property
+    def cost(self) -> CostModel:
+        """The cost model of this step's batch (of a single request before the first plan)."""
+        return self._cost if self._cost is not None else self.cost_for(1)
+
+    def pin_cost(self, theta) -> None:
+        """Fixed cost constants (seconds: step, per request, per draft pass, per drafted token)
+        for every batch size; observations no longer change them."""
+        self.pinned = np.asarray(theta, dtype=np.float64)
+        for model in self.costs.values():
+            model.theta, model.frozen = self.pinned.copy(), True
 
     # -- the plan at the start of a step ------------------------------------------------------
     def plan(self, req_ids: list[str], greedy: np.ndarray | None = None) -> Plan:
@@ -220,7 +250,9 @@ class Policy:
         self.plans += 1
         self.greedy = np.zeros(batch, dtype=bool) if greedy is None else np.asarray(greedy, dtype=bool)
         self._start_step(req_ids)
-        if self.steps < self.warmup_steps or (self.plans % self.explore_every == 0):
+        self._cost = self.cost_for(batch)
+        warming = not self._cost.frozen and self._cost.count < self.warmup_steps
+        if warming or self.plans % self.explore_every == 0:
             self.explorations += 1
             plan = Plan(self.explorations % (self.max_k + 1), math.nan, math.nan, explore=True)
         else:
@@ -296,11 +328,12 @@ class Policy:
 
     # -- after a step -------------------------------------------------------------------------
     def observe_step(self, requests: int, passes: int, drafted: int, seconds: float) -> None:
-        self.cost.observe(requests, passes, drafted, seconds)
+        model = self.cost_for(requests)
+        model.observe(requests, passes, drafted, seconds)
         self.steps += 1
         self.acceptance.step_decay()
-        if self.steps == self.warmup_steps:
-            self.cost.freeze_prior()
+        if model.count == self.warmup_steps:
+            model.freeze_prior()
 
     def observe_verification(self, req_id: str, confidence: np.ndarray, num_accepted: int, greedy: bool = False) -> None:
         self.acceptance.observe(req_id, confidence, num_accepted, greedy)

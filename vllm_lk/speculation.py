@@ -97,9 +97,7 @@ def _configure(policy: Policy, settings: dict) -> None:
     if cost is not None:
         if len(cost) != 4:
             raise ValueError("cost: expected [step, per_request, per_pass, per_drafted_token] seconds")
-        policy.cost.theta = np.asarray(cost, dtype=np.float64)
-        policy.cost.frozen = True
-    policy.steps = max(policy.steps, policy.warmup_steps)
+        policy.pin_cost(cost)
 
 
 def policy_snapshot(worker) -> dict | None:
@@ -108,7 +106,8 @@ def policy_snapshot(worker) -> dict | None:
     if policy is None:
         return None
     return {"steps": policy.steps, "plans": policy.plans, "skipped": policy.skipped,
-            "cost": policy.cost.constants(), "position_rates": policy.acceptance.position_rates().tolist(),
+            "cost": {str(bucket): model.constants() for bucket, model in sorted(policy.costs.items())},
+            "position_rates": policy.acceptance.position_rates().tolist(),
             "bucket_rates": policy.acceptance.bucket_rates().tolist()}
 
 

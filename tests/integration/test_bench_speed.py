@@ -28,7 +28,7 @@ def test_bench_speed_writes_every_cell(tiny_target, tiny_mlp, tmp_path):
     assert {"drafter", "mode", "K", "temperature", "concurrency", "tokens_per_s", "speedup", "tau"} <= set(written["rows"][0])
     assert (tmp_path / "speed.md").read_text().startswith("# vllm-lk bench speed")
     assert (tmp_path / "speed.png").stat().st_size > 10_000
-    breakdown = {(b["drafter"], b["temperature"]): b for b in written["breakdown"]}
-    assert set(breakdown) == {("none", 0.0), ("none", 1.0), ("mlp", 0.0), ("mlp", 1.0)}
-    assert breakdown[("mlp", 1.0)]["ms_per_step"]["draft_forward"] > 0
-    assert breakdown[("none", 1.0)]["ms_per_step"]["draft_forward"] == 0
+    breakdown = {(b["drafter"], b["mode"], b["temperature"]): b for b in written["breakdown"]}
+    assert set(breakdown) == {(d, m, t) for d, m in [("none", "none"), ("mlp", "fixed"), ("mlp", "adaptive")] for t in (0.0, 1.0)}
+    assert breakdown[("mlp", "fixed", 1.0)]["ms_per_step"]["draft_forward"] > 0
+    assert breakdown[("none", "none", 1.0)]["ms_per_step"]["draft_forward"] == 0

@@ -155,3 +155,18 @@ def test_plan_speculates_only_when_it_pays(rate_per_pass, expect_k):
     plan = policy.plan(["r"])
     assert plan.k == expect_k
     assert plan.baseline_rate == pytest.approx(250, rel=0.05)
+
+
+def test_each_batch_size_bucket_has_its_own_cost_model():
+    """One request: a drafted token costs little (the forward reads the weights anyway); eight:
+    verified tokens cost compute. One linear model over both would get one of them wrong."""
+    policy = adaptive.Policy(max_k=3, kind="sequential", warmup_steps=8, explore_every=10**9)
+    for i in range(300):
+        k = i % 4
+        policy.observe_step(1, k, k, 0.004 + 0.0003 * k)  # ~8 % of a step per draft
+        policy.observe_step(8, k, 8 * k, 0.008 + 0.02 * k)  # 2.5 steps a draft
+        policy.observe_verification(f"r{i % 8}", np.full(3, 0.5), 1)
+    assert adaptive.batch_bucket(1) == 1 and adaptive.batch_bucket(5) == adaptive.batch_bucket(8) == 8
+    assert policy.plan(["r0"]).k > 0
+    assert policy.plan([f"r{i}" for i in range(8)]).k == 0
+    assert set(policy.costs) == {1, 8}
