@@ -85,6 +85,8 @@ def engine_kwargs(config: ServerConfig, spec: SpecSetup) -> dict[str, Any]:
     kwargs["served_model_name"] = config.model_name()
     kwargs["per_request_spec_decode_metrics"] = "detailed"
     kwargs.setdefault("disable_log_stats", False)  # vLLM's vllm:* Prometheus metrics need stat logging
+    if spec.drafter is not None and config.speculation == "adaptive":
+        kwargs.setdefault("async_scheduling", False)  # a per-step K needs it (vllm_lk.speculation)
     if spec.drafter is not None:
         kwargs["speculative_config"] = {
             "method": spec.method, "model": spec.drafter, "num_speculative_tokens": spec.num_speculative_tokens,

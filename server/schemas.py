@@ -116,6 +116,8 @@ class SpeculativeUsage(BaseModel):
     drafted_tokens: int
     accepted_tokens: int
     acceptance_length: float | None = Field(..., description="1 + accepted / verification steps (null before any step)")
+    drafts_per_step: float | None = Field(
+        None, description="drafted tokens / verification steps: K under fixed speculation, what the policy chose under adaptive")
     drafted_per_position: list[int]
     accepted_per_position: list[int]
     acceptance_rate_per_position: list[float | None]

@@ -71,6 +71,7 @@ class SpecStats:
             "drafted_tokens": self.drafted_tokens,
             "accepted_tokens": self.accepted_tokens,
             "acceptance_length": self.acceptance_length,
+            "drafts_per_step": self.drafted_tokens / self.steps if self.steps else None,
             "drafted_per_position": list(self.drafted),
             "accepted_per_position": list(self.accepted),
             "acceptance_rate_per_position": self.acceptance_rates(),

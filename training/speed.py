@@ -78,7 +78,10 @@ def start_engine(config: SpeedConfig, target: Path, kind: str | None, drafter: P
     if kind is not None:
         extra = {"speculative_config": {"method": VLLM_METHODS[kind], "model": str(drafter), "num_speculative_tokens": max(config.ks)},
                  "per_request_spec_decode_metrics": "summary"}
-    return make_llm(target, engine, seed=config.seed, disable_log_stats=False, **extra)
+    # async scheduling off everywhere: with it vLLM reserves the configured K draft slots per
+    # request before drafting, so a runtime K (fixed below the engine's, or adaptive) cannot apply;
+    # off for no speculation too, so every row runs the same scheduler
+    return make_llm(target, engine, seed=config.seed, disable_log_stats=False, async_scheduling=False, **extra)
 
 
 def set_mode(llm, mode: str, k: int | None) -> None:

@@ -123,7 +123,7 @@ def profile(target: str, method: str | None, drafter: str | None, k: int, mode: 
     if method is not None:
         extra = {"speculative_config": {"method": method, "model": drafter, "num_speculative_tokens": k}}
     llm = LLM(model=target, dtype="float32", enforce_eager=True, gpu_memory_utilization=gpu_memory_utilization,
-              max_model_len=max_model_len, seed=0, **extra)
+              max_model_len=max_model_len, seed=0, async_scheduling=False, **extra)
     timers = instrument(llm)
 
     def run(items):

@@ -140,7 +140,7 @@ class CostModel:
         return np.array([1.0, float(requests), float(passes), float(drafted)])
 
     def observe(self, requests: int, passes: int, drafted: int, seconds: float) -> None:
-        if self.frozen:
+        if self.frozen:  # pinned constants: the count stays, so no start-up fit replaces them
             return
         x = self.features(requests, passes, drafted)
         self.xtx = self.decay * self.xtx + np.outer(x, x)
@@ -332,7 +332,7 @@ class Policy:
         model.observe(requests, passes, drafted, seconds)
         self.steps += 1
         self.acceptance.step_decay()
-        if model.count == self.warmup_steps:
+        if model.count == self.warmup_steps and not model.frozen:
             model.freeze_prior()
 
     def observe_verification(self, req_id: str, confidence: np.ndarray, num_accepted: int, greedy: bool = False) -> None:

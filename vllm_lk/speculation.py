@@ -53,9 +53,18 @@ def new_policy(runner) -> Policy | None:
     return Policy(max_k=runner.num_spec_tokens, kind=kind)
 
 
+ASYNC_REFUSED = ("vllm_lk: adaptive speculation and a runtime K below the configured one need the engine "
+                 "argument async_scheduling=False (with async scheduling vLLM's scheduler reserves the configured K "
+                 "draft slots per request before the drafter runs)")
+
+
 def install(runner) -> None:
     """Called at the end of the runner's __init__: attach a policy in adaptive mode."""
-    runner._lk_policy = new_policy(runner) if mode_from_env() == "adaptive" else None
+    adaptive = mode_from_env() == "adaptive"
+    if adaptive and runner.use_async_scheduling:
+        logger.warning("%s; serving fixed K", ASYNC_REFUSED)
+        adaptive = False
+    runner._lk_policy = new_policy(runner) if adaptive else None
     runner._lk_saved_policy = None  # a policy kept (with what it learned) while fixed K runs
     runner._lk_fixed_k = None  # fixed mode at a K below the configured one (set_speculation)
     runner._lk_last = None  # (req_ids, passes, drafted, time) of the previous step's plan
@@ -74,6 +83,8 @@ def set_speculation(worker, mode: str, k: int | None = None, policy: dict | None
     if mode not in MODES:
         raise ValueError(f"speculation mode {mode!r}: expected one of {', '.join(MODES)}")
     runner = worker.model_runner
+    if runner.use_async_scheduling and (mode == "adaptive" or (k is not None and k != runner.num_spec_tokens)):
+        raise ValueError(ASYNC_REFUSED)
     if k is not None and not 0 <= k <= runner.num_spec_tokens:
         raise ValueError(f"k={k}: the engine was started with num_speculative_tokens={runner.num_spec_tokens}")
     if mode == "adaptive":
@@ -193,12 +204,7 @@ def finish(runner, proposer, drafts, k: int):
     if width == 0 or passes < width:  # nothing drafted, or a drafter that records no confidences
         runner._lk_last = (tuple(req_ids), _passes(policy, width), width * len(req_ids), runner._lk_now)
         return drafts
-    if runner.use_async_scheduling:
-        # async scheduling keeps drafts as one tensor: the loop's early stop applies, per-request
-        # trimming does not (every request verifies the drafted width)
-        lengths = np.full(len(req_ids), width, dtype=np.int64)
-    else:
-        lengths = policy.lengths()
+    lengths = policy.lengths()
     conf_rows = conf[:, :width]
     for row, req_id in enumerate(req_ids):
         runner._lk_conf[req_id] = conf_rows[row, : lengths[row]]

@@ -29,6 +29,7 @@ def make_llm(target, draft, method="draft_model", adaptive=False):
         model=str(target), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1,
         max_model_len=512, seed=0, per_request_spec_decode_metrics="detailed",
         speculative_config={"method": method, "model": str(draft), "num_speculative_tokens": K},
+        **({"async_scheduling": False} if adaptive else {}),  # adaptive needs it (vllm_lk.speculation)
     )
     if adaptive:
         llm.collective_rpc("lk_set_speculation", args=("adaptive", None, DECISIVE))

@@ -38,6 +38,7 @@ def check_spec(spec: dict, completion_tokens: int, choices: int = 1) -> None:
     assert spec["accepted_per_position"] == sorted(spec["accepted_per_position"], reverse=True)
     if steps:
         assert spec["acceptance_length"] == pytest.approx(1 + accepted / steps)
+        assert spec["drafts_per_step"] == pytest.approx(spec["drafted_tokens"] / steps)
     assert steps + accepted + choices >= completion_tokens > accepted  # max_tokens may cut the last step
 
 

@@ -170,3 +170,13 @@ def test_each_batch_size_bucket_has_its_own_cost_model():
     assert policy.plan(["r0"]).k > 0
     assert policy.plan([f"r{i}" for i in range(8)]).k == 0
     assert set(policy.costs) == {1, 8}
+
+
+def test_pinned_costs_survive_observations():
+    policy = adaptive.Policy(max_k=3, warmup_steps=0, explore_every=10**9)
+    policy.pin_cost([0.004, 0.0, 0.01, 0.01])
+    for _ in range(5):
+        policy.plan(["r"])
+        policy.observe_step(1, 1, 1, 0.001)
+    assert list(policy.cost.theta) == [0.004, 0.0, 0.01, 0.01]
+    assert policy.plan(["r"]).k == 0  # drafting costs 5 steps a token here

@@ -38,6 +38,7 @@ def test_spec_stats_count_positions_like_vllm():
     assert SpecStats(3).acceptance_length is None and SpecStats(2).acceptance_rates() == [None, None]
     usage = stats.to_usage()
     assert usage["verification_steps"] == 4 and usage["accepted_per_position"] == [3, 3, 1]
+    assert usage["drafts_per_step"] == pytest.approx(11 / 4) and SpecStats(3).to_usage()["drafts_per_step"] is None
 
 
 def test_choice_tracker_hands_out_only_new_steps():
