@@ -212,7 +212,7 @@ def _wrap_propose_draft_token_ids(original):
         finally:
             scheduler_output.num_spec_tokens_to_schedule = stock_k
         if policy is not None:
-            drafts = speculation.finish(self, self.drafter, drafts, k)
+            drafts = speculation.finish(self, self.drafter, drafts)
         if self._draft_probs is None and hasattr(self.drafter, "take_last_draft_probs"):
             # drafters the runner does not ask for q (MEDUSA)
             probs = self.drafter.take_last_draft_probs()

@@ -192,7 +192,7 @@ def drafts_so_far(proposer) -> tuple[torch.Tensor, torch.Tensor | None]:
     return ids, None if any(q is None for q in probs) else torch.stack(probs, dim=1).contiguous()
 
 
-def finish(runner, proposer, drafts, k: int):
+def finish(runner, proposer, drafts):
     """Trim each request's drafts to the prefix that pays; remember their confidences.
     Returns the drafts as vLLM's runner takes them (a list of lists when trimmed)."""
     policy = runner._lk_policy
