@@ -99,12 +99,12 @@ def _bench_reproduce(args: argparse.Namespace) -> int:
 
 def _bench_speed(args: argparse.Namespace) -> int:
     from training.config import resolve_config
-    from training.speed import SpeedConfig, bench_speed, summary
+    from training.speed import SpeedConfig, bench_speed, markdown
 
     config = resolve_config(SpeedConfig, args)
     if args.quick:
         config = SpeedConfig.quick(**{k: v for k, v in config.model_dump().items() if k in config.model_fields_set})
-    print(summary(bench_speed(config, json_path=args.json)))
+    print(markdown(bench_speed(config, json_path=args.json)))
     return 0
 
 

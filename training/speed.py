@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import random
 import statistics
 import time
@@ -212,7 +211,7 @@ def markdown(report: dict) -> str:
     config = report["config"]
     lines = [
         "# vllm-lk bench speed", "",
-        f"{report['environment']['machine']}; {config['prompts']} held-out code prompts x {config['max_tokens']} tokens "
+        f"{report['environment']['platform']}, {report['environment']['cpus']} CPU cores; {config['prompts']} held-out code prompts x {config['max_tokens']} tokens "
         f"(ignore_eos), {config['rounds']} interleaved rounds; speedup = median over rounds vs no speculation "
         "(same round, T, concurrency) [min-max]; tau = tokens per verification step; "
         "c = fitted cost of one drafted token relative to a decode step; bound = tau / (1 + K c).", "",
@@ -269,16 +268,6 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def environment() -> dict:
-    import os
-
-    import torch
-    import vllm
-
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "vllm": vllm.__version__, "python": platform.python_version()}
-
-
 def profile_steps(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompts: list[list[int]]) -> list[dict]:
     """The step breakdown (training.speed_profile, one process per setting): no speculation, and
     each drafter at fixed K = profile_k and adaptive with that cap, at each temperature;
@@ -311,6 +300,7 @@ def profile_steps(config: SpeedConfig, target: Path, drafters: dict[str, Path], 
 def bench_speed(config: SpeedConfig, out: str | Path | None = None, json_path: str | Path | None = None) -> dict:
     """Build what is missing, measure, write JSON (+ markdown and PNG beside it); the report."""
     from training.generate import EngineFields, prepare_prompts, resolve_target
+    from training.reproduce import environment
 
     target = resolve_target(config.target)
     assert max(config.ks) <= config.num_heads, "every K must be <= num_heads"
@@ -332,6 +322,3 @@ def bench_speed(config: SpeedConfig, out: str | Path | None = None, json_path: s
         plot(report, json_path.with_suffix(".png"))
     return report
 
-
-def summary(report: dict) -> str:
-    return markdown(report)

@@ -116,14 +116,16 @@ def profile(target: str, method: str | None, drafter: str | None, k: int, mode: 
             prompts: list[list[int]], max_tokens: int, gpu_memory_utilization: float, max_model_len: int) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_LK_SPECULATION"] = mode
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from training.generate import EngineFields, make_llm
 
     extra = {}
     if method is not None:
         extra = {"speculative_config": {"method": method, "model": drafter, "num_speculative_tokens": k}}
-    llm = LLM(model=target, dtype="float32", enforce_eager=True, gpu_memory_utilization=gpu_memory_utilization,
-              max_model_len=max_model_len, seed=0, async_scheduling=False, **extra)
+    engine = EngineFields(gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+    llm = make_llm(Path(target), engine, seed=0, async_scheduling=False, **extra)
     timers = instrument(llm)
 
     def run(items):

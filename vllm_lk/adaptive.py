@@ -76,18 +76,6 @@ class AcceptanceModel:
         w = self.request_strength
         return (accepted + w) / (predicted + w)
 
-    def survival(self, confidence: np.ndarray, factors: np.ndarray, greedy: np.ndarray) -> np.ndarray:
-        """[B, k] P(drafts 1..i all accepted) from [B, k] confidences, [B] request factors and
-        [B] greedy flags."""
-        mode = np.asarray(greedy, dtype=np.int64)[:, None]
-        rates = np.minimum(1.0, self.bucket_rates()[mode, buckets(confidence)] * factors[:, None])
-        return np.cumprod(rates, axis=1)
-
-    def prior_survival(self, factors: np.ndarray, greedy: np.ndarray, k: int) -> np.ndarray:
-        """[B, k] survival before any confidence is known (per-position rates)."""
-        rates = self.position_rates()[np.asarray(greedy, dtype=np.int64), :k]
-        return np.cumprod(np.minimum(1.0, rates * factors[:, None]), axis=1)
-
     def observe(self, req_id: str, confidence: np.ndarray, num_accepted: int, greedy: bool = False) -> None:
         """One verification: the request's drafts had these confidences ([k]); ``num_accepted``
         of them were accepted (drafts past the first rejection were never tried)."""

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from vllm_lk.adaptive import Policy
+from vllm_lk.adaptive import Policy, passes_for
 
 logger = logging.getLogger("vllm.plugins.vllm_lk.speculation")
 
@@ -202,17 +202,14 @@ def finish(runner, proposer, drafts):
     passes = conf.shape[1]
     width = drafts.shape[1] if isinstance(drafts, torch.Tensor) else 0
     if width == 0 or passes < width:  # nothing drafted, or a drafter that records no confidences
-        runner._lk_last = (tuple(req_ids), _passes(policy, width), width * len(req_ids), runner._lk_now)
+        runner._lk_last = (tuple(req_ids), passes_for(policy.kind, width), width * len(req_ids), runner._lk_now)
         return drafts
     lengths = policy.lengths()
     conf_rows = conf[:, :width]
     for row, req_id in enumerate(req_ids):
         runner._lk_conf[req_id] = conf_rows[row, : lengths[row]]
-    runner._lk_last = (tuple(req_ids), _passes(policy, passes), int(lengths.sum()), runner._lk_now)
+    runner._lk_last = (tuple(req_ids), passes_for(policy.kind, passes), int(lengths.sum()), runner._lk_now)
     if bool((lengths == width).all()):
         return drafts
     return [row[:n] for row, n in zip(drafts.tolist(), lengths.tolist())]
 
-
-def _passes(policy: Policy, passes: int) -> int:
-    return max(passes, 1) if policy.kind == "kv" else (int(passes > 0) if policy.kind == "parallel" else passes)

@@ -80,7 +80,7 @@ def test_policy_lengths_keep_the_output_exact(vocab, k_max, transform):
     # set the rate so that the first draft at the root just pays: later drafts then pay or not
     # depending on the confidences that earlier drafts lead to
     root = float(transformed(draft, [], transform).max())
-    first = float(policy.acceptance.survival(np.array([[root]]), np.ones(1), np.zeros(1, bool))[0, 0])
+    first = min(1.0, float(policy.acceptance.bucket_rates()[0, adaptive.buckets(np.array([root]))[0]]))
     assert policy.lengths_for(["r"], np.array([[root]]))[0] == 1  # the replay gives the same survival
     policy.last_plan.rate = 0.95 * first / policy.cost.theta[3]
     decisions = []

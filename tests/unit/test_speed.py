@@ -32,7 +32,7 @@ def test_speedup_is_against_the_same_rounds_baseline_and_c_solves_the_bound():
     assert rows[("adaptive", 3)]["bound"] == pytest.approx(2.4 / (1 + 2 * c))  # K = drafts per step
     assert rows[("adaptive", 3)]["drafts_per_step"] == pytest.approx(2.0)
     report = {"config": json.loads(config.model_dump_json()), "rows": list(rows.values()),
-              "environment": {"machine": "test"}}
+              "environment": {"platform": "test", "cpus": 2}}
     text = markdown(report)
     assert "| 0 | 1 | mlp | adaptive | – | " in text and "2.20× [2.20–2.20]" in text
 
