@@ -4,7 +4,7 @@ Ours live in a registry per app (so two apps in one process, as in tests, do not
 named ``vllm_lk_*``; vLLM's ``vllm:*`` metrics (among them the ``vllm:spec_decode_*`` counters)
 live in prometheus-client's default registry, where vLLM's stat logger puts them. ``/metrics``
 serves both, so one scrape sees the engine's counters and the per-request view side by side.
-Every name and help text is listed in README.md ("Server").
+Every name and help text is listed in docs/server.md ("Metrics").
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def test_usage_and_metrics_agree_with_engine_counters(base, client):
 def test_metrics_exposition_names_are_documented(base):
     text = httpx.get(base + "/metrics").text
     names = {n for n in re.findall(r"^# HELP (vllm_lk_\w+)", text, re.M) if not n.endswith("_created")}
-    readme = open("README.md").read()
+    readme = open("docs/server.md").read()
     missing = sorted(n for n in names if f"`{n}" not in readme)
     assert not missing, f"undocumented metrics: {missing}"
     for name in ("vllm_lk_info", "vllm_lk_requests_running", "vllm_lk_requests_waiting", "vllm_lk_window_acceptance_length",
