@@ -22,18 +22,19 @@ K = 3
 PROMPT = "def "
 
 
-def make_llm(target, draft, method="draft_model", adaptive=False):
+def make_llm(target, draft, method="draft_model", async_scheduling=None):
     from vllm import LLM
 
-    llm = LLM(
+    return LLM(
         model=str(target), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1,
         max_model_len=512, seed=0, per_request_spec_decode_metrics="detailed",
         speculative_config={"method": method, "model": str(draft), "num_speculative_tokens": K},
-        **({"async_scheduling": False} if adaptive else {}),  # adaptive needs it (vllm_lk.speculation)
+        **({} if async_scheduling is None else {"async_scheduling": async_scheduling}),
     )
-    if adaptive:
-        llm.collective_rpc("lk_set_speculation", args=("adaptive", None, DECISIVE))
-    return llm
+
+
+def set_mode(llm, adaptive: bool) -> None:
+    llm.collective_rpc("lk_set_speculation", args=("adaptive", None, DECISIVE) if adaptive else ("fixed",))
 
 
 # Adaptive speculation whose decisions vary from step to step and request to request: every
@@ -90,24 +91,53 @@ HEAD_FIXTURES = {"eagle": "tiny_eagle", "eagle3": "tiny_eagle3", "medusa": "tiny
 DRAFTERS = ["draft_model", "eagle", "eagle3", "medusa", "mlp_speculator"]
 
 
-@pytest.fixture(scope="module", params=DRAFTERS + [f"{d}-adaptive" for d in DRAFTERS])
-def any_drafter_llm(request, tiny_target):
+class OneEngine:
+    """At most one drafter engine alive (with spec_llm and identity engines, the CPU's memory
+    holds about three): a request for another drafter shuts the previous one down."""
+
+    def __init__(self):
+        self.key, self.llm = None, None
+
+    def get(self, key, build):
+        if key != self.key:
+            self.close()
+            self.key, self.llm = key, build()
+        return self.llm
+
+    def close(self):
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+        self.key, self.llm = None, None
+
+
+@pytest.fixture(scope="module")
+def drafter_engines():
+    engines = OneEngine()
+    yield engines
+    engines.close()
+
+
+@pytest.fixture(scope="module", params=[f"{d}{mode}" for d in DRAFTERS for mode in ("", "-adaptive")])
+def any_drafter_llm(request, tiny_target, drafter_engines):
     """One engine per drafter kind (EAGLE-3 with a truncated draft vocabulary; the MLP
-    speculator runs on vllm_lk's own model class and proposer), with fixed K and with adaptive
-    speculation (decisive_policy)."""
+    speculator runs on vllm_lk's own model class and proposer), run with fixed K and then
+    switched at runtime to adaptive speculation (DECISIVE). Adaptive needs async scheduling
+    off; the draft model's fixed-K runs use spec_llm, which keeps vLLM's default (async
+    scheduling on for draft_model and EAGLE in vLLM 0.32), so that path stays covered."""
     method, _, mode = request.param.partition("-")
     if request.param == "draft_model":
         yield request.getfixturevalue("spec_llm")
         return
     draft = request.getfixturevalue("tiny_draft" if method == "draft_model" else HEAD_FIXTURES[method])
-    llm = make_llm(tiny_target, draft, method=method, adaptive=mode == "adaptive")
+    llm = drafter_engines.get(method, lambda: make_llm(tiny_target, draft, method=method, async_scheduling=False))
+    set_mode(llm, adaptive=mode == "adaptive")
     yield llm
-    llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="module")
 def identity_adaptive_llm(tiny_target):
-    llm = make_llm(tiny_target, tiny_target, adaptive=True)
+    llm = make_llm(tiny_target, tiny_target, async_scheduling=False)
+    set_mode(llm, adaptive=True)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
