@@ -85,6 +85,16 @@ PANELS = [
      "relative to a target forward (dashboard variable; ~0.05 for an EAGLE-3 head, larger for an independent "
      "draft model). Assumes verifying K + 1 tokens costs one target forward (memory-bound decoding).",
      "none", [(SPEEDUP, "{{instance}}")], 12, 8),
+    ("Adaptive speculation",
+     "From the engine's own drafting record (vllm_lk_spec_*: polled at each scrape). Estimated speedup: "
+     "adaptive speculation's measured tokens/s over its cost model's rate without drafts (absent under fixed "
+     "speculation; the VllmLkSpeculationSlowerThanNone alert fires below 0.97). Drafts per request and step, "
+     "and the share of engine steps that made no draft (k* = 0).",
+     "none", [(f"vllm_lk_spec_estimated_speedup{{{SEL}}}", "{{instance}} estimated speedup"),
+              (f"{rate('vllm_lk_spec_drafts_per_step_sum')} / {rate('vllm_lk_spec_drafts_per_step_count')}",
+               "{{instance}} drafts per request-step"),
+              (f"{rate('vllm_lk_spec_steps_without_drafts_total')} / {rate('vllm_lk_spec_engine_steps_total')}",
+               "{{instance}} share of steps without drafts")], 12, 8),
     ("Tokens/s",
      "Generated and prompt tokens per second, and generated tokens/s over the server's rolling window.",
      "short", [(rate("vllm_lk_generation_tokens_total"), "{{instance}} generated"),

@@ -10,7 +10,7 @@ Every name and help text is listed in docs/server.md ("Metrics").
 from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from server.spec_stats import SpecStats
 from server.window import SpecWindow
@@ -54,6 +54,50 @@ class WindowCollector:
         span = GaugeMetricFamily("vllm_lk_window_seconds", "Length of the rolling window in seconds")
         span.add_metric([], seconds)
         return [length, rate, steps, throughput, span]
+
+
+class EngineStatsCollector:
+    """The engine's own drafting record and adaptive policy (vllm_lk.speculation's
+    ``lk_speculation_stats``, fetched by /metrics just before it renders): what no per-request
+    record shows, such as steps that skipped speculation, and the policy's live estimates."""
+
+    def __init__(self) -> None:
+        self.latest: dict | None = None
+
+    def collect(self):
+        stats = self.latest
+        if not stats:
+            return []
+        steps = CounterMetricFamily("vllm_lk_spec_engine_steps", "Engine steps that ran the drafter")
+        steps.add_metric([], stats["steps"])
+        skipped = CounterMetricFamily(
+            "vllm_lk_spec_steps_without_drafts", "Engine steps in which no request was given a draft (adaptive: k* = 0)")
+        skipped.add_metric([], stats["steps_without_drafts"])
+        counts = stats["request_steps_by_drafts"]
+        cumulative, buckets = 0, []
+        for drafts, count in enumerate(counts):
+            cumulative += count
+            buckets.append((str(float(drafts)), cumulative))
+        buckets.append(("+Inf", cumulative))
+        histogram = HistogramMetricFamily(
+            "vllm_lk_spec_drafts_per_step", "Drafts made for a request in one engine step (one observation per request and step)")
+        histogram.add_metric([], buckets, sum_value=float(sum(d * c for d, c in enumerate(counts))))
+        families = [steps, skipped, histogram]
+        if stats.get("estimated_speedup") is not None:
+            speedup = GaugeMetricFamily(
+                "vllm_lk_spec_estimated_speedup",
+                "Adaptive speculation: measured tokens/s over the cost model's tokens/s without drafts (about the last 50 steps)")
+            speedup.add_metric([], stats["estimated_speedup"])
+            families.append(speedup)
+        if stats.get("cost"):
+            cost = GaugeMetricFamily(
+                "vllm_lk_spec_cost_seconds", "Adaptive speculation's cost model: seconds per engine step, per request, "
+                "per draft pass and per drafted token, by batch-size bucket", labels=["batch_bucket", "term"])
+            for bucket, constants in stats["cost"].items():
+                for term, value in constants.items():
+                    cost.add_metric([bucket, term], value)
+            families.append(cost)
+        return families
 
 
 API_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
@@ -100,6 +144,8 @@ class ServerMetrics:
             for status in ALERTED_STATUSES:
                 self.requests.labels(endpoint, status)
         self.registry.register(WindowCollector(window, window_s))
+        self.engine_stats = EngineStatsCollector()
+        self.registry.register(self.engine_stats)
 
     def set_info(self, **labels: str) -> None:
         self.info.info({key: str(value) for key, value in labels.items()})
@@ -117,6 +163,8 @@ class ServerMetrics:
             if delta.accepted[position]:
                 self._accepted[position].inc(delta.accepted[position])
 
-    def render(self) -> bytes:
-        """Prometheus text of vLLM's metrics (default registry) followed by ours."""
+    def render(self, engine_stats: dict | None = None) -> bytes:
+        """Prometheus text of vLLM's metrics (default registry) followed by ours (with the
+        engine's drafting record when given)."""
+        self.engine_stats.latest = engine_stats
         return generate_latest(REGISTRY) + generate_latest(self.registry)

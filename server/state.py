@@ -65,6 +65,7 @@ class ServerState:
         self.metrics.set_info(
             served_model_name=self.model_name, target=str(config.target), drafter=str(spec.drafter or ""),
             method=str(spec.method or "none"), num_speculative_tokens=str(spec.num_speculative_tokens), loss=spec.loss,
+            speculation=config.speculation if spec.drafter else "none",
         )
         self.admission = Admission(config.max_queue, config.retry_after_s)
         self.engine: Any = None
@@ -104,6 +105,18 @@ class ServerState:
         if self.engine is None:
             raise APIError(503, "the engine is still starting; retry when GET /ready returns 200",
                            code="not_ready", headers={"Retry-After": "5"})
+
+    async def engine_stats(self, timeout_s: float = 2.0) -> dict | None:
+        """The engine's drafting record (vllm_lk's worker method ``lk_speculation_stats``), or
+        None without a drafter or when the engine does not answer within ``timeout_s``."""
+        if self.engine is None or self.spec.drafter is None or self.engine_dead:
+            return None
+        try:
+            answers = await asyncio.wait_for(self.engine.collective_rpc("lk_speculation_stats"), timeout_s)
+        except Exception:  # noqa: BLE001 - /metrics must render without it
+            logger.debug("lk_speculation_stats failed", exc_info=True)
+            return None
+        return answers[0] if answers else None
 
     def spawn(self, coro) -> None:
         """Run ``coro`` as its own task (outside any cancelled scope), keeping a reference."""

@@ -31,6 +31,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from training.config import FrozenConfig
+from training.evaluate import VLLM_METHODS
 from training.train_config import DrafterKind
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 class SpeedConfig(FrozenConfig):
     target: Path | None = Field(None, description="HF target directory (default: the toy target, built if missing)")
     drafters: list[DrafterKind] = Field(["mlp", "eagle3", "medusa", "draft-model"], description="drafter architectures to measure (each built with the default drafter's recipe)")
-    drafter_dirs: dict[str, Path] = Field(default_factory=dict, description="drafter directories to use instead of building (kind -> exported drafter)")
+    drafter_dirs: dict[str, Path] = Field(default_factory=dict, description="drafter directories to use instead of building (kind -> exported drafter); a key KIND:LABEL adds another drafter of that kind, measured beside the others (e.g. two builds compared in one run)")
     num_heads: int = Field(5, ge=1, description="heads / stages / TTT steps the drafters are trained with (the largest K served)")
     ks: list[int] = Field([1, 2, 3, 5], min_length=1, description="fixed K values to measure (each <= num_heads)")
     adaptive: bool = Field(True, description="also measure adaptive speculation (vllm_lk.adaptive)")
@@ -60,22 +61,33 @@ class SpeedConfig(FrozenConfig):
         return cls(**{"drafters": ["mlp", "eagle3"], "ks": [1, 3, 5], "rounds": 2, "prompts": 4, **overrides})
 
 
+def kind_of(label: str) -> str:
+    """The architecture of a drafter label (``mlp`` or ``mlp:tied``)."""
+    return label.partition(":")[0]
+
+
 def drafter_dirs(config: SpeedConfig, target: Path) -> dict[str, Path]:
+    """Label -> exported drafter: each of ``drafters`` (given or built with the default drafter's
+    recipe), then every other ``drafter_dirs`` entry."""
     from training.default_drafter import DefaultDrafterConfig, ensure_default_drafter
 
-    return {kind: config.drafter_dirs.get(kind) or ensure_default_drafter(target, DefaultDrafterConfig(drafter=kind, num_heads=config.num_heads))
-            for kind in config.drafters}
+    labels = list(config.drafters) + [label for label in config.drafter_dirs if label not in config.drafters]
+    for label in labels:
+        if kind_of(label) not in VLLM_METHODS:
+            raise ValueError(f"drafter {label!r}: unknown kind {kind_of(label)!r} (expected one of {', '.join(VLLM_METHODS)})")
+    return {label: config.drafter_dirs.get(label)
+            or ensure_default_drafter(target, DefaultDrafterConfig(drafter=kind_of(label), num_heads=config.num_heads))
+            for label in labels}
 
 
 def start_engine(config: SpeedConfig, target: Path, kind: str | None, drafter: Path | None):
-    from training.evaluate import VLLM_METHODS
     from training.generate import EngineFields, make_llm
 
     engine = EngineFields(gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
                           max_num_seqs=max(config.concurrency))
     extra = {}
     if kind is not None:
-        extra = {"speculative_config": {"method": VLLM_METHODS[kind], "model": str(drafter), "num_speculative_tokens": max(config.ks)},
+        extra = {"speculative_config": {"method": VLLM_METHODS[kind_of(kind)], "model": str(drafter), "num_speculative_tokens": max(config.ks)},
                  "per_request_spec_decode_metrics": "summary"}
     # async scheduling off everywhere: with it vLLM reserves the configured K draft slots per
     # request before drafting, so a runtime K (fixed below the engine's, or adaptive) cannot apply;
@@ -276,13 +288,11 @@ def profile_steps(config: SpeedConfig, target: Path, drafters: dict[str, Path], 
     import sys
     import tempfile
 
-    from training.evaluate import VLLM_METHODS
-
     settings = [(None, None, "fixed")] + [(kind, path, mode) for kind, path in drafters.items()
                                           for mode in (("fixed", "adaptive") if config.adaptive else ("fixed",))]
     rows = []
     for (kind, path, mode), temperature in tqdm([(s, t) for s in settings for t in config.temperatures], desc="step breakdown"):
-        spec = {"target": str(target), "method": VLLM_METHODS[kind] if kind else None, "drafter": str(path) if path else None,
+        spec = {"target": str(target), "method": VLLM_METHODS[kind_of(kind)] if kind else None, "drafter": str(path) if path else None,
                 "k": min(config.profile_k, config.num_heads), "mode": mode, "temperature": temperature,
                 "prompts": prompts, "max_tokens": config.max_tokens,
                 "gpu_memory_utilization": config.gpu_memory_utilization, "max_model_len": config.max_model_len}

@@ -202,6 +202,8 @@ class Policy:
     plans: int = 0
     explorations: int = 0
     skipped: int = 0  # steps planned with k = 0
+    estimated_speedup: float | None = None  # EW mean of measured tokens/s over the cost model's no-draft rate
+    speedup_weight: float = 0.02  # its weight per step (about the last 50 steps)
     last_plan: Plan | None = None
     greedy: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # this step's [B] flags
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))  # exploration only
@@ -315,13 +317,20 @@ class Policy:
         return self.lengths()
 
     # -- after a step -------------------------------------------------------------------------
-    def observe_step(self, requests: int, passes: int, drafted: int, seconds: float) -> None:
+    def observe_step(self, requests: int, passes: int, drafted: int, seconds: float, tokens: int | None = None) -> None:
+        """One steady step: its batch, draft passes, drafted tokens, measured seconds and the
+        tokens it emitted (for the live speedup estimate)."""
         model = self.cost_for(requests)
         model.observe(requests, passes, drafted, seconds)
         self.steps += 1
         self.acceptance.step_decay()
         if model.count == self.warmup_steps and not model.frozen:
             model.freeze_prior()
+        none_seconds = model.predict(requests, passes_for(self.kind, 0), 0)
+        if tokens and seconds > 0 and none_seconds > 0 and (model.frozen or model.count >= self.warmup_steps):
+            ratio = (tokens / seconds) / (requests / none_seconds)
+            previous = self.estimated_speedup
+            self.estimated_speedup = ratio if previous is None else previous + self.speedup_weight * (ratio - previous)
 
     def observe_verification(self, req_id: str, confidence: np.ndarray, num_accepted: int, greedy: bool = False) -> None:
         self.acceptance.observe(req_id, confidence, num_accepted, greedy)

@@ -213,6 +213,7 @@ def _wrap_propose_draft_token_ids(original):
             scheduler_output.num_spec_tokens_to_schedule = stock_k
         if policy is not None:
             drafts = speculation.finish(self, self.drafter, drafts)
+        speculation.count_drafts(self, drafts)
         if self._draft_probs is None and hasattr(self.drafter, "take_last_draft_probs"):
             # drafters the runner does not ask for q (MEDUSA)
             probs = self.drafter.take_last_draft_probs()
@@ -434,6 +435,7 @@ def apply() -> bool:
 
     WorkerBase.lk_set_speculation = speculation.set_speculation  # LLM.collective_rpc("lk_set_speculation", ...)
     WorkerBase.lk_speculation_state = speculation.policy_snapshot
+    WorkerBase.lk_speculation_stats = speculation.speculation_stats  # polled by the server for /metrics
 
     from vllm.v1.core.sched import scheduler
     from vllm.v1.engine import output_processor

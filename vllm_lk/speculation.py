@@ -69,6 +69,8 @@ def install(runner) -> None:
     runner._lk_fixed_k = None  # fixed mode at a K below the configured one (set_speculation)
     runner._lk_last = None  # (req_ids, passes, drafted, time) of the previous step's plan
     runner._lk_conf = {}  # req_id -> [k] confidences of its drafts awaiting verification
+    runner._lk_counts = np.zeros(runner.num_spec_tokens + 1, dtype=np.int64)  # request-steps by drafts made
+    runner._lk_steps = np.zeros(2, dtype=np.int64)  # drafting steps, those of them with no draft at all
     if runner._lk_policy is not None:
         logger.info("vllm_lk: adaptive speculation (K <= %d, %s drafter)", runner.num_spec_tokens, runner._lk_policy.kind)
 
@@ -109,6 +111,45 @@ def _configure(policy: Policy, settings: dict) -> None:
         if len(cost) != 4:
             raise ValueError("cost: expected [step, per_request, per_pass, per_drafted_token] seconds")
         policy.pin_cost(cost)
+
+
+def count_drafts(runner, drafts) -> None:
+    """Both modes: tally this step's drafts per request (``drafts`` as the runner takes them:
+    a [B, k] tensor or one list per request)."""
+    counts = runner.__dict__.get("_lk_counts")
+    if counts is None:
+        return
+    if isinstance(drafts, torch.Tensor):
+        width = min(drafts.shape[1] if drafts.dim() == 2 else 0, len(counts) - 1)
+        counts[width] += drafts.shape[0]
+        made = width * drafts.shape[0]
+    else:
+        lengths = np.minimum([len(row) for row in drafts], len(counts) - 1)
+        np.add.at(counts, lengths, 1)
+        made = int(lengths.sum())
+    runner._lk_steps[0] += 1
+    runner._lk_steps[1] += made == 0
+
+
+def speculation_stats(worker) -> dict | None:
+    """What the runner drafted and, in adaptive mode, what its policy estimates (worker method
+    ``lk_speculation_stats``; the server polls it for /metrics). None without a drafter."""
+    runner = worker.model_runner
+    counts = runner.__dict__.get("_lk_counts")
+    if counts is None or not runner.num_spec_tokens:
+        return None
+    policy = runner._lk_policy
+    return {
+        "mode": "adaptive" if policy is not None else "fixed",
+        "max_k": int(runner.num_spec_tokens),
+        "k": None if policy is not None else int(runner._lk_fixed_k if runner._lk_fixed_k is not None else runner.num_spec_tokens),
+        "steps": int(runner._lk_steps[0]),
+        "steps_without_drafts": int(runner._lk_steps[1]),
+        "request_steps_by_drafts": counts.tolist(),
+        "estimated_speedup": policy.estimated_speedup if policy is not None else None,
+        "cost": ({str(bucket): model.constants() for bucket, model in sorted(policy.costs.items())}
+                 if policy is not None else None),
+    }
 
 
 def policy_snapshot(worker) -> dict | None:
@@ -156,7 +197,8 @@ def observe(runner, scheduler_output, sampled_token_ids, spec_decode_metadata, g
         and scheduler_output.total_num_scheduled_tokens == len(req_ids) + drafted
     )
     if steady:
-        policy.observe_step(len(req_ids), last[1], last[2], now - last[3])
+        tokens = sum(_num_accepted(sampled_token_ids, row) + 1 for row in range(len(req_ids)))
+        policy.observe_step(len(req_ids), last[1], last[2], now - last[3], tokens)
     runner._lk_now = now
     if len(policy.acceptance.requests) > 4 * max(len(req_ids), 1) + 64:
         policy.acceptance.forget(set(req_ids))

@@ -28,7 +28,8 @@ def dashboard_page() -> str:
 
 @router.get("/metrics", response_class=Response, responses=ERROR_RESPONSES, summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    state = server_state(request)
+    return Response(state.metrics.render(await state.engine_stats()), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/dashboard", response_class=HTMLResponse, responses=ERROR_RESPONSES, summary="Live acceptance page")

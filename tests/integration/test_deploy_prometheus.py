@@ -24,7 +24,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import deploy_assets as assets
-from tests.integration.server_harness import API_KEY, MODEL, PacedEngine, tiny_config
+from tests.integration.server_harness import API_KEY, MODEL, LiveEngine, PacedEngine, tiny_config
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -36,12 +36,22 @@ if PROMETHEUS is None:
 
 
 @pytest.fixture(scope="module")
+def live(tiny_target, tiny_draft):
+    """Adaptive speculation (the server's default), so the engine's policy series
+    (vllm_lk_spec_estimated_speedup, vllm_lk_spec_cost_seconds) exist for the panels and rules."""
+    engine = LiveEngine(tiny_config(tiny_target, tiny_draft, speculation="adaptive"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
 def servers(live):
     """Two instances of one job: `main` (the test config) and `strict` (one request at a time,
     0.5 s per request, outputs paced so a long request always outlives it), which is where the
     429 and the 504 happen."""
     main, _ = live.serve()
-    strict, strict_app = live.serve(tiny_config(live.config.target, live.config.drafter, max_queue=1, request_timeout_s=0.5),
+    strict, strict_app = live.serve(tiny_config(live.config.target, live.config.drafter, max_queue=1, request_timeout_s=0.5,
+                                                speculation="adaptive"),
                                     engine=PacedEngine(live.engine, delay=0.05))
     return {"main": main, "strict": strict, "strict_app": strict_app}
 

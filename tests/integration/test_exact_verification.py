@@ -281,8 +281,14 @@ def test_sampled_drafts_are_accepted_below_one_but_not_never(any_drafter_llm):
     outputs = llm.generate(["import ", "def f("] * 8, sp, use_tqdm=False)
     acceptance = per_position_acceptance(outputs)
     assert 0.0 < acceptance[0] < 0.98, acceptance
+    stats = llm.collective_rpc("lk_speculation_stats")[0]
+    assert stats["steps"] > 0 and sum(stats["request_steps_by_drafts"]) >= stats["steps"]
     if llm.collective_rpc("lk_speculation_state")[0] is not None:  # adaptive: decisions really vary
         assert len(drafts_per_step(outputs)) > 1, drafts_per_step(outputs)
+        assert stats["mode"] == "adaptive" and stats["steps_without_drafts"] > 0  # it explores k = 0
+        assert stats["estimated_speedup"] is not None and stats["cost"]
+    else:
+        assert stats["mode"] == "fixed" and stats["estimated_speedup"] is None
 
 
 def test_seeded_requests_reproduce_in_any_batch(spec_llm):

@@ -179,6 +179,14 @@ def test_usage_and_metrics_agree_with_engine_counters(base, client):
     assert diff("vllm_lk_request_acceptance_length_count") == 4
     assert diff("vllm_lk_time_to_first_token_seconds_count") == 4
     assert diff("vllm_lk_requests_total", {"endpoint": "/v1/completions", "status": "200"}) == 4
+    # the engine's own drafting record: every verified draft was made in some engine step (the
+    # drafter also drafts for a request in its last step, whose drafts are never verified)
+    assert diff("vllm_lk_spec_engine_steps_total") > 0
+    assert diff("vllm_lk_spec_drafts_per_step_sum") >= totals["drafted"]
+    with_k = diff("vllm_lk_spec_drafts_per_step_count") - diff("vllm_lk_spec_drafts_per_step_bucket", {"le": f"{K - 1}.0"})
+    assert with_k >= totals["steps"]  # fixed K: each verification step verified K drafts made in one step
+    assert "vllm_lk_spec_estimated_speedup" not in after  # adaptive mode only
+    assert 'speculation="fixed"' in after
 
 
 def test_metrics_exposition_names_are_documented(base):
