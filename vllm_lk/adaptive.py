@@ -79,21 +79,35 @@ class AcceptanceModel:
     def observe(self, req_id: str, confidence: np.ndarray, num_accepted: int, greedy: bool = False) -> None:
         """One verification: the request's drafts had these confidences ([k]); ``num_accepted``
         of them were accepted (drafts past the first rejection were never tried)."""
-        k = len(confidence)
-        tried = min(num_accepted + 1, k)
-        if tried == 0:
+        conf = np.asarray(confidence, dtype=np.float64)[None, :]
+        self.observe_batch([req_id], conf, np.array([conf.shape[1]]), np.array([num_accepted]), np.array([greedy]))
+
+    def observe_batch(self, req_ids: list[str], confidence: np.ndarray, counts: np.ndarray,
+                      num_accepted: np.ndarray, greedy: np.ndarray) -> None:
+        """A step's verifications at once: [B, W] confidences (row b's first counts[b] are its
+        drafts'), [B] drafts verified, [B] accepted, [B] greedy flags."""
+        conf = np.asarray(confidence, dtype=np.float64)
+        counts = np.asarray(counts, dtype=np.int64)
+        accepted = np.minimum(np.asarray(num_accepted, dtype=np.int64), counts)
+        tried = np.minimum(accepted + 1, counts)  # [B]
+        slots = np.arange(conf.shape[1])[None, :]
+        reached = slots < tried[:, None]  # [B, W]
+        if not reached.any():
             return
-        mode = int(bool(greedy))
-        b = buckets(confidence[:tried])
-        rates = self.bucket_rates()[mode, b]
-        hits = (np.arange(tried) < num_accepted).astype(np.float64)
-        np.add.at(self.tried[mode], b, 1.0)
-        np.add.at(self.accepted[mode], b, hits)
-        self.pos_tried[mode, :tried] += 1.0
-        self.pos_accepted[mode, :tried] += hits
-        acc_pred = self.requests.setdefault(req_id, [0.0, 0.0])
-        acc_pred[0] += float(hits.sum())
-        acc_pred[1] += float(rates.sum())
+        hits = slots < accepted[:, None]  # [B, W], within reached
+        mode = np.broadcast_to(np.asarray(greedy, dtype=bool).astype(np.int64)[:, None], conf.shape)
+        b = buckets(conf)
+        rates = self.bucket_rates()[mode, b]  # [B, W], before this step's counts
+        m, bk, pos, h = mode[reached], b[reached], np.broadcast_to(slots, conf.shape)[reached], hits[reached].astype(np.float64)
+        np.add.at(self.tried, (m, bk), 1.0)
+        np.add.at(self.accepted, (m, bk), h)
+        np.add.at(self.pos_tried, (m, pos), 1.0)
+        np.add.at(self.pos_accepted, (m, pos), h)
+        got, predicted = (hits & reached).sum(axis=1), np.where(reached, rates, 0.0).sum(axis=1)
+        for row in np.flatnonzero(tried):
+            entry = self.requests.setdefault(req_ids[row], [0.0, 0.0])
+            entry[0] += float(got[row])
+            entry[1] += float(predicted[row])
 
     def step_decay(self) -> None:
         for counts in (self.tried, self.accepted, self.pos_tried, self.pos_accepted):
@@ -194,7 +208,8 @@ class Policy:
     max_k: int
     kind: str = "sequential"  # "kv" (EAGLE, draft model), "parallel" (MEDUSA), "sequential" (MLP)
     warmup_steps: int = 24  # per batch bucket, the start-up measurement: K cycles through 0..max_k, random lengths
-    explore_every: int = 64  # afterwards one step in this many explores the same way
+    explore_every: int = 64  # afterwards one step in this many explores k* +- 1 with random lengths
+    trim: bool = True  # per-step early stop and per-request lengths from confidence (False: the cap k* only)
     acceptance: AcceptanceModel = field(init=False)
     costs: dict[int, CostModel] = field(default_factory=dict)  # batch bucket -> its cost model
     pinned: np.ndarray | None = None  # cost constants set by the operator (no online fit)
@@ -242,9 +257,13 @@ class Policy:
         self._start_step(req_ids)
         self._cost = self.cost_for(batch)
         warming = not self._cost.frozen and self._cost.count < self.warmup_steps
-        if warming or self.plans % self.explore_every == 0:
+        if warming:  # the start-up measurement: every K in turn
             self.explorations += 1
             plan = Plan(self.explorations % (self.max_k + 1), math.nan, math.nan, explore=True)
+        elif self.plans % self.explore_every == 0:  # afterwards a neighbour of the last choice
+            self.explorations += 1
+            last = self.last_plan.k if self.last_plan is not None else self.max_k
+            plan = Plan(int(np.clip(last + self.rng.choice((-1, 1)), 0, self.max_k)), math.nan, math.nan, explore=True)
         else:
             rates = np.minimum(1.0, self._position_rates[self._mode, :] * self._factors[:, None])
             expected = batch + np.concatenate([[0.0], np.cumsum(np.cumprod(rates, axis=1).sum(axis=0))])  # [K+1]
@@ -282,7 +301,7 @@ class Policy:
         plan, j = self.last_plan, len(self._survival)
         if plan is None or j >= plan.k:
             return False
-        if plan.explore:
+        if plan.explore or not self.trim:
             return True
         next_rate = self._position_rates[self._mode, j]
         gain = np.minimum(1.0, self._survival[-1] * next_rate * self._factors)  # expected survivors of pass j + 1
@@ -301,6 +320,8 @@ class Policy:
             return np.full(batch, width, dtype=np.int64)
         if plan.explore:  # random lengths (draft-side randomness): drafted tokens vary apart from passes
             return self.rng.integers(0, width + 1, size=batch)
+        if not self.trim:
+            return np.full(batch, width, dtype=np.int64)
         survival = np.stack(self._survival, axis=1)  # [B, k], non-increasing
         pays = survival >= plan.rate * max(self.cost.theta[3], 0.0)
         return np.cumprod(pays, axis=1).sum(axis=1).astype(np.int64)
@@ -334,3 +355,7 @@ class Policy:
 
     def observe_verification(self, req_id: str, confidence: np.ndarray, num_accepted: int, greedy: bool = False) -> None:
         self.acceptance.observe(req_id, confidence, num_accepted, greedy)
+
+    def observe_verifications(self, req_ids: list[str], confidence: np.ndarray, counts: np.ndarray,
+                              num_accepted: np.ndarray, greedy: np.ndarray) -> None:
+        self.acceptance.observe_batch(req_ids, confidence, counts, num_accepted, greedy)

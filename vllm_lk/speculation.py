@@ -104,9 +104,9 @@ def set_speculation(worker, mode: str, k: int | None = None, policy: dict | None
 def _configure(policy: Policy, settings: dict) -> None:
     cost = settings.pop("cost", None)
     for name, value in settings.items():
-        if name not in ("warmup_steps", "explore_every"):
+        if name not in ("warmup_steps", "explore_every", "trim"):
             raise ValueError(f"unknown policy setting {name!r}")
-        setattr(policy, name, int(value))
+        setattr(policy, name, bool(value) if name == "trim" else int(value))
     if cost is not None:
         if len(cost) != 4:
             raise ValueError("cost: expected [step, per_request, per_pass, per_drafted_token] seconds")
@@ -167,10 +167,11 @@ def policy_snapshot(worker) -> dict | None:
 # step bookkeeping (runner side)
 
 
-def _num_accepted(sampled_token_ids, row: int) -> int:
+def _accepted_counts(sampled_token_ids, batch: int) -> np.ndarray:
+    """[B] accepted drafts per request (tokens sampled this step - 1; -1 for none)."""
     if isinstance(sampled_token_ids, torch.Tensor):
-        return int((sampled_token_ids[row] >= 0).sum()) - 1
-    return len(sampled_token_ids[row]) - 1
+        return ((sampled_token_ids[:batch] >= 0).sum(dim=1) - 1).cpu().numpy()
+    return np.array([len(tokens) - 1 for tokens in sampled_token_ids[:batch]], dtype=np.int64)
 
 
 def greedy_flags(sampling_metadata, batch: int) -> np.ndarray:
@@ -186,19 +187,23 @@ def observe(runner, scheduler_output, sampled_token_ids, spec_decode_metadata, g
     now = time.perf_counter()
     req_ids = runner.input_batch.req_ids
     last = runner._lk_last
+    accepted = _accepted_counts(sampled_token_ids, len(req_ids))  # [B], -1 for a request without tokens
     if spec_decode_metadata is not None:
+        confidence = np.full((len(req_ids), policy.max_k), np.nan)
+        counts = np.zeros(len(req_ids), dtype=np.int64)
         for row, (req_id, n) in enumerate(zip(req_ids, spec_decode_metadata.num_draft_tokens)):
             conf = runner._lk_conf.pop(req_id, None)
             if n and conf is not None and len(conf) >= n:
-                policy.observe_verification(req_id, conf[:n], max(_num_accepted(sampled_token_ids, row), 0), bool(greedy[row]))
+                confidence[row, :n], counts[row] = conf[:n], n
+        if counts.any():
+            policy.observe_verifications(req_ids, confidence, counts, np.maximum(accepted, 0), greedy[: len(req_ids)])
     drafted = sum(spec_decode_metadata.num_draft_tokens) if spec_decode_metadata is not None else 0
     steady = (
         last is not None and last[0] == tuple(req_ids) and last[2] == drafted
         and scheduler_output.total_num_scheduled_tokens == len(req_ids) + drafted
     )
     if steady:
-        tokens = sum(_num_accepted(sampled_token_ids, row) + 1 for row in range(len(req_ids)))
-        policy.observe_step(len(req_ids), last[1], last[2], now - last[3], tokens)
+        policy.observe_step(len(req_ids), last[1], last[2], now - last[3], int((accepted + 1).sum()))
     runner._lk_now = now
     if len(policy.acceptance.requests) > 4 * max(len(req_ids), 1) + 64:
         policy.acceptance.forget(set(req_ids))

@@ -129,6 +129,31 @@ def test_acceptance_model_learns_confidence_and_request_factors():
     assert set(model.requests) == {"easy"}
 
 
+def test_a_batch_of_verifications_counts_as_the_same_verifications_one_by_one():
+    """observe_batch (the engine's path) == observe per request, in the bucket and position
+    counts and each request's accepted count (rows of different widths, greedy and sampled, a
+    row with nothing verified). Its predicted count uses the rates from before the step, where
+    one by one each request sees the ones before it counted: equal within 2 %."""
+    rng = np.random.default_rng(2)
+    one, batch = adaptive.AcceptanceModel(num_positions=4), adaptive.AcceptanceModel(num_positions=4)
+    for step in range(50):
+        req_ids = [f"r{i}" for i in range(5)]
+        counts = rng.integers(0, 5, size=5)
+        accepted = np.array([rng.integers(0, c + 1) for c in counts])
+        greedy = rng.uniform(size=5) < 0.4
+        conf = np.where(np.arange(4)[None, :] < counts[:, None], rng.uniform(size=(5, 4)), np.nan)
+        for row in range(5):
+            if counts[row]:
+                one.observe(req_ids[row], conf[row, : counts[row]], int(accepted[row]), bool(greedy[row]))
+        batch.observe_batch(req_ids, conf, counts, accepted, greedy)
+    for name in ("tried", "accepted", "pos_tried", "pos_accepted"):
+        np.testing.assert_allclose(getattr(batch, name), getattr(one, name), atol=1e-12)
+    assert batch.requests.keys() == one.requests.keys()
+    for req_id in one.requests:
+        assert batch.requests[req_id][0] == one.requests[req_id][0]
+        assert batch.requests[req_id][1] == pytest.approx(one.requests[req_id][1], rel=0.02)
+
+
 def test_cost_model_recovers_the_step_cost():
     cost = adaptive.CostModel()
     rng = np.random.default_rng(2)
