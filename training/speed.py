@@ -42,7 +42,7 @@ class SpeedConfig(FrozenConfig):
     drafters: list[DrafterKind] = Field(["mlp", "eagle3", "medusa", "draft-model"], description="drafter architectures to measure (each built with the default drafter's recipe)")
     drafter_dirs: dict[str, Path] = Field(default_factory=dict, description="drafter directories to use instead of building (kind -> exported drafter); a key KIND:LABEL adds another drafter of that kind, measured beside the others (e.g. two builds compared in one run)")
     num_heads: int = Field(5, ge=1, description="heads / stages / TTT steps the drafters are trained with (the largest K served)")
-    ks: list[int] = Field([1, 2, 3, 5], min_length=1, description="fixed K values to measure (each <= num_heads)")
+    ks: list[int] = Field([1, 2, 3, 4, 5], min_length=1, description="fixed K values to measure (each <= num_heads)")
     adaptive: bool = Field(True, description="also measure adaptive speculation (vllm_lk.adaptive)")
     temperatures: list[float] = Field([0.0, 1.0], min_length=1, description="sampling temperatures")
     concurrency: list[int] = Field([1, 8], min_length=1, description="requests in flight at once")
@@ -53,12 +53,12 @@ class SpeedConfig(FrozenConfig):
     seed: int = Field(0, description="prompt sample and per-request seeds")
     gpu_memory_utilization: float = Field(0.1, gt=0, le=1, description="per engine (two run at a time)")
     max_model_len: int = Field(1024, ge=64, description="engine max_model_len")
-    profile_k: int | None = Field(3, ge=1, description="K of the per-drafter step breakdown (training.speed_profile; None: skip it)")
+    profile_k: int | None = Field(4, ge=1, description="K of the per-drafter step breakdown (training.speed_profile; None: skip it)")
 
     @classmethod
     def quick(cls, **overrides) -> "SpeedConfig":
-        """<= 15 min on 2 cores once the drafters are cached: the two fastest drafters, K 1/3/5."""
-        return cls(**{"drafters": ["mlp", "eagle3"], "ks": [1, 3, 5], "rounds": 2, "prompts": 4, **overrides})
+        """<= 15 min on 2 cores once the drafters are cached: the two fastest drafters, K 1/3/4/5."""
+        return cls(**{"drafters": ["mlp", "eagle3"], "ks": [1, 3, 4, 5], "rounds": 2, "prompts": 4, **overrides})
 
 
 def kind_of(label: str) -> str:

@@ -35,8 +35,11 @@ NUM_BUCKETS = 10
 
 def buckets(confidence: np.ndarray) -> np.ndarray:
     """Bucket index of each confidence in [0, 1] (NaN, an unknown confidence, -> the middle)."""
-    conf = np.nan_to_num(np.asarray(confidence, dtype=np.float64), nan=0.5)
-    return np.clip((conf * NUM_BUCKETS).astype(np.int64), 0, NUM_BUCKETS - 1)
+    conf = np.asarray(confidence, dtype=np.float64) * NUM_BUCKETS
+    unknown = conf != conf  # NaN (cheaper than nan_to_num on the few values a step has)
+    if unknown.any():
+        conf = np.where(unknown, NUM_BUCKETS / 2, conf)
+    return np.minimum(np.maximum(conf, 0).astype(np.int64), NUM_BUCKETS - 1)
 
 
 class AcceptanceModel:
@@ -99,10 +102,11 @@ class AcceptanceModel:
         b = buckets(conf)
         rates = self.bucket_rates()[mode, b]  # [B, W], before this step's counts
         m, bk, pos, h = mode[reached], b[reached], np.broadcast_to(slots, conf.shape)[reached], hits[reached].astype(np.float64)
-        np.add.at(self.tried, (m, bk), 1.0)
-        np.add.at(self.accepted, (m, bk), h)
-        np.add.at(self.pos_tried, (m, pos), 1.0)
-        np.add.at(self.pos_accepted, (m, pos), h)
+        by_bucket, by_pos = m * NUM_BUCKETS + bk, m * self.num_positions + pos  # flat [2 * n] indices
+        self.tried += np.bincount(by_bucket, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
+        self.accepted += np.bincount(by_bucket, weights=h, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
+        self.pos_tried += np.bincount(by_pos, minlength=2 * self.num_positions).reshape(2, self.num_positions)
+        self.pos_accepted += np.bincount(by_pos, weights=h, minlength=2 * self.num_positions).reshape(2, self.num_positions)
         got, predicted = (hits & reached).sum(axis=1), np.where(reached, rates, 0.0).sum(axis=1)
         for row in np.flatnonzero(tried):
             entry = self.requests.setdefault(req_ids[row], [0.0, 0.0])
