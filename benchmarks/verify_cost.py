@@ -8,12 +8,19 @@ with top-k/top-p. Drafts come from a q close to p (per-position acceptance ~0.6-
 for a trained drafter. Writes JSON (--json) and prints a table.
 
     python benchmarks/verify_cost.py --vocab 4096 32000 --json results/verify_cost.json
+    python benchmarks/verify_cost.py --vocab 128256 --batch 256 --k 5 --repeats 3 --peak-memory   # GPU-sized step
+
+``--peak-memory`` adds, per timed function, the growth of the process's resident memory during one
+call over what was resident before it (sampled every millisecond from /proc/self/statm; tensors this
+large are mmap-allocated and returned on free, so each call starts from the same baseline).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +58,30 @@ def median_ms(fns: dict, repeats: int) -> dict:
     return {name: 1000 * sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_mib(fn) -> float:
+    """Resident-memory growth (MiB) during one call of ``fn``, sampled every millisecond."""
+    before, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes()) - before if peak[0] else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, nargs="+", default=[4096, 32000])
@@ -58,6 +89,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[3, 5])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--peak-memory", action="store_true", help="also measure each function's resident-memory growth per call")
     args = parser.parse_args()
 
     from vllm.platforms import current_platform
@@ -92,13 +124,19 @@ def main() -> None:
                 p = torch.softmax(target_logits / 0.8, -1)
                 row = {"vocab": vocab, "batch": batch, "k": k,
                        "acceptance_per_position": float(torch.minimum(p, draft_probs).sum(-1).mean())}
-                row.update(median_ms({
+                fns = {
                     "stock_verify_ms": lambda: verify(stock[0], stock[1], plain),
                     "lk_verify_ms": lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, plain),
                     "lk_verify_topk_topp_seeded_ms": lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, filtered),
                     "stock_draft_ms": lambda: stock[2](draft_logits.clone(), plain, False),
                     "lk_draft_ms": lambda: patch.draft_sample(draft_logits, plain),
-                }, args.repeats))
+                }
+                row.update(median_ms(fns, args.repeats))
+                if args.peak_memory:
+                    row.update({name.replace("_ms", "_peak_mib"): peak_mib(fn) / 2**20 for name, fn in fns.items()})
+                    row["inputs_mib"] = (target_logits.numel() + draft_probs.numel()) * 4 / 2**20
+                    print("  peak MiB: " + ", ".join(f"{name} {row[name]:.0f}" for name in row if name.endswith("_peak_mib"))
+                          + f" (inputs: target logits + q, {row['inputs_mib']:.0f})", flush=True)
                 row["verify_ratio"] = row["lk_verify_ms"] / row["stock_verify_ms"]
                 row["draft_ratio"] = row["lk_draft_ms"] / row["stock_draft_ms"]
                 rows.append(row)

@@ -220,10 +220,13 @@ def _wrap_propose_draft_token_ids(original):
             if probs is not None:
                 self._draft_probs = probs
                 self._draft_prob_req_ids = self.input_batch.req_ids.copy()
+        # drafts are verified in the next step, so only this batch's entries can still be read:
+        # a request that left the batch (finished, preempted) must not keep an old step's
+        # [B, K, V] q alive through its row view
         cache = self.__dict__.setdefault("_lk_draft_q", {})
-        for req_id in list(cache):
-            if req_id not in self.requests:
-                del cache[req_id]
+        live = set(self.input_batch.req_ids)
+        for req_id in [r for r in cache if r not in live]:
+            del cache[req_id]
         if self._draft_probs is not None and self._draft_prob_req_ids is not None:
             for row, req_id in enumerate(self._draft_prob_req_ids):
                 cache[req_id] = self._draft_probs[row]  # [K, V]
