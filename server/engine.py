@@ -101,14 +101,22 @@ def build_engine(config: ServerConfig, spec: SpecSetup):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     kwargs = engine_kwargs(config, spec)
-    # the engine-core process reads it when its model runner starts (vllm_lk.speculation)
-    os.environ[MODE_ENV] = config.speculation
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(f"unknown vLLM engine arguments: {', '.join(unknown)}")
     logger.info("starting vLLM engine: %s", kwargs)
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), usage_context=UsageContext.OPENAI_API_SERVER)
+    # the engine-core process reads it when its model runner starts (vllm_lk.speculation); set
+    # only while the engine starts, so this process's later engines and children are not changed
+    previous = os.environ.get(MODE_ENV)
+    os.environ[MODE_ENV] = config.speculation
+    try:
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), usage_context=UsageContext.OPENAI_API_SERVER)
+    finally:
+        if previous is None:
+            os.environ.pop(MODE_ENV, None)
+        else:
+            os.environ[MODE_ENV] = previous
 
 
 def engine_args_from_cli(argv: list[str]) -> dict[str, Any]:

@@ -106,6 +106,7 @@ def clean_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("VLLM_LK_DISABLE", None)
     env.pop("VLLM_PLUGINS", None)
+    env.pop("VLLM_LK_SPECULATION", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

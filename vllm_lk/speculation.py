@@ -80,7 +80,7 @@ def set_speculation(worker, mode: str, k: int | None = None, policy: dict | None
     ``llm.collective_rpc("lk_set_speculation", args=("adaptive",))``, or ``("fixed", 2)`` for a
     fixed K of 2 (at most the configured K; None: the configured K). A policy keeps what it
     learned across switches. ``policy`` (adaptive only) sets Policy fields (``warmup_steps``,
-    ``explore_every``) and may pin the cost model: ``"cost": [step, per_request, per_pass,
+    ``explore_every``, ``trim``) and may pin the cost model: ``"cost": [step, per_request, per_pass,
     per_drafted_token]`` seconds, not updated online."""
     if mode not in MODES:
         raise ValueError(f"speculation mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -117,7 +117,7 @@ def count_drafts(runner, drafts) -> None:
     """Both modes: tally this step's drafts per request (``drafts`` as the runner takes them:
     a [B, k] tensor or one list per request)."""
     counts = runner.__dict__.get("_lk_counts")
-    if counts is None:
+    if counts is None or drafts is None:
         return
     if isinstance(drafts, torch.Tensor):
         width = min(drafts.shape[1] if drafts.dim() == 2 else 0, len(counts) - 1)
