@@ -245,6 +245,10 @@ class Policy:
         """The cost model of this step's batch (of a single request before the first plan)."""
         return self._cost if self._cost is not None else self.cost_for(1)
 
+    def cost_constants(self) -> dict[str, dict[str, float]]:
+        """Each batch bucket's current cost constants (seconds), keyed by the bucket as text."""
+        return {str(bucket): model.constants() for bucket, model in sorted(self.costs.items())}
+
     def pin_cost(self, theta) -> None:
         """Fixed cost constants (seconds: step, per request, per draft pass, per drafted token)
         for every batch size; observations no longer change them."""

@@ -21,7 +21,8 @@ What it changes, and why (details in docs/verification.md):
    generator with ``set_offset``, which CPU generators lack); see :func:`_wrap_sample_tokens`.
 5. Per-request speculative stats (vLLM's ``per_request_spec_decode_metrics``) reach the front end
    with every output of a running request, not only at the end, so a server can show acceptance
-   live; per-step (drafted, accepted) with "detailed".
+   live; per-step (drafted, accepted) with "detailed" (:mod:`vllm_lk.request_metrics`, installed
+   from here).
 6. MEDUSA checkpoints with a truncated draft vocabulary (``token_map``) load: vLLM 0.32 sizes
    every head at the full vocabulary and its loader then asserts; vllm_lk.heads.medusa sizes them
    at the draft vocabulary (registered under ``MedusaModel``).
@@ -31,14 +32,13 @@ What it changes, and why (details in docs/verification.md):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
 
 import torch
 
-from vllm_lk import sampling, speculation
+from vllm_lk import request_metrics, sampling, speculation
 from vllm_lk.proposers import (
     LKMLPProposer,
     draft_sample,
@@ -311,88 +311,6 @@ def _wrap_runner_init(original, runner_module):
     return __init__
 
 
-def _wrap_update_from_output(original):
-    """Engine core: attach each running request's speculative stats to every output, not only
-    the final one, so the front end sees acceptance live (needs the engine argument
-    ``per_request_spec_decode_metrics`` = "summary" or "detailed"). Each output carries only
-    the steps the front end has not seen (:func:`_delta`); _merge_spec_metrics adds them up."""
-
-    @functools.wraps(original)
-    def update_from_output(self, *args, **kwargs):
-        outputs_by_client = original(self, *args, **kwargs)
-        for engine_outputs in outputs_by_client.values():
-            for output in engine_outputs.outputs:
-                if output.spec_decode_metrics is not None:
-                    continue
-                request = self.requests.get(output.request_id)
-                metrics = getattr(request, "spec_decode_metrics", None)
-                if metrics is not None:
-                    output.spec_decode_metrics = _delta(request, metrics)
-        return outputs_by_client
-
-    return update_from_output
-
-
-def _delta(request, metrics):
-    """A RequestSpecDecodeMetrics with the cumulative histogram and draft count (K+2 ints) and
-    the per-step lists from the first step not yet sent: O(new steps) per output, where a full
-    copy costs O(steps) per output and O(steps^2) over a request."""
-    sent = request.__dict__.get("_lk_sent_steps", 0)
-    request._lk_sent_steps = len(metrics.per_step_drafted)
-    return dataclasses.replace(
-        metrics,
-        histogram=list(metrics.histogram),
-        per_step_accepted=metrics.per_step_accepted[sent:],
-        per_step_drafted=metrics.per_step_drafted[sent:],
-    )
-
-
-def _merge_spec_metrics(current, new):
-    """Front end: the request's cumulative record after an engine output's record ``new``.
-
-    ``new`` starts at step sum(histogram) - len(per-step lists): 0 for a full record (vLLM's
-    final one, or the first delta), which replaces ``current``; otherwise its steps extend
-    ``current`` (the histogram and draft count are cumulative in every record)."""
-    if new is None or current is None:
-        return new if new is not None else current
-    start = sum(new.histogram) - len(new.per_step_drafted)
-    if start == 0:
-        return new
-    if len(current.per_step_drafted) == start:
-        current.per_step_drafted.extend(new.per_step_drafted)
-        current.per_step_accepted.extend(new.per_step_accepted)
-    current.histogram = new.histogram
-    current.num_draft_tokens = new.num_draft_tokens
-    return current
-
-
-def _spec_metrics_property():
-    """RequestState.spec_decode_metrics, merging deltas on assignment (vLLM assigns each
-    engine output's record to it)."""
-
-    def get(self):
-        return self.__dict__.get("_lk_spec_decode_metrics")
-
-    def set_(self, value):
-        self.__dict__["_lk_spec_decode_metrics"] = _merge_spec_metrics(self.__dict__.get("_lk_spec_decode_metrics"), value)
-
-    return property(get, set_)
-
-
-def _wrap_new_completion_output(original):
-    """Front end: pass the latest speculative stats on with every streamed output (stock vLLM
-    drops them until the request finishes)."""
-
-    @functools.wraps(original)
-    def _new_completion_output(self, *args, **kwargs):
-        output = original(self, *args, **kwargs)
-        if output.spec_decode_metrics is None and self.spec_decode_metrics is not None:
-            output.spec_decode_metrics = self.spec_decode_metrics
-        return output
-
-    return _new_completion_output
-
-
 def apply() -> bool:
     """Install the patches in this process; returns False (and logs why) if vLLM is unsupported."""
     global _applied
@@ -440,12 +358,6 @@ def apply() -> bool:
     WorkerBase.lk_speculation_state = speculation.policy_snapshot
     WorkerBase.lk_speculation_stats = speculation.speculation_stats  # polled by the server for /metrics
 
-    from vllm.v1.core.sched import scheduler
-    from vllm.v1.engine import output_processor
-
-    scheduler.Scheduler.update_from_output = _wrap_update_from_output(scheduler.Scheduler.update_from_output)
-    state = output_processor.RequestState
-    state._new_completion_output = _wrap_new_completion_output(state._new_completion_output)
-    state.spec_decode_metrics = _spec_metrics_property()
+    request_metrics.install()
     _applied = True
     return True

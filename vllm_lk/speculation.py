@@ -147,8 +147,7 @@ def speculation_stats(worker) -> dict | None:
         "steps_without_drafts": int(runner._lk_steps[1]),
         "request_steps_by_drafts": counts.tolist(),
         "estimated_speedup": policy.estimated_speedup if policy is not None else None,
-        "cost": ({str(bucket): model.constants() for bucket, model in sorted(policy.costs.items())}
-                 if policy is not None else None),
+        "cost": policy.cost_constants() if policy is not None else None,
     }
 
 
@@ -158,7 +157,7 @@ def policy_snapshot(worker) -> dict | None:
     if policy is None:
         return None
     return {"steps": policy.steps, "plans": policy.plans, "skipped": policy.skipped,
-            "cost": {str(bucket): model.constants() for bucket, model in sorted(policy.costs.items())},
+            "cost": policy.cost_constants(),
             "position_rates": policy.acceptance.position_rates().tolist(),
             "bucket_rates": policy.acceptance.bucket_rates().tolist()}
 

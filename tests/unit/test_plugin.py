@@ -77,7 +77,7 @@ def test_spec_metrics_deltas_add_up_to_the_engines_record():
     sequence of outputs, and vLLM's final full record replaces it."""
     from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
 
-    from vllm_lk.patch import _delta, _merge_spec_metrics
+    from vllm_lk.request_metrics import _delta, _merge_spec_metrics
 
     class Request:
         pass
