@@ -80,7 +80,7 @@ def lk_rejection_sample(
     cu_num_draft_tokens,  # [B]
     draft_probs,  # [N, V] or None
     target_logits,  # [N, V], from lk_apply_sampling_constraints
-    bonus_token_ids,  # [B, 1]
+    bonus_token_ids,  # [B, 1] (the runner) or [B] (vLLM's own tests feed the sampler's output as is)
     sampling_metadata,
     synthetic_mode=False,
     **_unused,
@@ -92,6 +92,11 @@ def lk_rejection_sample(
         )
     batch, k_max = len(num_draft_tokens), max_spec_len
     device = target_logits.device
+    if bonus_token_ids.numel() != batch:
+        raise ValueError(f"vllm_lk: {bonus_token_ids.numel()} bonus token ids for a batch of {batch}")
+    bonus = bonus_token_ids.reshape(batch)
+    if batch == 0:
+        return torch.empty(0, k_max + 1, dtype=torch.int32, device=device)
     counts = torch.tensor(num_draft_tokens, dtype=torch.long, device=device)
     if min(num_draft_tokens) == k_max:  # every request has K drafts: the flat layout is [B, K]
         rows = torch.arange(batch * k_max, device=device).view(batch, k_max)
@@ -111,7 +116,7 @@ def lk_rejection_sample(
         is_greedy = sampling_metadata.temperature == 0
         uniforms = uniform_draws(generators, num_draft_tokens, k_max, device)
     output, _ = sampling.verify(
-        drafts, counts, draft_probs, target_logits.to(torch.float32), rows, bonus_token_ids[:, 0],
+        drafts, counts, draft_probs, target_logits.to(torch.float32), rows, bonus,
         is_greedy, uniforms, lambda rejected: row_draws(generators, rejected, device),
     )
     return output.to(torch.int32)
