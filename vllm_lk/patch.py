@@ -316,6 +316,17 @@ def _wrap_runner_init(original, runner_module):
     return __init__
 
 
+def supported(version: str) -> bool:
+    return version.startswith(SUPPORTED_VLLM)
+
+
+def is_applied() -> bool:
+    """Whether this process's vLLM runs our verification (checked at the functions themselves)."""
+    from vllm.v1.sample import rejection_sampler
+
+    return rejection_sampler.rejection_sample is lk_rejection_sample
+
+
 def apply() -> bool:
     """Install the patches in this process; returns False (and logs why) if vLLM is unsupported."""
     global _applied
@@ -323,7 +334,7 @@ def apply() -> bool:
         return True
     import vllm
 
-    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+    if not supported(vllm.__version__):
         logger.warning("vllm_lk: vLLM %s is not supported (need %s); verification not patched",
                        vllm.__version__, "/".join(v + "x" for v in SUPPORTED_VLLM))
         return False
