@@ -23,7 +23,7 @@ from server.config import ServerConfig
 from vllm_lk import __version__
 from server.engine import SpecSetup, resolve_spec
 from server.errors import install_error_handlers
-from server.routes import chat, completions, health, models, observability
+from server.routes import chat, completions, health, models, observability, tokenize
 from server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def create_app(config: ServerConfig, engine: Any, *, spec: SpecSetup | None = No
     )
     app.state.server = state
     install_error_handlers(app)
-    for module in (completions, chat, models, health, observability):
+    for module in (completions, chat, models, tokenize, health, observability):
         app.include_router(module.router)
     app.add_middleware(RequestCounter, state=state)
     app.openapi = _openapi_as_served(app)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,6 +56,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def internal_error(err: BaseException, request_id: str, where: str = "") -> APIError:
+    """A failure of ours, not the client's: the traceback goes to the log under ``request_id``,
+    the client gets a 500 that names it (also as the ``x-request-id`` header)."""
+    logger.error("request %s%s failed", request_id, f" ({where})" if where else "", exc_info=err)
+    return APIError(500, f"internal error ({type(err).__name__}) in request {request_id}; the server log has the "
+                    "traceback", code="internal_error", headers={"x-request-id": request_id})
+
+
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -89,11 +98,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = _field_path(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    if not loc and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+    if not loc and first.get("type") in ("model_attributes_type", "model_type", "dict_type", "missing"):
         return "the request body must be a JSON object (Content-Type: application/json)", None
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value")
-    if param:
+    if first.get("type") == "extra_forbidden":
+        message = f"unknown field {param!r}: this server does not accept it (docs/server.md lists the fields it honours)"
+    elif param:
         message = f"{param}: {message}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
@@ -124,6 +135,5 @@ def install_error_handlers(app: FastAPI) -> None:
         from vllm.exceptions import VLLMValidationError
 
         if isinstance(exc, VLLMValidationError):  # a request vLLM refuses is the client's error
-            return error_response(bad_request(str(exc)))
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+            return error_response(bad_request(str(exc), param=exc.parameter))
+        return error_response(internal_error(exc, f"err-{uuid.uuid4().hex[:16]}", f"{request.method} {request.url.path}"))

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, internal_error
 from server.schemas import SamplingRequest
 from server.spec_stats import ChoiceTracker, SpecStats, combine
 from server.state import ServerState, Ticket
@@ -84,15 +84,25 @@ def sampling_params(state: ServerState, request: SamplingRequest, max_tokens: in
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
 
+    speculating = bool(state.spec.num_speculative_tokens)
+    if speculating and request.min_p:
+        raise bad_request("min_p is not supported with speculative decoding: vLLM 0.32 does not apply it when it "
+                          "verifies drafts, so the output would not follow it", param="min_p")
     values = {key: getattr(request, key) for key in SAMPLING_DEFAULT_KEYS}
     for key, value in values.items():
         if value is None and key in state.default_sampling:
             values[key] = state.default_sampling[key]
     values = {key: value for key, value in values.items() if value is not None}
     values.setdefault("temperature", 1.0)
+    bad = next((t for t in request.stop_token_ids or () if t >= state.vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside the vocabulary (size {state.vocab_size})", param="stop_token_ids")
     try:
         return SamplingParams(
             n=request.n, max_tokens=max_tokens, stop=request.stop_list() or None, seed=request.seed,
+            stop_token_ids=request.stop_token_ids, skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output,
             ignore_eos=request.ignore_eos, min_tokens=request.min_tokens, logprobs=logprobs,
             output_kind=RequestOutputKind.DELTA, **values,
         )
@@ -275,18 +285,19 @@ async def _merge(streams):
             task.cancel()
 
 
-def engine_error(err: BaseException) -> APIError:
-    """Map an exception from the engine to what the client sees."""
+def engine_error(err: BaseException, request_id: str) -> APIError:
+    """Map an exception from the engine to what the client sees. Only vLLM's request validation
+    (``VLLMValidationError``, which vLLM 0.32 raises for every client mistake it checks) is the
+    client's error; anything else is ours: a 500 naming the request id, traceback in the log."""
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.exceptions import EngineDeadError
 
     if isinstance(err, APIError):
         return err
-    if isinstance(err, (VLLMValidationError, ValueError)):
-        return bad_request(str(err))
+    if isinstance(err, VLLMValidationError):
+        return bad_request(str(err), param=getattr(err, "parameter", None))
     if isinstance(err, EngineDeadError):
         return APIError(503, "the engine has failed", code="engine_dead")
     if isinstance(err, (TimeoutError, asyncio.TimeoutError)):
         return APIError(504, "the request timed out and was aborted", code="timeout")
-    logger.exception("generation failed", exc_info=err)
-    return APIError(500, f"generation failed: {type(err).__name__}", code="internal_error")
+    return internal_error(err, request_id)

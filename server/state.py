@@ -84,6 +84,9 @@ class ServerState:
         self.max_model_len = engine.model_config.max_model_len
         self.vocab_size = engine.model_config.get_vocab_size()
         self.default_sampling = dict(engine.model_config.get_diff_sampling_param() or {})
+        if self.spec.num_speculative_tokens and self.default_sampling.pop("min_p", 0):
+            logger.warning("the model's generation_config sets min_p, which speculative decoding cannot honour "
+                           "(vLLM 0.32 does not apply it when verifying drafts): requests run without it")
         self.engine = engine
         logger.info("engine ready: %s (max_model_len %d, drafter %s, method %s, K %d)", self.model_name,
                     self.max_model_len, self.spec.drafter, self.spec.method, self.spec.num_speculative_tokens)

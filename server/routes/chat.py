@@ -10,31 +10,29 @@ from fastapi import APIRouter, Depends, Request
 from server.auth import require_key
 from server.errors import bad_request
 from server.generation import ChoiceDelta, EngineRun, Prompt, check_prompt, encode, resolve_max_tokens, sampling_params
-from server.routes.common import ChoiceAccum, check_model, respond, server_state
+from server.routes.common import ChoiceAccum, check_model, check_supported, respond, server_state
 from server.schemas import ERROR_RESPONSES, ChatCompletionRequest, ChatCompletionResponse
 from server.state import ServerState
 
 router = APIRouter(dependencies=[Depends(require_key)])
 
 
-async def _render_prompt(state: ServerState, body: ChatCompletionRequest) -> Prompt:
-    """Template text, then tokens without special tokens (the template already places them)."""
+async def render_chat(state: ServerState, body) -> Prompt:
+    """The conversation through the tokenizer's chat template, then tokens (``body``: a chat
+    completion or a chat /tokenize request)."""
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages]
+    options = dict(body.chat_template_kwargs or {})
+    reserved = sorted(set(options) & {"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message"})
+    if reserved:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
     try:
         text = await asyncio.to_thread(
-            state.tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=False)
+            state.tokenizer.apply_chat_template, messages, tokenize=False,
+            add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+            **options)
     except Exception as err:  # jinja errors, raise_exception() in templates, no template at all
         raise bad_request(f"the chat template cannot render these messages: {err}", param="messages") from err
-    prompt = Prompt(await encode(state, text, add_special_tokens=False), text)
-    check_prompt(state, prompt, "messages")
-    return prompt
-
-
-def _unsupported(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise bad_request("tools are not supported", param="tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
+    return Prompt(await encode(state, text, add_special_tokens=body.add_special_tokens), text)
 
 
 def _token_entry(tokenizer, token_id: int, logprob) -> dict:
@@ -97,8 +95,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
     state.require_ready()
     check_model(state, body.model)
-    _unsupported(body)
-    prompt = await _render_prompt(state, body)
+    check_supported(body)
+    prompt = await render_chat(state, body)
+    check_prompt(state, prompt, "messages")
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(state, [prompt], requested, "max_completion_tokens")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -26,6 +26,13 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
+def check_supported(body: SamplingRequest) -> None:
+    """400 naming the first field set to a value this server cannot honour."""
+    refused = body.unsupported()
+    if refused is not None:
+        raise APIError(400, refused[1], param=refused[0], code="unsupported_parameter")
+
+
 def check_model(state: ServerState, model: str) -> None:
     if model != state.model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
@@ -84,7 +91,7 @@ async def collect(request: Request, run: EngineRun, timeout_s: float) -> dict[in
         return None
     error = work.exception()
     if error is not None:
-        raise engine_error(error) from error
+        raise engine_error(error, run.id) from error
     return dict(sorted(choices.items()))
 
 
@@ -138,7 +145,7 @@ def stream(run: EngineRun, request: SamplingRequest, timeout_s: float,
             if include_usage:
                 yield event(usage_chunk(run.usage()))
         except Exception as err:  # noqa: BLE001 - headers are out; the client gets an error event
-            yield sse_error_event(engine_error(err))
+            yield sse_error_event(engine_error(err, run.id))
         yield "data: [DONE]\n\n"
 
     return RunStreamingResponse(body(), run)

@@ -7,9 +7,8 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from server.auth import require_key
-from server.errors import bad_request
 from server.generation import ChoiceDelta, EngineRun, Prompt, check_prompt, encode, resolve_max_tokens, sampling_params
-from server.routes.common import ChoiceAccum, check_model, respond, server_state
+from server.routes.common import ChoiceAccum, check_model, check_supported, respond, server_state
 from server.schemas import ERROR_RESPONSES, CompletionRequest, CompletionResponse
 from server.state import ServerState
 
@@ -28,23 +27,12 @@ async def _prompts(state: ServerState, body: CompletionRequest) -> list[Prompt]:
     prompts = []
     for item in items:
         if isinstance(item, str):
-            prompts.append(Prompt(await encode(state, item), item))
+            prompts.append(Prompt(await encode(state, item, add_special_tokens=body.add_special_tokens), item))
         else:
             prompts.append(Prompt(list(item)))
     for i, prompt in enumerate(prompts):
         check_prompt(state, prompt, "prompt" if len(prompts) == 1 else f"prompt.{i}")
     return prompts
-
-
-def _unsupported(body: CompletionRequest) -> None:
-    if body.suffix:
-        raise bad_request("suffix is not supported", param="suffix")
-    if body.best_of is not None and body.best_of != body.n:
-        raise bad_request("best_of other than n is not supported", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise bad_request("echo together with logprobs is not supported", param="echo")
-    if body.stream and body.best_of is not None and body.best_of > 1:
-        raise bad_request("best_of is not supported with stream", param="best_of")
 
 
 class _Logprobs:
@@ -115,7 +103,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     state = server_state(request)
     state.require_ready()
     check_model(state, body.model)
-    _unsupported(body)
+    check_supported(body)
     prompts = await _prompts(state, body)
     max_tokens = resolve_max_tokens(state, prompts, body.max_tokens, "max_tokens")
     params = sampling_params(state, body, max_tokens, body.logprobs)

@@ -1,4 +1,4 @@
-"""GET /health (liveness) and GET /ready (readiness), both without authentication.
+"""GET /health (liveness), GET /ready (readiness) and GET /version, without authentication.
 
 Liveness stays 200 while the engine is still loading (a long load is not a hang, and an
 orchestrator that restarted it would never let it finish); it turns 503 only once the engine has
@@ -34,3 +34,12 @@ async def ready(request: Request):
     except APIError as err:
         return error_response(err)
     return JSONResponse({"status": "ready", "model": state.model_name})
+
+
+@router.get("/version", summary="vLLM's version (as vLLM's server reports it) and vllm-lk's")
+async def version():
+    import vllm
+
+    from vllm_lk import __version__
+
+    return JSONResponse({"version": vllm.__version__, "vllm_lk": __version__})

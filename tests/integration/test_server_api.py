@@ -218,3 +218,48 @@ def test_health_ready_openapi(base):
     assert httpx.get(base + "/ready").json()["status"] == "ready"
     spec = httpx.get(base + "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics"} <= set(spec["paths"])
+
+
+def test_version_tokenize_detokenize_as_vllm_serves_them(base, client):
+    import vllm
+
+    from vllm_lk import __version__
+
+    assert httpx.get(base + "/version").json() == {"version": vllm.__version__, "vllm_lk": __version__}
+    out = httpx.post(base + "/tokenize", json={"model": MODEL, "prompt": "def main(", "return_token_strs": True},
+                     headers=AUTH).json()
+    assert out["count"] == len(out["tokens"]) == len(out["token_strs"]) > 0 and out["max_model_len"] == 512
+    # the same count the completions endpoint uses for the same prompt
+    done = client.completions.create(model=MODEL, prompt="def main(", max_tokens=1, temperature=0)
+    assert done.usage.prompt_tokens == out["count"]
+    assert httpx.post(base + "/detokenize", json={"tokens": out["tokens"]}, headers=AUTH).json() == {"prompt": "def main("}
+    messages = [{"role": "user", "content": "Sum a list."}]
+    chat = httpx.post(base + "/tokenize", json={"model": MODEL, "messages": messages}, headers=AUTH).json()
+    answered = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, temperature=0)
+    assert answered.usage.prompt_tokens == chat["count"]
+    bare = httpx.post(base + "/tokenize", json={"messages": messages, "add_generation_prompt": False}, headers=AUTH).json()
+    assert bare["tokens"] == chat["tokens"][: bare["count"]] and bare["count"] < chat["count"]
+    assert httpx.post(base + "/tokenize", json={"prompt": "x"}).status_code == 401
+
+
+def test_vllm_fields_are_honoured(base, client):
+    """stop_token_ids, add_generation_prompt / continue_final_message and chat_template_kwargs reach
+    the engine and change the result; no-op values of fields this server cannot honour pass."""
+    first = client.completions.create(model=MODEL, prompt="def main(", max_tokens=1, temperature=0)
+    token = httpx.post(base + "/tokenize", json={"prompt": first.choices[0].text, "add_special_tokens": False},
+                       headers=AUTH).json()["tokens"]
+    assert len(token) == 1
+    stopped = client.completions.create(model=MODEL, prompt="def main(", max_tokens=8, temperature=0,
+                                        extra_body={"stop_token_ids": token})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == ""
+    assert stopped.usage.completion_tokens == 1  # the stop token is generated, not shown
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, wor"}]
+    continued = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, temperature=0,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    opened = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    assert continued.usage.prompt_tokens < opened.usage.prompt_tokens  # no <|end|> and no new assistant turn
+    noop = client.chat.completions.create(
+        model=MODEL, messages=messages[:1], max_tokens=2, temperature=0, logit_bias={}, store=False,
+        tool_choice="none", service_tier="auto", user="u1", extra_body={"chat_template_kwargs": {"unused": 1}})
+    assert noop.choices[0].finish_reason in ("length", "stop")

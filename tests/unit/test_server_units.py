@@ -299,3 +299,38 @@ setTimeout(() => {
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"paths": [1, 3], "status": "", "length": "3.000"}
+
+
+def test_sampling_params_carry_the_vllm_fields():
+    """What the engine gets for the vLLM extensions (their end-to-end effect is tested against a
+    real server in tests/integration/test_server_api.py)."""
+    from types import SimpleNamespace
+
+    from server.errors import APIError
+    from server.generation import sampling_params
+    from server.schemas import CompletionRequest
+
+    state = SimpleNamespace(default_sampling={"top_k": 5}, vocab_size=512, spec=SimpleNamespace(num_speculative_tokens=3))
+    body = CompletionRequest(model="m", prompt="x", stop_token_ids=[7], skip_special_tokens=False,
+                             spaces_between_special_tokens=False, include_stop_str_in_output=True, stop=["\n"])
+    params = sampling_params(state, body, 8, None)
+    assert params.stop_token_ids == [7] and params.skip_special_tokens is False
+    assert params.spaces_between_special_tokens is False and params.include_stop_str_in_output is True
+    assert params.top_k == 5 and params.temperature == 1.0 and params.stop == ["\n"]
+    with pytest.raises(APIError) as refused:
+        sampling_params(state, CompletionRequest(model="m", prompt="x", min_p=0.2), 8, None)
+    assert refused.value.param == "min_p" and "speculative" in refused.value.message
+
+
+def test_requests_are_strict():
+    from pydantic import ValidationError
+
+    from server.schemas import ChatCompletionRequest, CompletionRequest
+
+    with pytest.raises(ValidationError, match="extra_forbidden|Extra inputs"):
+        CompletionRequest(model="m", prompt="x", max_token=3)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert ChatCompletionRequest(**chat, logit_bias={}, store=False, tool_choice="none").unsupported() is None
+    assert ChatCompletionRequest(**chat, logit_bias={"1": 2.0}).unsupported()[0] == "logit_bias"
+    assert ChatCompletionRequest(**chat, response_format={"type": "json_schema"}).unsupported()[0] == "response_format"
+    assert CompletionRequest(model="m", prompt="x", suffix="y").unsupported()[0] == "suffix"
