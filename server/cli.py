@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vllm_lk import __version__
+from vllm_lk.errors import UserError
 
 
 def _toy_target(args: argparse.Namespace) -> int:
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except UserError as err:  # the user's input: one line, no traceback (anything else keeps its traceback)
         print(f"vllm-lk {args.command}: error: {err}", file=sys.stderr)
         return 2
 

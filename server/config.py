@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from vllm_lk.errors import InvalidInput
 
 
 class ServerConfig(BaseModel):
@@ -75,7 +76,7 @@ class ServerConfig(BaseModel):
         lines = Path(self.api_key_file).read_text().splitlines()
         key = lines[0].strip() if lines else ""
         if not key:
-            raise ValueError(f"{self.api_key_file}: empty API key file")
+            raise InvalidInput(f"{self.api_key_file}: empty API key file")
         return key
 
     def model_name(self) -> str:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.config import ServerConfig
 from vllm_lk.speculation import MODE_ENV
+from vllm_lk.errors import InvalidInput, MissingInput
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,11 @@ def resolve_spec(config: ServerConfig) -> SpecSetup:
     from vllm_lk.checkpoint import read_lk_metadata
 
     drafter = Path(config.drafter)
+    if not (drafter / "config.json").is_file() and (drafter / "drafter" / "config.json").is_file():
+        logger.info("%s is a training run directory: serving its exported drafter %s", drafter, drafter / "drafter")
+        drafter = drafter / "drafter"  # `vllm-lk train --out RUN_DIR` exports to RUN_DIR/drafter
     if not (drafter / "config.json").is_file():
-        raise FileNotFoundError(f"{drafter} is not a drafter directory (no config.json)")
+        raise MissingInput(f"{drafter} is not a drafter directory (no config.json, and no {drafter / 'drafter'} either)")
     metadata = read_lk_metadata(drafter)
     method = config.method or (metadata or {}).get("vllm_method") or DEFAULT_METHOD
     k = config.num_speculative_tokens or _trained_k(metadata) or DEFAULT_K
@@ -104,7 +108,7 @@ def build_engine(config: ServerConfig, spec: SpecSetup):
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(f"unknown vLLM engine arguments: {', '.join(unknown)}")
+        raise InvalidInput(f"unknown vLLM engine arguments: {', '.join(unknown)}")
     logger.info("starting vLLM engine: %s", kwargs)
     # the engine-core process reads it when its model runner starts (vllm_lk.speculation); set
     # only while the engine starts, so this process's later engines and children are not changed

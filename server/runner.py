@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from server.config import ServerConfig
+from vllm_lk.errors import MissingInput
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def resolve_defaults(config: ServerConfig) -> ServerConfig:
         if not config.served_model_name:
             updates["served_model_name"] = SERVED_NAME
     if not (Path(target) / "config.json").is_file():
-        raise FileNotFoundError(f"{target} is not a HF model directory (no config.json)")
+        raise MissingInput(f"{target} is not a HF model directory (no config.json)")
     if config.drafter is None and config.default_drafter:
         try:
             from training import default_drafter

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from vllm_lk.errors import InvalidInput
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -78,7 +79,7 @@ def resolve_config(model: type[C], args: argparse.Namespace) -> C:
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise SystemExit(f"{config_path}: expected a mapping of config keys, got {type(loaded).__name__}")
+            raise InvalidInput(f"{config_path}: expected a mapping of config keys, got {type(loaded).__name__}")
         values.update(loaded)
     for name in model.model_fields:
         value = getattr(args, name, None)
@@ -88,4 +89,4 @@ def resolve_config(model: type[C], args: argparse.Namespace) -> C:
         return model(**values)
     except ValidationError as err:
         source = f" (from {config_path} and the command line)" if config_path else ""
-        raise SystemExit(f"invalid {model.__name__}{source}:\n{err}") from None
+        raise InvalidInput(f"invalid {model.__name__}{source}:\n{err}") from None

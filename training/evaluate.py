@@ -45,6 +45,7 @@ from pydantic import Field
 
 from training.generate import EngineFields, make_llm, prepare_prompts, record_seed, resolve_target
 from training.prompts import record_id
+from vllm_lk.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def predict(alphas: list[float], k: int) -> dict:
     if len(alphas) == 1:
         alphas = alphas * k  # an independent draft model: one head, drafted k times
     if len(alphas) < k:
-        raise ValueError(f"the drafter has {len(alphas)} heads, fewer than num_speculative_tokens={k}")
+        raise InvalidInput(f"the drafter has {len(alphas)} heads, fewer than num_speculative_tokens={k}")
     per_position = [math.prod(alphas[: j + 1]) for j in range(k)]
     return {"alpha_per_position": alphas[:k], "per_position_acceptance": per_position, "tau": 1 + sum(per_position)}
 
@@ -297,7 +298,7 @@ def evaluate_pair(config: EvalConfig) -> dict:
     engine starts. Returns a JSON-ready dict: "served", "offline", the resolved config.
     """
     if config.drafter is None:
-        raise ValueError("--drafter is required (an exported drafter directory)")
+        raise InvalidInput("--drafter is required (an exported drafter directory)")
     target = resolve_target(config.target)
     config = config.model_copy(update={"target": target, "drafter": Path(config.drafter).resolve()})
     method, kind = vllm_method(config)

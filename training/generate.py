@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from training.config import FrozenConfig
 from training.data import DataError, Record
 from training.prompts import load_prompts, record_id
+from vllm_lk.errors import InvalidInput, MissingInput
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def check_run_config(out: Path, config: GenerateConfig) -> None:
         changed = {k: (previous.get(k), current[k]) for k in OUTPUT_FIELDS if previous.get(k) != current[k]}
         if changed:
             detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(f"{out} was generated with other settings ({detail}); use another --out or the same settings")
+            raise InvalidInput(f"{out} was generated with other settings ({detail}); use another --out or the same settings")
     sidecar.write_text(json.dumps(current, indent=2) + "\n")
 
 
@@ -179,7 +180,7 @@ def resolve_target(target: Path | None) -> Path:
 
         target = Path(build_toy_target(ToyTargetConfig())["path"])
     if not (Path(target) / "config.json").is_file():
-        raise FileNotFoundError(f"{target}: not a HF model directory (no config.json)")
+        raise MissingInput(f"{target}: not a HF model directory (no config.json)")
     return Path(target).resolve()
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 from training import corpus as corpus_lib
 from training.data import DataError, Record, read_jsonl
+from vllm_lk.errors import InvalidInput
 
 BUILTIN = "builtin"
 KINDS = ("code", "docstring")
@@ -113,13 +114,13 @@ def builtin_prompts(
     from training.toy import ToyTargetConfig
 
     if kind not in KINDS or split not in SPLITS:
-        raise ValueError(f"builtin prompts: kind must be one of {KINDS} and split one of {SPLITS}, got {kind!r}, {split!r}")
+        raise InvalidInput(f"builtin prompts: kind must be one of {KINDS} and split one of {SPLITS}, got {kind!r}, {split!r}")
     if count < 1:
-        raise ValueError(f"builtin prompts: count must be >= 1, got {count}")
+        raise InvalidInput(f"builtin prompts: count must be >= 1, got {count}")
     every = heldout_every or ToyTargetConfig().heldout_every
     files = list(_split_files(split, every, str(corpus_dir) if corpus_dir else None))
     if not files:
-        raise ValueError(f"builtin prompts: the {split} split of the corpus is empty")
+        raise InvalidInput(f"builtin prompts: the {split} split of the corpus is empty")
     rng = random.Random(f"{kind}:{split}:{seed}")  # str seeds are hashed with sha512: stable across runs
     rng.shuffle(files)
     records: list[Record] = []
@@ -135,18 +136,18 @@ def builtin_prompts(
             records.append(record)
             if len(records) == count:
                 return records
-    raise ValueError(f"builtin prompts: the {split} split yields only {len(records)} {kind} prompts, asked for {count}")
+    raise InvalidInput(f"builtin prompts: the {split} split yields only {len(records)} {kind} prompts, asked for {count}")
 
 
 def parse_builtin(spec: str) -> tuple[str, str, int, int]:
     """"builtin:KIND:SPLIT:COUNT[:SEED]" -> (kind, split, count, seed)."""
     parts = spec.split(":")
     if parts[0] != BUILTIN or len(parts) not in (4, 5):
-        raise ValueError(f"expected builtin:KIND:SPLIT:COUNT[:SEED], got {spec!r}")
+        raise InvalidInput(f"expected builtin:KIND:SPLIT:COUNT[:SEED], got {spec!r}")
     try:
         count, seed = int(parts[3]), int(parts[4]) if len(parts) == 5 else 0
     except ValueError:
-        raise ValueError(f"{spec!r}: COUNT and SEED must be integers") from None
+        raise InvalidInput(f"{spec!r}: COUNT and SEED must be integers") from None
     return parts[1], parts[2], count, seed
 
 

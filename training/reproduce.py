@@ -33,6 +33,7 @@ from training import reproduce_report as report_lib
 from training.checkpoint import write_text_atomic
 from training.generate import EngineFields
 from training.train_config import DrafterKind, TrainConfig
+from vllm_lk.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def load_config(quick: bool = False, yaml_path: Path | None = None, **overrides)
     if yaml_path is not None:
         values = yaml.safe_load(Path(yaml_path).read_text()) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"{yaml_path}: expected a mapping of ReproduceConfig keys")
+            raise InvalidInput(f"{yaml_path}: expected a mapping of ReproduceConfig keys")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ReproduceConfig.quick(**values) if quick else ReproduceConfig(**values)
 
@@ -126,7 +127,7 @@ def finished_training(run_dir: Path, config: TrainConfig) -> dict | None:
         return None
     result = json.loads(result_file.read_text())
     if result.get("train_config") != config.model_dump(mode="json"):
-        raise ValueError(f"{run_dir} was trained with another config; use another --out or the same settings")
+        raise InvalidInput(f"{run_dir} was trained with another config; use another --out or the same settings")
     return result
 
 
@@ -174,7 +175,7 @@ def prepare_data(config: ReproduceConfig, target: Path, out: Path) -> dict:
     data_dir = out / "data"
     sets = {k: n for k, n in (("code", config.train_code_prompts), ("docstring", config.train_docstring_prompts)) if n}
     if not sets:
-        raise ValueError("no training prompts: train_code_prompts and train_docstring_prompts are both 0")
+        raise InvalidInput("no training prompts: train_code_prompts and train_docstring_prompts are both 0")
     gen = GenerateConfig(**_engine(config), target=target, prompts="builtin:code:train:1", max_tokens=config.train_max_tokens,
                          temperature=config.generate_temperature, seed=config.seed)
     specs = {k: gen.model_copy(update={"prompts": f"builtin:{k}:train:{n}:{config.seed}"}) for k, n in sets.items()}

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from training.config import FrozenConfig
 from training.evaluate import VLLM_METHODS
 from training.train_config import DrafterKind
+from vllm_lk.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def drafter_dirs(config: SpeedConfig, target: Path) -> dict[str, Path]:
     labels = list(config.drafters) + [label for label in config.drafter_dirs if label not in config.drafters]
     for label in labels:
         if kind_of(label) not in VLLM_METHODS:
-            raise ValueError(f"drafter {label!r}: unknown kind {kind_of(label)!r} (expected one of {', '.join(VLLM_METHODS)})")
+            raise InvalidInput(f"drafter {label!r}: unknown kind {kind_of(label)!r} (expected one of {', '.join(VLLM_METHODS)})")
     return {label: config.drafter_dirs.get(label)
             or ensure_default_drafter(target, DefaultDrafterConfig(drafter=kind_of(label), num_heads=config.num_heads))
             for label in labels}

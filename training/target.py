@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from training.drafters.base import TargetOutputs
+from vllm_lk.errors import InvalidInput, MissingInput
 
 
 def load_target(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -16,7 +17,7 @@ def load_target(path: str | Path, dtype: torch.dtype = torch.float32):
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        raise MissingInput(f"{path}: not a model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -39,7 +40,7 @@ def run_target(
     TargetOutputs: 0 = embeddings, l = output of layer l, num_layers = final normed state)."""
     num_layers = model.config.num_hidden_layers
     if any(not 0 <= layer <= num_layers for layer in hidden_layers):
-        raise ValueError(f"hidden layer ids {hidden_layers} must be in 0..{num_layers}")
+        raise InvalidInput(f"hidden layer ids {hidden_layers} must be in 0..{num_layers}")
     device_type = input_ids.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         out = model(input_ids=input_ids, output_hidden_states=bool(hidden_layers), use_cache=False)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from training import corpus as corpus_lib
 from training import tokenizer as tok_lib
 from training.config import FrozenConfig
+from vllm_lk.errors import ExistingOutput, InvalidInput, MissingInput
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,9 @@ class ToyTargetConfig(FrozenConfig):
     @model_validator(mode="after")
     def _check_heads(self) -> "ToyTargetConfig":
         if self.hidden_size % self.num_heads:
-            raise ValueError("hidden_size must be divisible by num_heads")
+            raise InvalidInput("hidden_size must be divisible by num_heads")
         if self.hidden_size // self.num_heads < 32:
-            raise ValueError("head_dim = hidden_size / num_heads must be >= 32 (vLLM CPU attention rejects 16)")
+            raise InvalidInput("head_dim = hidden_size / num_heads must be >= 32 (vLLM CPU attention rejects 16)")
         return self
 
 
@@ -174,7 +175,7 @@ def sample_windows(stream: np.ndarray, seq_len: int, batch: int, rng: np.random.
 def heldout_windows(stream: np.ndarray, seq_len: int, count: int) -> torch.Tensor:
     """``count`` evenly spaced windows over the held-out stream (deterministic)."""
     if len(stream) < seq_len + 1:
-        raise ValueError(f"held-out text has {len(stream)} tokens, fewer than one window of {seq_len + 1}")
+        raise InvalidInput(f"held-out text has {len(stream)} tokens, fewer than one window of {seq_len + 1}")
     starts = np.linspace(0, len(stream) - seq_len - 1, num=count).astype(np.int64)
     return torch.from_numpy(np.stack([stream[s : s + seq_len + 1] for s in starts]).astype(np.int64))
 
@@ -246,7 +247,7 @@ def build_toy_target(config: ToyTargetConfig, out: Path | None = None, force: bo
         logger.info("toy target: cached at %s", out)
         return existing
     if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(
+        raise ExistingOutput(
             f"{out} exists and does not hold a toy target built from this config; "
             "pass --force to replace it or choose another --out"
         )
@@ -272,10 +273,10 @@ def _build_into(config: ToyTargetConfig, out: Path) -> dict:
     torch.manual_seed(config.seed)
     sources = corpus_lib.read_sources(config.corpus_dir)
     if not sources:
-        raise FileNotFoundError(f"no readable .py files under {config.corpus_dir or corpus_lib.stdlib_root()}")
+        raise MissingInput(f"no readable .py files under {config.corpus_dir or corpus_lib.stdlib_root()}")
     train, heldout = corpus_lib.split_sources(sources, config.heldout_every)
     if not heldout:
-        raise ValueError(f"no held-out files: corpus has {len(sources)} files, heldout_every={config.heldout_every}")
+        raise InvalidInput(f"no held-out files: corpus has {len(sources)} files, heldout_every={config.heldout_every}")
     order = np.random.default_rng(config.seed).permutation(len(train))
     train = [train[i] for i in order]
     logger.info("toy target: corpus %d train / %d held-out files", len(train), len(heldout))
@@ -283,7 +284,7 @@ def _build_into(config: ToyTargetConfig, out: Path) -> dict:
     bpe = tok_lib.train_bpe(_take_chars((s.text for s in train), config.tokenizer_chars), config.vocab_size)
     tokenizer = tok_lib.wrap(bpe, config.max_position_embeddings)
     if len(tokenizer) != config.vocab_size:
-        raise ValueError(f"corpus too small: BPE reached {len(tokenizer)} tokens, asked for {config.vocab_size}")
+        raise InvalidInput(f"corpus too small: BPE reached {len(tokenizer)} tokens, asked for {config.vocab_size}")
 
     chat_budget = int(config.train_chars * config.chat_fraction)
     docs = _take_chars((s.text for s in train), config.train_chars - chat_budget)

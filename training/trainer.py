@@ -41,6 +41,7 @@ from training.target import load_target, run_target
 from training.target_cache import TargetCache
 from training.train_config import TrainConfig
 from training.vocab import token_frequencies
+from vllm_lk.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class TrainingDiverged(RuntimeError):
 def split_examples(examples: list[Example], eval_count: int, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, held-out): ``eval_count`` examples chosen by a seeded permutation are never trained on."""
     if eval_count >= len(examples):
-        raise ValueError(f"eval_sequences={eval_count} leaves no training data ({len(examples)} examples)")
+        raise InvalidInput(f"eval_sequences={eval_count} leaves no training data ({len(examples)} examples)")
     order = np.random.default_rng(seed).permutation(len(examples))
     held = set(order[:eval_count].tolist())
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
@@ -143,7 +144,7 @@ def _check_resume(saved: dict, config: TrainConfig) -> None:
     ours = config.model_dump(mode="json")
     changed = sorted(k for k in ours if ours[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
-        raise SystemExit(
+        raise InvalidInput(
             f"cannot resume: the config differs from the checkpoint's in {', '.join(changed)} "
             "(a resumed run must be the same run; start a new --out for a new one)"
         )
@@ -206,7 +207,7 @@ def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, ou
 
 def _train(config: TrainConfig, ctx, device, run_dir: Path, target_dir: Path, data_path: Path, resume: bool) -> dict:
     if not resume and latest_checkpoint(run_dir) is not None:
-        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
+        raise InvalidInput(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
     started = time.time()
     target_model, drafter, train_set, eval_set, pad_id = _prepare(config, target_dir, data_path, device)
     plain = shard(drafter, ctx, device)
@@ -361,7 +362,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, device: str =
     run_dir = Path(run_dir)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise SystemExit(f"{run_dir}: no checkpoint to export")
+        raise InvalidInput(f"{run_dir}: no checkpoint to export")
     state = load_checkpoint(checkpoint)
     config = TrainConfig(**state["config"]).model_copy(update={"steps": state["step"]})
     sources = json.loads((run_dir / RUN_FILE).read_text())

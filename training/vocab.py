@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from vllm_lk.errors import InvalidInput
 
 SPECIAL_IDS = range(5)  # always in a truncated draft vocabulary (the toy tokenizer's specials)
 
@@ -32,10 +33,10 @@ def select_draft_vocab(counts: torch.Tensor, draft_vocab_size: int, always: Sequ
     ties go to the lower id, so the choice is deterministic."""
     vocab = counts.shape[0]
     if not 0 < draft_vocab_size <= vocab:
-        raise ValueError(f"draft_vocab_size {draft_vocab_size} must be in 1..{vocab}")
+        raise InvalidInput(f"draft_vocab_size {draft_vocab_size} must be in 1..{vocab}")
     always = sorted(set(int(i) for i in always))
     if len(always) > draft_vocab_size:
-        raise ValueError(f"{len(always)} always-included tokens do not fit a draft vocabulary of {draft_vocab_size}")
+        raise InvalidInput(f"{len(always)} always-included tokens do not fit a draft vocabulary of {draft_vocab_size}")
     # sort by (-count, id): stable sort on ids already ascending
     order = torch.sort(-counts, stable=True).indices
     chosen = list(always)

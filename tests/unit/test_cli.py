@@ -19,8 +19,22 @@ def test_toy_target_flags_come_from_the_config_model():
 
 
 def test_bad_config_value_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit, match="head_dim"):
-        main(["toy-target", "--hidden-size", "64", "--num-heads", "4"])
+    assert main(["toy-target", "--hidden-size", "64", "--num-heads", "4"]) == 2
+    assert "head_dim" in capsys.readouterr().err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only the user's mistakes (vllm_lk.errors.UserError) become a one-line exit 2."""
+    import server.cli
+
+    def broken(args):
+        raise ValueError("a bug, not the user's input")
+
+    parser = server.cli.build_parser()
+    monkeypatch.setattr(server.cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["doctor"].set_defaults(func=broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["doctor"])
 
 
 def test_serve_refuses_a_directory_that_is_not_a_model(tmp_path, capsys):

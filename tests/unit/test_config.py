@@ -6,6 +6,7 @@ import pytest
 from pydantic import Field, ValidationError
 
 from training.config import FrozenConfig, add_config_args, resolve_config
+from vllm_lk.errors import UserError
 
 
 class Demo(FrozenConfig):
@@ -37,10 +38,10 @@ def test_optional_path_field_parses():
 def test_bad_values_are_reported_with_the_source(tmp_path):
     cfg_file = tmp_path / "bad.yaml"
     cfg_file.write_text("steps: many\n")
-    with pytest.raises(SystemExit, match="bad.yaml"):
+    with pytest.raises(UserError, match="bad.yaml"):
         parse(["--config", str(cfg_file)])
     cfg_file.write_text("no_such_key: 1\n")
-    with pytest.raises(SystemExit, match="no_such_key"):
+    with pytest.raises(UserError, match="no_such_key"):
         parse(["--config", str(cfg_file)])
     with pytest.raises(SystemExit):  # argparse rejects a choice outside the Literal
         parse(["--loss", "mse"])

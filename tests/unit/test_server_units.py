@@ -155,6 +155,8 @@ def test_spec_setup_from_lk_metadata_and_overrides(tmp_path):
     assert resolve_spec(ServerConfig(target=tmp_path)) == SpecSetup()
     with pytest.raises(FileNotFoundError):
         resolve_spec(ServerConfig(target=tmp_path, drafter=tmp_path / "missing"))
+    # a training run directory (what `vllm-lk train --out` names) serves the drafter it exported
+    assert resolve_spec(ServerConfig(target=tmp_path, drafter=drafter.parent)).drafter == str(drafter.resolve())
 
 
 def test_engine_kwargs_layering(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from training.data import DataError, Example
 from training.drafters import load_drafter
 from training.target import load_target
 from training.train_config import TrainConfig
+from vllm_lk.errors import UserError
 
 QUICK = dict(drafter="draft-model", steps=4, batch_size=4, seq_len=96, warmup_steps=1, checkpoint_every=2, log_every=1, eval_sequences=4)
 
@@ -91,9 +92,9 @@ def test_the_export_loads_back_with_the_trained_weights(finished_run, tiny_targe
 
 def test_an_existing_run_needs_resume_and_the_same_config(finished_run, tiny_target, tiny_train_data):
     out, config, _ = finished_run
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(UserError, match="--resume"):
         trainer.train(config, tiny_target, tiny_train_data, out)
-    with pytest.raises(SystemExit, match="differs from the checkpoint's in lr"):
+    with pytest.raises(UserError, match="differs from the checkpoint's in lr"):
         trainer.train(config.model_copy(update={"lr": 5e-3}), tiny_target, tiny_train_data, out, resume=True)
 
 

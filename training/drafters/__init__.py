@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from vllm_lk.errors import InvalidInput, MissingInput
 
 MODULES = {"eagle3": "eagle3", "medusa": "medusa", "mlp": "mlp", "draft-model": "draft_model"}
 # config.json "architectures" entry of an export -> drafter kind
@@ -25,7 +26,7 @@ ARCHITECTURES = {
 
 def module(kind: str):
     if kind not in MODULES:
-        raise ValueError(f"unknown drafter {kind!r}; choose one of {', '.join(MODULES)}")
+        raise InvalidInput(f"unknown drafter {kind!r}; choose one of {', '.join(MODULES)}")
     return importlib.import_module(f"training.drafters.{MODULES[kind]}")
 
 
@@ -37,12 +38,12 @@ def exported_kind(path: str | Path) -> str:
     """The drafter kind of an exported directory (from its config.json architecture)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: not an exported drafter (no config.json)")
+        raise MissingInput(f"{path}: not an exported drafter (no config.json)")
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     for name in architectures:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
-    raise ValueError(f"{config_file}: architectures {architectures} is none of {', '.join(ARCHITECTURES)}")
+    raise InvalidInput(f"{config_file}: architectures {architectures} is none of {', '.join(ARCHITECTURES)}")
 
 
 def load_drafter(path: str | Path, target_model):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
+from vllm_lk.errors import InvalidInput
 
 MIN_HEAD_DIM = 32  # vLLM's CPU attention rejects head_dim 16
 
@@ -37,7 +38,7 @@ def draft_llama_config(target_config, config):
     head_dim = getattr(target_config, "head_dim", None) or target_config.hidden_size // target_config.num_attention_heads
     hidden = config.draft_hidden_size or max(target_config.hidden_size // 2, head_dim)
     if hidden % head_dim or head_dim < MIN_HEAD_DIM:
-        raise ValueError(f"draft_hidden_size {hidden} must be a multiple of the target's head_dim {head_dim} (>= {MIN_HEAD_DIM})")
+        raise InvalidInput(f"draft_hidden_size {hidden} must be a multiple of the target's head_dim {head_dim} (>= {MIN_HEAD_DIM})")
     heads = hidden // head_dim
     ratio = target_config.intermediate_size / target_config.hidden_size
     draft = target_config.__class__.from_dict(target_config.to_dict())
@@ -69,5 +70,5 @@ def load(path: Path, target_model) -> DraftModelDrafter:
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     if model.config.vocab_size != target_model.config.vocab_size:
-        raise ValueError(f"{path}: draft vocab {model.config.vocab_size} != target vocab {target_model.config.vocab_size}")
+        raise InvalidInput(f"{path}: draft vocab {model.config.vocab_size} != target vocab {target_model.config.vocab_size}")
     return DraftModelDrafter(model.eval())

@@ -42,6 +42,7 @@ from torch import nn
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
 from training.vocab import draft_maps, draft_vocab_for
+from vllm_lk.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +72,14 @@ def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
     if len(set(ids)) == 3 and all(0 < i < num_layers for i in ids):
         return ids
     if num_layers < 4:
-        raise ValueError(f"EAGLE-3 needs three distinct aux layers in 1..L-1; the target has L={num_layers}")
+        raise InvalidInput(f"EAGLE-3 needs three distinct aux layers in 1..L-1; the target has L={num_layers}")
     return tuple(round(1 + i * (num_layers - 2) / 2) for i in range(3))  # type: ignore[return-value]
 
 
 def check_aux_layers(ids, num_layers: int) -> tuple[int, int, int]:
     ids = tuple(sorted(int(i) for i in ids))
     if len(set(ids)) != 3 or not all(0 <= i < num_layers for i in ids):
-        raise ValueError(f"aux_layers {ids} must be three distinct ids in 0..{num_layers - 1}")
+        raise InvalidInput(f"aux_layers {ids} must be three distinct ids in 0..{num_layers - 1}")
     return ids  # type: ignore[return-value]
 
 
@@ -105,9 +106,9 @@ def rope_frequencies(g: Eagle3Geometry) -> tuple[torch.Tensor, float]:
     types come from transformers' own tables (what the target's HF forward uses)."""
     kind = g.rope.get("rope_type", "default")
     if kind not in ROPE_TYPES:
-        raise ValueError(f"rope_type {kind!r} is not supported by the EAGLE-3 drafter (supported: {', '.join(ROPE_TYPES)})")
+        raise InvalidInput(f"rope_type {kind!r} is not supported by the EAGLE-3 drafter (supported: {', '.join(ROPE_TYPES)})")
     if g.rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial rotary embeddings are not supported by the EAGLE-3 drafter")
+        raise InvalidInput("partial rotary embeddings are not supported by the EAGLE-3 drafter")
     if kind == "default":
         d = g.head_dim
         return 1.0 / float(g.rope["rope_theta"]) ** (torch.arange(0, d, 2, dtype=torch.float32) / d), 1.0
@@ -343,7 +344,7 @@ def load(path: str | Path, target_model) -> Eagle3Drafter:
     if d2t is not None:
         draft_vocab = torch.arange(d2t.shape[0], dtype=torch.int64) + d2t.long()
         if t2d is not None and not torch.equal(draft_maps(draft_vocab, hf["vocab_size"])[1], t2d.bool()):
-            raise ValueError(f"{path}: t2d does not match d2t")
+            raise InvalidInput(f"{path}: t2d does not match d2t")
     eagle = hf.get("eagle_config") or {}
     num_layers = target_model.config.num_hidden_layers
     g = Eagle3Geometry(
@@ -358,6 +359,6 @@ def load(path: str | Path, target_model) -> Eagle3Drafter:
     missing, unexpected = drafter.load_state_dict(tensors, strict=False)
     missing = [m for m in missing if m != "draft_vocab"]
     if missing or unexpected:
-        raise ValueError(f"{path}: missing tensors {missing}, unexpected {unexpected}")
+        raise InvalidInput(f"{path}: missing tensors {missing}, unexpected {unexpected}")
     logger.debug("loaded eagle3 drafter %s", asdict(g))
     return drafter

@@ -31,6 +31,7 @@ from torch import nn
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
 from training.vocab import draft_vocab_for
+from vllm_lk.errors import InvalidInput
 
 ARCHITECTURE = "MedusaModel"
 
@@ -129,12 +130,12 @@ def load(path: str | Path, target_model) -> MedusaDrafter:
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
     if hf.get("medusa_fc_bias") or hf.get("original_lm_head"):
-        raise ValueError(f"{path}: biased MEDUSA blocks and a single shared lm_head are not supported")
+        raise InvalidInput(f"{path}: biased MEDUSA blocks and a single shared lm_head are not supported")
     tensors = load_file(str(path / "model.safetensors"))
     token_map = tensors.pop("token_map", None)
     truncated = hf.get("truncated_vocab_size") or hf["vocab_size"]
     if (token_map is None) != (truncated == hf["vocab_size"]) or (token_map is not None and token_map.shape[0] != truncated):
-        raise ValueError(f"{path}: truncated_vocab_size {truncated} and the token_map tensor do not match")
+        raise InvalidInput(f"{path}: truncated_vocab_size {truncated} and the token_map tensor do not match")
     drafter = MedusaDrafter(
         hf["hidden_size"], hf["vocab_size"], hf["num_heads"], hf["num_hidden_layers"], target_model.config.num_hidden_layers,
         None if token_map is None else token_map.to(torch.int64),
@@ -142,5 +143,5 @@ def load(path: str | Path, target_model) -> MedusaDrafter:
     missing, unexpected = drafter.load_state_dict(tensors, strict=False)
     missing = [m for m in missing if m != "draft_vocab"]
     if missing or unexpected:
-        raise ValueError(f"{path}: missing tensors {missing}, unexpected {unexpected}")
+        raise InvalidInput(f"{path}: missing tensors {missing}, unexpected {unexpected}")
     return drafter

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
 from vllm_lk.heads.mlp_speculator import ARCHITECTURE, MLPSpeculatorCore
+from vllm_lk.errors import InvalidInput
 
 
 def shift_left(input_ids: torch.Tensor, k: int) -> torch.Tensor:  # [B, T] -> [B, T]
@@ -141,5 +142,5 @@ def load(path: str | Path, target_model) -> MLPDrafter:
     loaded = drafter.speculator.load_weights(load_file(str(path / "model.safetensors")).items())
     missing = {name for name, _ in drafter.speculator.named_parameters()} - loaded
     if missing:
-        raise ValueError(f"{path}: MLP speculator weights missing: {sorted(missing)}")
+        raise InvalidInput(f"{path}: MLP speculator weights missing: {sorted(missing)}")
     return drafter
