@@ -1,8 +1,9 @@
 """Run the server: resolve the embedded defaults, build the app, serve it with uvicorn.
 
 Without a target this serves the toy target (built on first use, cached); without a drafter, the
-default LK-trained drafter for the target from ``training.default_drafter`` (also built on first
-use, cached), or no speculation when that module is absent or ``default_drafter`` is off.
+default LK-trained drafter for the toy target from ``training.default_drafter`` (also built on
+first use, cached). Any other target without a drafter is served without speculation (the default
+drafter's recipe is for the toy target only), as it is when ``default_drafter`` is off.
 """
 
 from __future__ import annotations
@@ -34,8 +35,17 @@ def resolve_defaults(config: ServerConfig) -> ServerConfig:
     if config.drafter is None and config.default_drafter:
         try:
             from training import default_drafter
+            from training.toy import METADATA_FILE
         except ImportError:
             logger.warning("no default drafter available (training.default_drafter missing): serving without speculation")
+            return config.model_copy(update=updates) if updates else config
+        if not (Path(target) / METADATA_FILE).is_file():
+            # the default drafter is trained on stdlib prompts, on this machine's CPU: right for the toy
+            # target, wrong for a served model (hours in fp32, and the wrong data)
+            logger.warning(
+                "no --drafter for %s: serving without speculation. Train one for the traffic you serve "
+                "(docs/training.md: `vllm-lk generate` then `vllm-lk train`, on the GPU) and pass --drafter RUN_DIR",
+                target)
         else:
             updates["drafter"] = Path(default_drafter.ensure_default_drafter(Path(target)))
             if config.num_speculative_tokens is None:

@@ -8,8 +8,23 @@ from server.cli import build_parser, main
 def test_help_lists_every_subcommand(venv_bin):
     proc = subprocess.run([str(venv_bin / "vllm-lk"), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for command in ("toy-target", "serve", "doctor"):
-        assert command in proc.stdout
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert len(commands) >= 8
+    for command in commands:
+        assert f"\n    {command} " in proc.stdout, command
+
+
+def test_documented_help_is_the_real_help():
+    """Every `$ vllm-lk ... --help` block in README.md and docs/ is what the parser prints
+    (refresh them with `python -m tests.help_blocks`)."""
+    from tests.help_blocks import blocks, documents, real_help
+
+    found = 0
+    for path in documents():
+        for args, documented in blocks(path.read_text()):
+            found += 1
+            assert documented == real_help(args), f"{path.name}: `vllm-lk {' '.join(args)} --help` is stale"
+    assert found >= 1
 
 
 def test_toy_target_flags_come_from_the_config_model():

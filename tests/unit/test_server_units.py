@@ -194,6 +194,7 @@ def test_resolve_defaults(tmp_path, monkeypatch):
     target = tmp_path / "toy"
     target.mkdir()
     (target / "config.json").write_text("{}")
+    (target / training.toy.METADATA_FILE).write_text("{}")
     monkeypatch.setattr(training.toy, "build_toy_target", lambda config: {"path": str(target)})
     fake = type(sys)("training.default_drafter")
     fake.ensure_default_drafter = lambda target_dir: tmp_path / f"drafter-for-{Path(target_dir).name}"
@@ -205,6 +206,10 @@ def test_resolve_defaults(tmp_path, monkeypatch):
     assert config.drafter == tmp_path / "drafter-for-toy" and config.num_speculative_tokens == 3
     assert resolve_defaults(ServerConfig(num_speculative_tokens=2)).num_speculative_tokens == 2
     assert resolve_defaults(ServerConfig(default_drafter=False)).drafter is None
+    served = tmp_path / "Llama-3.1-8B-Instruct"  # not the toy target: no stdlib drafter trained for it
+    served.mkdir()
+    (served / "config.json").write_text("{}")
+    assert resolve_defaults(ServerConfig(target=served)).drafter is None
     monkeypatch.setitem(sys.modules, "training.default_drafter", None)  # module absent: no speculation
     monkeypatch.delattr(training, "default_drafter", raising=False)
     assert resolve_defaults(ServerConfig()).drafter is None
