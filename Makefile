@@ -14,7 +14,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed-$(VLLM_BUILD)
 
-.PHONY: install deps-system serve test test-slow toy-target doctor clean
+.PHONY: install deps-system lint serve test test-slow toy-target doctor clean
 
 install: $(STAMP)
 
@@ -57,7 +57,10 @@ deps-system:
 	$$SUDO apt-get update -qq && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 
-test: install deps-system
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install deps-system lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: install

@@ -20,11 +20,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.config import ServerConfig
-from vllm_lk import __version__
 from server.engine import SpecSetup, resolve_spec
 from server.errors import install_error_handlers
 from server.routes import chat, completions, health, models, observability, tokenize
 from server.state import ServerState
+from vllm_lk import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,10 @@ def _toy_target(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from training.config import resolve_config
-
     from server.config import ServerConfig
     from server.engine import engine_args_from_cli
     from server.runner import serve
+    from training.config import resolve_config
 
     if args.no_default_drafter:
         args.default_drafter = False

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from vllm_lk.errors import InvalidInput
 
 
@@ -58,7 +59,7 @@ class ServerConfig(BaseModel):
     access_log: bool = Field(False, description="uvicorn access log (one line per request)")
 
     @model_validator(mode="after")
-    def _one_key_source(self) -> "ServerConfig":
+    def _one_key_source(self) -> ServerConfig:
         if self.api_key is not None and self.api_key_file is not None:
             raise ValueError("give api_key or api_key_file, not both")
         if self.api_key is not None and not self.api_key:

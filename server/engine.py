@@ -19,8 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.config import ServerConfig
-from vllm_lk.speculation import MODE_ENV
 from vllm_lk.errors import InvalidInput, MissingInput
+from vllm_lk.speculation import MODE_ENV
 
 logger = logging.getLogger(__name__)
 

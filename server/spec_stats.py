@@ -39,7 +39,7 @@ class SpecStats:
             for i in range(min(num_accepted, self.num_positions)):
                 self.accepted[i] += 1
 
-    def merge(self, other: "SpecStats") -> None:
+    def merge(self, other: SpecStats) -> None:
         """Add another set of steps (e.g. the other choices of an n > 1 request)."""
         self.steps += other.steps
         for i in range(min(self.num_positions, other.num_positions)):

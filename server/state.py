@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 class Ticket:
     """One admitted request's slot; releasing twice is harmless (a stream may end by several paths)."""
 
-    def __init__(self, admission: "Admission"):
+    def __init__(self, admission: Admission):
         self._admission = admission
         self._released = False
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
 from vllm_lk.errors import InvalidInput
 
 C = TypeVar("C", bound=BaseModel)

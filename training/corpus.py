@@ -12,9 +12,9 @@ import ast
 import hashlib
 import sysconfig
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ def multi_head_loss(
     weights = head_weights(len(draft_logits), gamma)
     total = draft_logits[0].new_zeros((), dtype=torch.float32)
     alphas = []
-    for k, (weight, draft, target) in enumerate(zip(weights, draft_logits, target_logits)):
+    for weight, draft, target in zip(weights, draft_logits, target_logits):
         for i, temperature in enumerate(temperatures):
             loss, alpha, _ = draft_loss(draft, target, kind, temperature=temperature, **kwargs)
             total = total + weight * loss / len(temperatures)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import ast
 import functools
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from training import corpus as corpus_lib
 from training.data import DataError, Record, read_jsonl

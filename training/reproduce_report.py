@@ -88,7 +88,7 @@ def table(records: list[dict], order: dict[str, list] | None = None) -> list[dic
             "served_acceptance_1": _mean([r["served_acceptance"][0] for r in seeds if r["served_acceptance"]]),
             "sources": [r["source"] for r in seeds],
         }
-    for key, row in rows.items():
+    for row in rows.values():
         base = rows.get((row["drafter"], BASELINE_LOSS, row["temperature"], row["set"]))
         row["served_gain_over_kl"] = relative(row["served_tau"], base["served_tau"]) if base else math.nan
         row["predicted_gain_over_kl"] = relative(row["predicted_tau"], base["predicted_tau"]) if base else math.nan

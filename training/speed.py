@@ -57,7 +57,7 @@ class SpeedConfig(FrozenConfig):
     profile_k: int | None = Field(4, ge=1, description="K of the per-drafter step breakdown (training.speed_profile; None: skip it)")
 
     @classmethod
-    def quick(cls, **overrides) -> "SpeedConfig":
+    def quick(cls, **overrides) -> SpeedConfig:
         """<= 15 min on 2 cores once the drafters are cached: the two fastest drafters, K 1/3/4/5."""
         return cls(**{"drafters": ["mlp", "eagle3"], "ks": [1, 3, 4, 5], "rounds": 2, "prompts": 4, **overrides})
 

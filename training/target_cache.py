@@ -71,5 +71,5 @@ class TargetCache:
             return out.to(ids.device)
 
         num_layers = self.model.config.num_hidden_layers
-        hidden = tuple(stack(f"hidden.{l}") if l in self.hidden_layers else None for l in range(num_layers + 1)) if self.hidden_layers else ()
+        hidden = tuple(stack(f"hidden.{layer}") if layer in self.hidden_layers else None for layer in range(num_layers + 1)) if self.hidden_layers else ()
         return TargetOutputs(input_ids=ids, loss_mask=mask, hidden_states=hidden, logits=stack("logits"))

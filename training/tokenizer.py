@@ -7,7 +7,7 @@ endpoint and ``apply_chat_template`` work on the toy target like on any served m
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast

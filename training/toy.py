@@ -69,7 +69,7 @@ class ToyTargetConfig(FrozenConfig):
     corpus_dir: Path | None = Field(None, description="directory of .py files to train on (default: this Python's stdlib)")
 
     @model_validator(mode="after")
-    def _check_heads(self) -> "ToyTargetConfig":
+    def _check_heads(self) -> ToyTargetConfig:
         if self.hidden_size % self.num_heads:
             raise InvalidInput("hidden_size must be divisible by num_heads")
         if self.hidden_size // self.num_heads < 32:

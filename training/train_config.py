@@ -48,7 +48,7 @@ class TrainConfig(FrozenConfig):
     medusa_num_layers: int = Field(1, ge=1, description="MEDUSA: residual blocks per head")
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if any(t <= 0 for t in self.temperatures):
             raise ValueError("temperatures must be > 0 (T=0 drafts are argmax; train at a small T instead)")
         if self.draft_vocab_size is not None and self.drafter not in ("eagle3", "medusa"):

@@ -30,13 +30,20 @@ from tqdm.auto import tqdm
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from training.data import Example, read_examples
 from training.drafters import build_drafter
+from training.drafters.base import TargetOutputs
 from training.evaluate import predict
 from training.export import export_drafter, file_sha256
 from training.losses import multi_head_loss
 from training.parallel import (
-    all_reduce, close_distributed, full_state, init_distributed, load_full_state, norm_value, shard, sync_gradients,
+    all_reduce,
+    close_distributed,
+    full_state,
+    init_distributed,
+    load_full_state,
+    norm_value,
+    shard,
+    sync_gradients,
 )
-from training.drafters.base import TargetOutputs
 from training.target import load_target, run_target
 from training.target_cache import TargetCache
 from training.train_config import TrainConfig

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+
 from vllm_lk.errors import InvalidInput
 
 SPECIAL_IDS = range(5)  # always in a truncated draft vocabulary (the toy tokenizer's specials)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 PLUGIN_GROUP = "vllm.general_plugins"
 PLUGIN_VALUE = "vllm_lk.plugin:register"

@@ -17,7 +17,7 @@ from per-request generators.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

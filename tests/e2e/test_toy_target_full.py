@@ -36,7 +36,7 @@ def test_vllm_continues_code_with_python(full_target, clean_env):
     proc = subprocess.run([sys.executable, str(script), full_target["path"]], capture_output=True, text=True,
                           env=clean_env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
     for out in result["greedy"]:
         hits = [m for m in PYTHON_MARKERS if m in out["text"]]
         assert len(hits) >= 2, out["text"]

@@ -105,7 +105,7 @@ def trained_head(target_dir, tmp_path_factory):
     drafter = eagle3.build(model, config, token_frequencies(data.tolist(), model.config.vocab_size))
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(1)
-    for step in range(TRAIN_STEPS):
+    for _step in range(TRAIN_STEPS):
         rows = data[torch.randint(0, len(data), (8,), generator=gen)]
         target = run_target(model, rows, torch.ones_like(rows, dtype=torch.bool), drafter.hidden_layers)
         pairs = drafter(target)

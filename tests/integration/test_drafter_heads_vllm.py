@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import logging
 import time
-from tests.conftest import one_torch_thread
 
 import pytest
 import torch
 
+from tests.conftest import one_torch_thread
 from training.drafters import build_drafter
 from training.drafters.base import TargetOutputs
 from training.losses import draft_loss, multi_head_loss

@@ -9,7 +9,6 @@ top_k); run with VLLM_LK_DISABLE=1 to see it.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

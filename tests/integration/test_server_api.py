@@ -11,7 +11,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.integration.server_harness import API_KEY, K, MODEL, scrape
+from tests.integration.server_harness import API_KEY, MODEL, K, scrape
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

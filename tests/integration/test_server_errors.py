@@ -16,7 +16,13 @@ import pytest
 from openai import OpenAI
 
 from tests.integration.server_harness import (
-    API_KEY, MODEL, EngineWrapper, PacedEngine, scrape, tiny_config, unfinished_engine_requests,
+    API_KEY,
+    MODEL,
+    EngineWrapper,
+    PacedEngine,
+    scrape,
+    tiny_config,
+    unfinished_engine_requests,
 )
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ def engine_run(tiny_target, clean_env):
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
     return json.loads(line[len("RESULT "):]), log
 
 

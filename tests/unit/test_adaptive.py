@@ -136,7 +136,7 @@ def test_a_batch_of_verifications_counts_as_the_same_verifications_one_by_one():
     one by one each request sees the ones before it counted: equal within 2 %."""
     rng = np.random.default_rng(2)
     one, batch = adaptive.AcceptanceModel(num_positions=4), adaptive.AcceptanceModel(num_positions=4)
-    for step in range(50):
+    for _step in range(50):
         req_ids = [f"r{i}" for i in range(5)]
         counts = rng.integers(0, 5, size=5)
         accepted = np.array([rng.integers(0, c + 1) for c in counts])

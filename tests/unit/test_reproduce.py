@@ -14,9 +14,9 @@ from training.reproduce import (
     eval_records,
     eval_settings,
     finished_training,
-    recorded_seconds,
     load_config,
     pending_combos,
+    recorded_seconds,
 )
 
 

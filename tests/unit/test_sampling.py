@@ -10,7 +10,6 @@ import torch
 from vllm_lk import reference, sampling
 
 
-
 @pytest.fixture(autouse=True)
 def float64_by_default():
     """Exact-enumeration tests compare at 1e-9: float64 inside this module's tests only (setting
@@ -296,7 +295,7 @@ def test_chi_square_verify_samples_the_target(transform, greedy_share):
     vocab, k_max, n = 4, 3, 40000
     target = PrefixModel(vocab, seed=5, spread=1.5)
     draft = PrefixModel(vocab, seed=6, spread=1.5)
-    prefixes = [list(s) for l in range(k_max + 2) for s in itertools.product(range(vocab), repeat=l)]
+    prefixes = [list(s) for length in range(k_max + 2) for s in itertools.product(range(vocab), repeat=length)]
     index = {tuple(s): i for i, s in enumerate(prefixes)}
     P = torch.stack([transformed(target, s, transform) for s in prefixes])  # [num_prefixes, V]
     Q = torch.stack([transformed(draft, s, transform) for s in prefixes])

@@ -188,7 +188,6 @@ def test_validation_error_paths_drop_union_tags():
 
 def test_resolve_defaults(tmp_path, monkeypatch):
     import training.toy
-
     from server.runner import resolve_defaults
 
     target = tmp_path / "toy"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+
 from vllm_lk.errors import InvalidInput, MissingInput
 
 MODULES = {"eagle3": "eagle3", "medusa": "medusa", "mlp": "mlp", "draft-model": "draft_model"}

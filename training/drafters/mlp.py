@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from training.drafters.base import Drafter, TargetOutputs, select_rows
-from vllm_lk.heads.mlp_speculator import ARCHITECTURE, MLPSpeculatorCore
 from vllm_lk.errors import InvalidInput
+from vllm_lk.heads.mlp_speculator import ARCHITECTURE, MLPSpeculatorCore
 
 
 def shift_left(input_ids: torch.Tensor, k: int) -> torch.Tensor:  # [B, T] -> [B, T]
