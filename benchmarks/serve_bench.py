@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.launch import vllm_command  # noqa: E402
+from vllm_lk.engine_defaults import on_gpu  # noqa: E402
 
 logger = logging.getLogger("serve_bench")
 NAME = "bench"
@@ -116,14 +117,8 @@ def server_commands(args: argparse.Namespace, ports: dict[str, int]) -> dict[str
     else:
         ours += ["--no-default-drafter"]
     ours += ["--", *engine_flags(args)]
-    theirs = vllm_command(args.target, "127.0.0.1", ports["vllm"], NAME, theirs_extra, on_gpu=_on_gpu())
+    theirs = vllm_command(args.target, "127.0.0.1", ports["vllm"], NAME, theirs_extra, on_gpu=on_gpu())
     return {"ours": ours, "vllm": theirs}
-
-
-def _on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:

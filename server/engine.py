@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.config import ServerConfig
+from vllm_lk import engine_defaults
 from vllm_lk.errors import InvalidInput, MissingInput
 from vllm_lk.speculation import MODE_ENV
 
@@ -28,7 +29,6 @@ DEFAULT_METHOD = "draft_model"
 DEFAULT_K = 3
 # What makes vLLM start on a CPU-only machine: float32 (bf16 CPU kernels need AVX512-BF16), no
 # CUDA graphs, and a share of host memory that leaves room for other processes.
-CPU_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.2}
 
 
 class SpecSetup(BaseModel):
@@ -73,17 +73,11 @@ def _trained_k(metadata: dict | None) -> int | None:
     return None
 
 
-def on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def engine_kwargs(config: ServerConfig, spec: SpecSetup) -> dict[str, Any]:
-    """AsyncEngineArgs keyword arguments: CPU defaults < the user's engine_args < ours."""
+    """AsyncEngineArgs keyword arguments: vllm_lk.engine_defaults (CPU) < the user's engine_args < ours."""
     if config.target is None:
         raise ValueError("target is not resolved")
-    kwargs: dict[str, Any] = {} if on_gpu() else dict(CPU_DEFAULTS)
+    kwargs: dict[str, Any] = engine_defaults.platform_defaults()
     kwargs.update(config.engine_args)
     kwargs["model"] = str(config.target)
     kwargs["served_model_name"] = config.model_name()

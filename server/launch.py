@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from server.engine import CPU_DEFAULTS
+from vllm_lk.engine_defaults import CPU as CPU_DEFAULTS
 
 
 def default_engine_args(on_gpu: bool) -> list[str]:

@@ -31,13 +31,13 @@ class SpecStats:
 
     def add_steps(self, drafted: list[int], accepted: list[int]) -> None:
         """Record steps given as per-step drafted / accepted counts."""
-        assert len(drafted) == len(accepted)
-        for num_drafted, num_accepted in zip(drafted, accepted):
-            self.steps += 1
-            for i in range(min(num_drafted, self.num_positions)):
-                self.drafted[i] += 1
-            for i in range(min(num_accepted, self.num_positions)):
-                self.accepted[i] += 1
+        from vllm_lk.request_metrics import position_counts
+
+        by_position = position_counts(drafted, accepted, self.num_positions)
+        self.steps += len(drafted)
+        for i, (d, a) in enumerate(zip(*by_position)):
+            self.drafted[i] += d
+            self.accepted[i] += a
 
     def merge(self, other: SpecStats) -> None:
         """Add another set of steps (e.g. the other choices of an n > 1 request)."""

@@ -50,7 +50,6 @@ from vllm_lk.errors import InvalidInput
 logger = logging.getLogger(__name__)
 
 # drafter kind (training.drafters) -> speculative_config["method"]
-VLLM_METHODS = {"eagle3": "eagle3", "medusa": "medusa", "mlp": "mlp_speculator", "draft-model": "draft_model"}
 INDEPENDENCE = "predicted acceptance at k = prod_{j<=k} alpha_j: positions assumed independent, each at its mean alpha"
 AT_STEPS = ("predicted acceptance at k = mean over the served verification steps of prod_{j<=k} alpha_j(t), "
             "each head's alpha at the step's own context end t (teacher-forced on the served tokens)")
@@ -74,7 +73,7 @@ class EvalConfig(EngineFields):
 
 def vllm_method(config: EvalConfig) -> tuple[str, str | None]:
     """(vLLM method, drafter kind or None when the config.json names no known architecture)."""
-    from training.drafters import exported_kind
+    from training.drafters import VLLM_METHODS, exported_kind
 
     try:
         kind = exported_kind(config.drafter)
@@ -91,15 +90,15 @@ def vllm_method(config: EvalConfig) -> tuple[str, str | None]:
 
 def acceptance_counts(outputs, k: int) -> tuple[list[int], list[int]]:
     """Per draft position: (steps that drafted it, steps that accepted it and every earlier one)."""
+    from vllm_lk.request_metrics import position_counts
+
     drafted, accepted = [0] * k, [0] * k
     for out in outputs:
         metrics = out.outputs[0].spec_decode_metrics
-        if metrics is None:
-            continue
-        for num_drafted, num_accepted in zip(metrics.per_step_drafted, metrics.per_step_accepted):
-            for position in range(num_drafted):
-                drafted[position] += 1
-                accepted[position] += position < num_accepted
+        if metrics is not None:
+            counts = position_counts(metrics.per_step_drafted, metrics.per_step_accepted, k)
+            drafted = [a + b for a, b in zip(drafted, counts[0])]
+            accepted = [a + b for a, b in zip(accepted, counts[1])]
     return drafted, accepted
 
 

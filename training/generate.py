@@ -40,11 +40,15 @@ OUTPUT_FIELDS = ("target", "prompts", "temperature", "top_p", "max_tokens", "see
 
 
 class EngineFields(FrozenConfig):
-    """vLLM engine settings shared by `generate` and `eval` (CPU-safe defaults)."""
+    """vLLM engine settings shared by `generate` and `eval`; unset ones take
+    vllm_lk.engine_defaults (float32, eager, 0.2 on CPU; vLLM's own on a GPU)."""
 
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="serving dtype (CPU bf16 kernels need AVX512-BF16)")
-    enforce_eager: bool = Field(True, description="no CUDA graphs / torch.compile (slow to start, no gain on CPU)")
-    gpu_memory_utilization: float = Field(0.15, gt=0, le=1, description="share of device memory (host memory on CPU) for weights + KV cache")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
+        None, description="serving dtype (default: float32 on CPU, where bf16 kernels need AVX512-BF16; the model's on GPU)")
+    enforce_eager: bool | None = Field(
+        None, description="no CUDA graphs / torch.compile (default: on for CPU, where they only slow the start; vLLM's on GPU)")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="share of device memory (host memory on CPU) for weights + KV cache (default: 0.2 on CPU, vLLM's on GPU)")
     max_model_len: int | None = Field(None, ge=16, description="longest prompt + completion (default: the target's max_position_embeddings)")
     max_num_seqs: int | None = Field(None, ge=1, description="requests run concurrently (default: vLLM's)")
 
@@ -118,11 +122,12 @@ def check_run_config(out: Path, config: GenerateConfig) -> None:
 
 
 def engine_kwargs(config: EngineFields) -> dict:
-    kwargs = dict(dtype=config.dtype, enforce_eager=config.enforce_eager, gpu_memory_utilization=config.gpu_memory_utilization)
-    if config.max_model_len is not None:
-        kwargs["max_model_len"] = config.max_model_len
-    if config.max_num_seqs is not None:
-        kwargs["max_num_seqs"] = config.max_num_seqs
+    from vllm_lk.engine_defaults import platform_defaults
+
+    kwargs = platform_defaults()
+    for name in ("dtype", "enforce_eager", "gpu_memory_utilization", "max_model_len", "max_num_seqs"):
+        if getattr(config, name) is not None:
+            kwargs[name] = getattr(config, name)
     return kwargs
 
 

@@ -246,8 +246,7 @@ def evaluate_pair_sets(config: ReproduceConfig, target: Path, drafter_dir: str, 
 
 
 def _method(drafter_dir: str) -> str:
-    from training.drafters import exported_kind
-    from training.evaluate import VLLM_METHODS
+    from training.drafters import VLLM_METHODS, exported_kind
 
     return VLLM_METHODS[exported_kind(drafter_dir)]
 

@@ -31,7 +31,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from training.config import FrozenConfig
-from training.evaluate import VLLM_METHODS
+from training.drafters import VLLM_METHODS
 from training.train_config import DrafterKind
 from vllm_lk.errors import InvalidInput
 

@@ -14,6 +14,20 @@ import dataclasses
 import functools
 
 
+def position_counts(per_step_drafted, per_step_accepted, num_positions: int) -> tuple[list[int], list[int]]:
+    """Per draft position i: (steps that drafted more than i tokens, steps that accepted more than
+    i), vLLM's rule for ``vllm:spec_decode_num_accepted_tokens_per_pos``, from a request's per-step
+    lists (``RequestSpecDecodeMetrics`` with "detailed"). The one place this is counted: the
+    server's usage and metrics, and `vllm-lk eval`, agree with vLLM's counters by construction."""
+    drafted, accepted = [0] * num_positions, [0] * num_positions
+    for num_drafted, num_accepted in zip(per_step_drafted, per_step_accepted, strict=True):
+        for i in range(min(num_drafted, num_positions)):
+            drafted[i] += 1
+        for i in range(min(num_accepted, num_positions)):
+            accepted[i] += 1
+    return drafted, accepted
+
+
 def _wrap_update_from_output(original):
     """Engine core: attach each running request's speculative stats to every output, not only
     the final one, so the front end sees acceptance live (needs the engine argument

@@ -14,11 +14,12 @@ from fastapi.testclient import TestClient
 
 from server.auth import check_key
 from server.config import ServerConfig
-from server.engine import CPU_DEFAULTS, SpecSetup, engine_kwargs, resolve_spec
+from server.engine import SpecSetup, engine_kwargs, resolve_spec
 from server.errors import _field_path
 from server.metrics import ServerMetrics, acceptance_buckets
 from server.spec_stats import ChoiceTracker, SpecStats, combine
 from server.window import SpecWindow
+from vllm_lk import engine_defaults
 
 
 @dataclass
@@ -160,12 +161,12 @@ def test_spec_setup_from_lk_metadata_and_overrides(tmp_path):
 
 
 def test_engine_kwargs_layering(tmp_path, monkeypatch):
-    monkeypatch.setattr("server.engine.on_gpu", lambda: False)
+    monkeypatch.setattr("vllm_lk.engine_defaults.on_gpu", lambda: False)
     config = ServerConfig(target=tmp_path, served_model_name="m", engine_args={"dtype": "bfloat16", "max_model_len": 256})
     spec = SpecSetup(drafter="/d", method="draft_model", num_speculative_tokens=3)
     kwargs = engine_kwargs(config, spec)
     assert kwargs["dtype"] == "bfloat16" and kwargs["max_model_len"] == 256  # user wins over CPU defaults
-    assert kwargs["gpu_memory_utilization"] == CPU_DEFAULTS["gpu_memory_utilization"]
+    assert kwargs["gpu_memory_utilization"] == engine_defaults.CPU["gpu_memory_utilization"]
     assert kwargs["per_request_spec_decode_metrics"] == "detailed" and kwargs["served_model_name"] == "m"
     assert kwargs["speculative_config"] == {"method": "draft_model", "model": "/d", "num_speculative_tokens": 3}
     assert "speculative_config" not in engine_kwargs(config, SpecSetup())

@@ -15,14 +15,17 @@ from pathlib import Path
 
 from vllm_lk.errors import InvalidInput, MissingInput
 
-MODULES = {"eagle3": "eagle3", "medusa": "medusa", "mlp": "mlp", "draft-model": "draft_model"}
-# config.json "architectures" entry of an export -> drafter kind
-ARCHITECTURES = {
-    "LlamaForCausalLMEagle3": "eagle3",
-    "MedusaModel": "medusa",
-    "MLPSpeculatorPreTrainedModel": "mlp",
-    "LlamaForCausalLM": "draft-model",
+# The one table of drafter kinds: kind (`--drafter`) -> (module here, the config.json
+# "architectures" entry of its export, the vLLM speculative method that serves it).
+KINDS: dict[str, tuple[str, str, str]] = {
+    "eagle3": ("eagle3", "LlamaForCausalLMEagle3", "eagle3"),
+    "medusa": ("medusa", "MedusaModel", "medusa"),
+    "mlp": ("mlp", "MLPSpeculatorPreTrainedModel", "mlp_speculator"),
+    "draft-model": ("draft_model", "LlamaForCausalLM", "draft_model"),
 }
+MODULES = {kind: module for kind, (module, _, _) in KINDS.items()}
+ARCHITECTURES = {architecture: kind for kind, (_, architecture, _) in KINDS.items()}
+VLLM_METHODS = {kind: method for kind, (_, _, method) in KINDS.items()}
 
 
 def module(kind: str):

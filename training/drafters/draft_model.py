@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from training.drafters import VLLM_METHODS
 from training.drafters.base import Drafter, TargetOutputs, select_rows
 from vllm_lk.errors import InvalidInput
 
@@ -19,7 +20,7 @@ MIN_HEAD_DIM = 32  # vLLM's CPU attention rejects head_dim 16
 
 class DraftModelDrafter(Drafter):
     kind = "draft-model"
-    vllm_method = "draft_model"
+    vllm_method = VLLM_METHODS["draft-model"]
 
     def __init__(self, model) -> None:
         super().__init__()

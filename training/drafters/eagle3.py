@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from training.drafters import VLLM_METHODS
 from training.drafters.base import Drafter, TargetOutputs, select_rows
 from training.vocab import draft_maps, draft_vocab_for
 from vllm_lk.errors import InvalidInput
@@ -214,7 +215,7 @@ class MidLayer(nn.Module):
 
 class Eagle3Drafter(Drafter):
     kind = "eagle3"
-    vllm_method = "eagle3"
+    vllm_method = VLLM_METHODS["eagle3"]
     default_eta = 3.0
 
     def __init__(self, g: Eagle3Geometry, embed_weight: torch.Tensor, draft_vocab: torch.Tensor | None) -> None:

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from training.drafters import VLLM_METHODS
 from training.drafters.base import Drafter, TargetOutputs, select_rows
 from training.vocab import draft_vocab_for
 from vllm_lk.errors import InvalidInput
@@ -51,7 +52,7 @@ class ResidualBlock(nn.Module):
 
 class MedusaDrafter(Drafter):
     kind = "medusa"
-    vllm_method = "medusa"
+    vllm_method = VLLM_METHODS["medusa"]
     default_eta = 10.0  # the paper's MEDUSA setting
 
     def __init__(

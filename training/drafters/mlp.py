@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from training.drafters import VLLM_METHODS
 from training.drafters.base import Drafter, TargetOutputs, select_rows
 from vllm_lk.errors import InvalidInput
 from vllm_lk.heads.mlp_speculator import ARCHITECTURE, MLPSpeculatorCore
@@ -40,7 +41,7 @@ def shift_left(input_ids: torch.Tensor, k: int) -> torch.Tensor:  # [B, T] -> [B
 
 class MLPDrafter(Drafter):
     kind = "mlp"
-    vllm_method = "mlp_speculator"
+    vllm_method = VLLM_METHODS["mlp"]
 
     def __init__(
         self, vocab_size: int, emb_dim: int, inner_dim: int, n_predict: int, target_layers: int,
