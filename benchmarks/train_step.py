@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from training import corpus
-from training.data import Example
+from training.data import Example, collate
 from training.drafters import build_drafter
 from training.target import load_target, run_target
 from training.train_config import TrainConfig
-from training.trainer import collate, drafter_losses, make_optimizer
+from training.trainer import drafter_losses, make_optimizer
 from training.vocab import token_frequencies
 
 LOSSES = ["kl", "lk-hybrid", "lk-alpha"]

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -128,3 +130,16 @@ def read_examples(path: str | Path, vocab_size: int, tokenizer=None) -> list[Exa
             raise DataError(f"{where}: empty prompt or response")
         examples.append(Example(line=record.line, token_ids=prompt_ids + response_ids, response_start=len(prompt_ids)))
     return examples
+
+
+def collate(examples: list[Example], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, T] input ids right-padded with ``pad_id``, [B, T] loss mask: row t is trained when
+    token t+1 is a response token). Causal attention makes right padding invisible to real rows."""
+    length = min(seq_len, max(len(e.token_ids) for e in examples))
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(examples), length), dtype=torch.bool)
+    for row, example in enumerate(examples):
+        tokens = example.token_ids[:length]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, max(example.response_start - 1, 0) : len(tokens) - 1] = True
+    return ids, mask

@@ -167,9 +167,8 @@ def measure_generation(llm, records, token_ids, temperature: float, max_tokens: 
 
 def pad_batch(sequences: list[tuple], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids [B, T] and the loss mask [B, T] of rows whose next token was
-    generated, built exactly as training builds its batches (training.trainer.collate)."""
-    from training.data import Example
-    from training.trainer import collate
+    generated, built exactly as training builds its batches (training.data.collate)."""
+    from training.data import Example, collate
 
     examples = [Example(line=0, token_ids=tuple(seq), response_start=prompt_len) for seq, prompt_len, *_ in sequences]
     return collate(examples, seq_len=max(len(seq) for seq, *_ in sequences), pad_id=pad_id)

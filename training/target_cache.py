@@ -41,7 +41,7 @@ class TargetCache:
         return self.root / f"{index:07d}.safetensors"
 
     def _fill(self, indices: list[int], examples: list[Example], seq_len: int, pad_id: int) -> None:
-        from training.trainer import collate
+        from training.data import collate
 
         ids, mask = collate(examples, seq_len, pad_id)
         out = run_target(self.model, ids, mask, self.hidden_layers)

@@ -28,7 +28,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
-from training.data import Example, read_examples
+from training.data import Example, collate, read_examples
 from training.drafters import build_drafter
 from training.drafters.base import TargetOutputs
 from training.evaluate import predict
@@ -79,19 +79,6 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> l
         order = np.random.default_rng([seed, epoch]).permutation(num_examples)
         indices.append(int(order[offset]))
     return indices
-
-
-def collate(examples: list[Example], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, T] input ids right-padded with ``pad_id``, [B, T] loss mask: row t is trained when
-    token t+1 is a response token). Causal attention makes right padding invisible to real rows."""
-    length = min(seq_len, max(len(e.token_ids) for e in examples))
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(examples), length), dtype=torch.bool)
-    for row, example in enumerate(examples):
-        tokens = example.token_ids[:length]
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, max(example.response_start - 1, 0) : len(tokens) - 1] = True
-    return ids, mask
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

@@ -12,7 +12,7 @@ import torch
 
 from training import trainer
 from training.checkpoint import latest_checkpoint, load_checkpoint
-from training.data import DataError, Example
+from training.data import DataError, Example, collate
 from training.drafters import load_drafter
 from training.target import load_target
 from training.train_config import TrainConfig
@@ -23,14 +23,14 @@ QUICK = dict(drafter="draft-model", steps=4, batch_size=4, seq_len=96, warmup_st
 
 def test_collate_masks_rows_whose_next_token_is_a_response_token():
     examples = [Example(line=1, token_ids=(5, 6, 7, 8, 9), response_start=3), Example(line=2, token_ids=(5, 6, 7), response_start=1)]
-    ids, mask = trainer.collate(examples, seq_len=16, pad_id=0)
+    ids, mask = collate(examples, seq_len=16, pad_id=0)
     assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]]
     # row t trains the prediction of token t+1: rows 2, 3 predict 8, 9; rows 0, 1 predict 6, 7
     assert mask.tolist() == [[False, False, True, True, False], [True, True, False, False, False]]
 
 
 def test_collate_truncates_to_seq_len():
-    ids, mask = trainer.collate([Example(line=1, token_ids=tuple(range(10, 30)), response_start=2)], seq_len=8, pad_id=0)
+    ids, mask = collate([Example(line=1, token_ids=tuple(range(10, 30)), response_start=2)], seq_len=8, pad_id=0)
     assert ids.shape == (1, 8) and mask[0].tolist() == [False, True, True, True, True, True, True, False]
 
 
