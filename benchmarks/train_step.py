@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from training import corpus
 from training.data import Example, collate
 from training.drafters import build_drafter
 from training.target import load_target, run_target
+from training.toy import corpus
 from training.train_config import TrainConfig
 from training.trainer import drafter_losses, make_optimizer
 from training.vocab import token_frequencies
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.target is None:
-        from training.toy import ToyTargetConfig, build_toy_target
+        from training.toy.target import ToyTargetConfig, build_toy_target
 
         args.target = Path(build_toy_target(ToyTargetConfig())["path"])
     target_model, tokenizer = load_target(args.target)

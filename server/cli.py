@@ -14,7 +14,7 @@ from vllm_lk.errors import UserError
 
 def _toy_target(args: argparse.Namespace) -> int:
     from training.config import resolve_config
-    from training.toy import ToyTargetConfig, build_toy_target, default_target_dir
+    from training.toy.target import ToyTargetConfig, build_toy_target, default_target_dir
 
     config = resolve_config(ToyTargetConfig, args)
     out = args.out or default_target_dir(config)
@@ -215,7 +215,7 @@ def _add_serve_command(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from training.config import add_config_args
-    from training.toy import ToyTargetConfig
+    from training.toy.target import ToyTargetConfig
 
     parser = argparse.ArgumentParser(
         prog="vllm-lk",

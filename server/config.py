@@ -36,7 +36,7 @@ class ServerConfig(BaseModel):
         "the default until adaptive measures at least as fast (docs/speed.md)")
     default_drafter: bool = Field(
         True, description="when drafter is None, serve the default LK drafter for the target "
-        "(training.default_drafter: built on first use, then cached); false: serve without speculation")
+        "(training.toy.default_drafter: built on first use, then cached); false: serve without speculation")
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     api_key: str | None = Field(None, description="Bearer key clients must send (None: no authentication)")

@@ -1,7 +1,7 @@
 """Run the server: resolve the embedded defaults, build the app, serve it with uvicorn.
 
 Without a target this serves the toy target (built on first use, cached); without a drafter, the
-default LK-trained drafter for the toy target from ``training.default_drafter`` (also built on
+default LK-trained drafter for the toy target from ``training.toy.default_drafter`` (also built on
 first use, cached). Any other target without a drafter is served without speculation (the default
 drafter's recipe is for the toy target only), as it is when ``default_drafter`` is off.
 """
@@ -24,7 +24,7 @@ def resolve_defaults(config: ServerConfig) -> ServerConfig:
     updates: dict = {}
     target = config.target
     if target is None:
-        from training.toy import SERVED_NAME, ToyTargetConfig, build_toy_target
+        from training.toy.target import SERVED_NAME, ToyTargetConfig, build_toy_target
 
         target = Path(build_toy_target(ToyTargetConfig())["path"])
         updates["target"] = target
@@ -34,10 +34,10 @@ def resolve_defaults(config: ServerConfig) -> ServerConfig:
         raise MissingInput(f"{target} is not a HF model directory (no config.json)")
     if config.drafter is None and config.default_drafter:
         try:
-            from training import default_drafter
-            from training.toy import METADATA_FILE
+            from training.toy import default_drafter
+            from training.toy.target import METADATA_FILE
         except ImportError:
-            logger.warning("no default drafter available (training.default_drafter missing): serving without speculation")
+            logger.warning("no default drafter available (training.toy.default_drafter missing): serving without speculation")
             return config.model_copy(update=updates) if updates else config
         if not (Path(target) / METADATA_FILE).is_file():
             # the default drafter is trained on stdlib prompts, on this machine's CPU: right for the toy

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training.toy import ToyTargetConfig, build_toy_target
+from training.toy.target import ToyTargetConfig, build_toy_target
 
 # Small enough to build in seconds, shaped like the real toy target where vLLM cares:
 # head_dim 32 (CPU attention rejects 16) and 6 layers (three distinct EAGLE-3 aux layers).
@@ -118,7 +118,7 @@ def tiny_train_data(tmp_path_factory) -> Path:
     regenerated data comes from `vllm-lk generate`, tested on its own."""
     import json
 
-    from training import corpus
+    from training.toy import corpus
 
     train_sources, _ = corpus.split_sources(corpus.read_sources(), TINY_TARGET.heldout_every)
     out = tmp_path_factory.mktemp("data") / "train.jsonl"

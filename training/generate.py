@@ -181,7 +181,7 @@ def record_seed(seed: int, rid) -> int:
 
 def resolve_target(target: Path | None) -> Path:
     if target is None:
-        from training.toy import ToyTargetConfig, build_toy_target
+        from training.toy.target import ToyTargetConfig, build_toy_target
 
         target = Path(build_toy_target(ToyTargetConfig())["path"])
     if not (Path(target) / "config.json").is_file():

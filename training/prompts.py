@@ -13,8 +13,8 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from training import corpus as corpus_lib
 from training.data import DataError, Record, read_jsonl
+from training.toy import corpus as corpus_lib
 from vllm_lk.errors import InvalidInput
 
 BUILTIN = "builtin"
@@ -111,7 +111,7 @@ def builtin_prompts(
     and more are drawn. Each record's extra holds its ``id`` ("KIND:SPLIT:SEED:INDEX") and
     ``source`` file.
     """
-    from training.toy import ToyTargetConfig
+    from training.toy.target import ToyTargetConfig
 
     if kind not in KINDS or split not in SPLITS:
         raise InvalidInput(f"builtin prompts: kind must be one of {KINDS} and split one of {SPLITS}, got {kind!r}, {split!r}")
@@ -153,7 +153,7 @@ def parse_builtin(spec: str) -> tuple[str, str, int, int]:
 
 def toy_corpus_settings(target: Path | None) -> dict:
     """heldout_every / corpus_dir a toy target was built with, so its held-out split is honoured."""
-    from training.toy import read_metadata
+    from training.toy.target import read_metadata
 
     metadata = read_metadata(target) if target is not None else None
     if not metadata:

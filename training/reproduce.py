@@ -325,8 +325,8 @@ def environment() -> dict:
 
 def reproduce(config: ReproduceConfig, out: str | Path = "results") -> dict:
     """Run (or resume) the whole comparison into ``out``; returns the report dict."""
-    from training.default_drafter import _target_identity
     from training.generate import resolve_target
+    from training.toy.default_drafter import _target_identity
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

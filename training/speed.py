@@ -11,7 +11,7 @@ the median over rounds (and blocks, for no speculation) and the min-max spread.
 One engine per drafter, started at the largest K; fixed K below it and adaptive speculation are
 switched at runtime (vllm_lk.speculation.set_speculation), so the settings of one drafter share
 an engine and its warm caches. The drafters are the embedded default's recipe
-(training.default_drafter) per architecture, built on first use and cached.
+(training.toy.default_drafter) per architecture, built on first use and cached.
 
 Alongside each speedup: tau (tokens per verification step) and the bound tau / (1 + K c) that a
 per-drafted-token cost c implies, with c fitted per drafter from the fixed-K rows
@@ -70,7 +70,7 @@ def kind_of(label: str) -> str:
 def drafter_dirs(config: SpeedConfig, target: Path) -> dict[str, Path]:
     """Label -> exported drafter: each of ``drafters`` (given or built with the default drafter's
     recipe), then every other ``drafter_dirs`` entry."""
-    from training.default_drafter import DefaultDrafterConfig, ensure_default_drafter
+    from training.toy.default_drafter import DefaultDrafterConfig, ensure_default_drafter
 
     labels = list(config.drafters) + [label for label in config.drafter_dirs if label not in config.drafters]
     for label in labels:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from training.toy import ToyTargetConfig, build_toy_target
+from training.toy.target import ToyTargetConfig, build_toy_target
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 import ast
 
-from training import corpus
+from training.toy import corpus
 
 
 def test_split_is_deterministic_disjoint_and_covers_everything():

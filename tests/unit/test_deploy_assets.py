@@ -301,7 +301,7 @@ def test_cuda_dockerfile_installs_the_gpu_extra():
 
 
 def test_the_cache_variable_is_the_one_the_code_reads(monkeypatch, tmp_path):
-    from training.toy import default_cache_dir
+    from training.toy.target import default_cache_dir
 
     monkeypatch.setenv("VLLM_LK_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from training import corpus
 from training.data import DataError
 from training.generate import GenerateConfig, append_line, check_run_config, encode_prompts, generate, read_done
 from training.prompts import builtin_prompts, load_prompts, parse_builtin, record_id
+from training.toy import corpus
 
 HELDOUT_EVERY = 20  # the toy target's default split
 

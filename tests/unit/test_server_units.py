@@ -188,21 +188,21 @@ def test_validation_error_paths_drop_union_tags():
 
 
 def test_resolve_defaults(tmp_path, monkeypatch):
-    import training.toy
+    import training.toy.target
     from server.runner import resolve_defaults
 
     target = tmp_path / "toy"
     target.mkdir()
     (target / "config.json").write_text("{}")
-    (target / training.toy.METADATA_FILE).write_text("{}")
-    monkeypatch.setattr(training.toy, "build_toy_target", lambda config: {"path": str(target)})
-    fake = type(sys)("training.default_drafter")
+    (target / training.toy.target.METADATA_FILE).write_text("{}")
+    monkeypatch.setattr(training.toy.target, "build_toy_target", lambda config: {"path": str(target)})
+    fake = type(sys)("training.toy.default_drafter")
     fake.ensure_default_drafter = lambda target_dir: tmp_path / f"drafter-for-{Path(target_dir).name}"
     fake.SERVED_K = 3
-    monkeypatch.setitem(sys.modules, "training.default_drafter", fake)
-    monkeypatch.setattr(training, "default_drafter", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "training.toy.default_drafter", fake)
+    monkeypatch.setattr(training.toy, "default_drafter", fake, raising=False)
     config = resolve_defaults(ServerConfig())
-    assert config.target == target and config.served_model_name == training.toy.SERVED_NAME
+    assert config.target == target and config.served_model_name == training.toy.target.SERVED_NAME
     assert config.drafter == tmp_path / "drafter-for-toy" and config.num_speculative_tokens == 3
     assert resolve_defaults(ServerConfig(num_speculative_tokens=2)).num_speculative_tokens == 2
     assert resolve_defaults(ServerConfig(default_drafter=False)).drafter is None
@@ -210,8 +210,8 @@ def test_resolve_defaults(tmp_path, monkeypatch):
     served.mkdir()
     (served / "config.json").write_text("{}")
     assert resolve_defaults(ServerConfig(target=served)).drafter is None
-    monkeypatch.setitem(sys.modules, "training.default_drafter", None)  # module absent: no speculation
-    monkeypatch.delattr(training, "default_drafter", raising=False)
+    monkeypatch.setitem(sys.modules, "training.toy.default_drafter", None)  # module absent: no speculation
+    monkeypatch.delattr(training.toy, "default_drafter", raising=False)
     assert resolve_defaults(ServerConfig()).drafter is None
     with pytest.raises(FileNotFoundError):
         resolve_defaults(ServerConfig(target=tmp_path / "nothing"))

@@ -1,7 +1,7 @@
 import pytest
 
-from training import corpus
-from training import tokenizer as tk
+from training.toy import corpus
+from training.toy import tokenizer as tk
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY_TARGET
-from training import toy
-from training.toy import ToyTargetConfig, build_toy_target
+from training.toy import target as toy
+from training.toy.target import ToyTargetConfig, build_toy_target
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():

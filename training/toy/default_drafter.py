@@ -68,7 +68,7 @@ def _data_fields(config: DefaultDrafterConfig) -> dict:
 def default_data_dir(target_dir: Path, config: DefaultDrafterConfig) -> Path:
     """Where the regenerated training data lives: keyed by the target and the data fields only,
     so drafters of every kind (`vllm-lk bench speed` builds several) train on one generation."""
-    from training.toy import default_cache_dir
+    from training.toy.target import default_cache_dir
 
     fields = json.dumps(_data_fields(config), sort_keys=True)
     key = hashlib.sha256(f"{_target_identity(target_dir)}:{fields}".encode()).hexdigest()[:12]
@@ -76,7 +76,7 @@ def default_data_dir(target_dir: Path, config: DefaultDrafterConfig) -> Path:
 
 
 def default_drafter_dir(target_dir: Path, config: DefaultDrafterConfig) -> Path:
-    from training.toy import default_cache_dir
+    from training.toy.target import default_cache_dir
 
     key = hashlib.sha256(f"{_target_identity(target_dir)}:{config.digest()}".encode()).hexdigest()[:12]
     return default_cache_dir() / f"drafter-{config.drafter}-{key}"

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from training import corpus as corpus_lib
-from training import tokenizer as tok_lib
 from training.config import FrozenConfig
+from training.toy import corpus as corpus_lib
+from training.toy import tokenizer as tok_lib
 from vllm_lk.errors import ExistingOutput, InvalidInput, MissingInput
 
 logger = logging.getLogger(__name__)
