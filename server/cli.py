@@ -89,7 +89,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench_reproduce(args: argparse.Namespace) -> int:
-    from training.reproduce import ReproduceConfig, load_config, reproduce, summary
+    from training.bench.reproduce import ReproduceConfig, load_config, reproduce, summary
 
     overrides = {name: getattr(args, name, None) for name in ReproduceConfig.model_fields}
     report = reproduce(load_config(args.quick, args.config, **overrides), args.out)
@@ -98,8 +98,8 @@ def _bench_reproduce(args: argparse.Namespace) -> int:
 
 
 def _bench_speed(args: argparse.Namespace) -> int:
+    from training.bench.speed import SpeedConfig, bench_speed, markdown
     from training.config import resolve_config
-    from training.speed import SpeedConfig, bench_speed, markdown
 
     config = resolve_config(SpeedConfig, args)
     if args.quick:
@@ -109,8 +109,8 @@ def _bench_speed(args: argparse.Namespace) -> int:
 
 
 def _add_bench_commands(sub) -> None:
+    from training.bench.reproduce import ReproduceConfig
     from training.config import add_config_args
-    from training.reproduce import ReproduceConfig
 
     bench = sub.add_parser("bench", help="benchmarks that reproduce published results with this pipeline")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -129,7 +129,7 @@ def _add_bench_commands(sub) -> None:
     add_config_args(rep, ReproduceConfig)
     rep.set_defaults(func=_bench_reproduce)
 
-    from training.speed import SpeedConfig
+    from training.bench.speed import SpeedConfig
 
     speed = bench_sub.add_parser(
         "speed",

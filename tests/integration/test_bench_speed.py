@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_speed_writes_every_cell(tiny_target, tiny_mlp, tmp_path):
-    from training.speed import SpeedConfig, bench_speed
+    from training.bench.speed import SpeedConfig, bench_speed
 
     config = SpeedConfig(target=tiny_target, drafters=["mlp"], drafter_dirs={"mlp": tiny_mlp}, num_heads=3, ks=[1, 3],
                          temperatures=[0.0, 1.0], concurrency=[1, 2], prompts=2, max_tokens=16, rounds=1,

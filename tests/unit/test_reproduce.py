@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from training import reproduce_report as rep
-from training.reproduce import (
+from training.bench import reproduce_report as rep
+from training.bench.reproduce import (
     ReproduceConfig,
     eval_records,
     eval_settings,
@@ -178,8 +178,8 @@ def test_cli_bench_reproduce_resolves_preset_yaml_and_flags(tmp_path, monkeypatc
         seen.update(config=config, out=out)
         return {"fake": True}
 
-    monkeypatch.setattr("training.reproduce.reproduce", fake_reproduce)
-    monkeypatch.setattr("training.reproduce.summary", lambda report: "SUMMARY")
+    monkeypatch.setattr("training.bench.reproduce.reproduce", fake_reproduce)
+    monkeypatch.setattr("training.bench.reproduce.summary", lambda report: "SUMMARY")
     yaml_file = tmp_path / "r.yaml"
     yaml_file.write_text("steps: 7\nheldout_prompts: 3\n")
     argv = ["bench", "reproduce", "--quick", "--out", str(tmp_path / "o"), "--config", str(yaml_file),

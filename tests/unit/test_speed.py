@@ -1,11 +1,11 @@
-"""training.speed's report arithmetic on synthetic records (the measurement itself runs real
+"""training.bench.speed's report arithmetic on synthetic records (the measurement itself runs real
 engines: `vllm-lk bench speed`, exercised by tests/e2e)."""
 
 import json
 
 import pytest
 
-from training.speed import SpeedConfig, cells, markdown, plot, summarize
+from training.bench.speed import SpeedConfig, cells, markdown, plot, summarize
 
 
 def record(round_index, drafter, mode, k, temperature, concurrency, tokens_per_s, tau=None, drafts=None):

@@ -54,7 +54,7 @@ class SpeedConfig(FrozenConfig):
     seed: int = Field(0, description="prompt sample and per-request seeds")
     gpu_memory_utilization: float = Field(0.1, gt=0, le=1, description="per engine (two run at a time)")
     max_model_len: int = Field(1024, ge=64, description="engine max_model_len")
-    profile_k: int | None = Field(4, ge=1, description="K of the per-drafter step breakdown (training.speed_profile; None: skip it)")
+    profile_k: int | None = Field(4, ge=1, description="K of the per-drafter step breakdown (training.bench.speed_profile; None: skip it)")
 
     @classmethod
     def quick(cls, **overrides) -> SpeedConfig:
@@ -239,7 +239,7 @@ def markdown(report: dict) -> str:
             f"{fmt(r['drafts_per_step'])} | {fmt(r.get('c'))} | {fmt(r.get('bound'))} |")
     if report.get("breakdown"):
         names = ("target_forward", "draft_forward", "drafting", "verification", "sampling", "scheduler", "other_engine", "front_end", "step")
-        lines += ["", "Where a step's time goes (ms per engine step, concurrency 1; training.speed_profile; "
+        lines += ["", "Where a step's time goes (ms per engine step, concurrency 1; training.bench.speed_profile; "
                   "drafting includes draft_forward; adaptive: K is the cap):", "",
                   "| drafter | mode | K | T | tok/s | tokens/step | " + " | ".join(names) + " | target forward by query tokens |",
                   "|---" * (len(names) + 7) + "|"]
@@ -282,7 +282,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def profile_steps(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompts: list[list[int]]) -> list[dict]:
-    """The step breakdown (training.speed_profile, one process per setting): no speculation, and
+    """The step breakdown (training.bench.speed_profile, one process per setting): no speculation, and
     each drafter at fixed K = profile_k and adaptive with that cap, at each temperature;
     concurrency 1."""
     import subprocess
@@ -300,7 +300,7 @@ def profile_steps(config: SpeedConfig, target: Path, drafters: dict[str, Path], 
         with tempfile.TemporaryDirectory() as tmp:
             spec_file, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
             spec_file.write_text(json.dumps(spec))
-            subprocess.run([sys.executable, "-m", "training.speed_profile", "--spec", str(spec_file), "--out", str(out)],
+            subprocess.run([sys.executable, "-m", "training.bench.speed_profile", "--spec", str(spec_file), "--out", str(out)],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             result = json.loads(out.read_text())
         rows.append({"drafter": kind or "none", "mode": mode if kind else "none", "K": spec["k"] if kind else 0,
@@ -310,8 +310,8 @@ def profile_steps(config: SpeedConfig, target: Path, drafters: dict[str, Path], 
 
 def bench_speed(config: SpeedConfig, out: str | Path | None = None, json_path: str | Path | None = None) -> dict:
     """Build what is missing, measure, write JSON (+ markdown and PNG beside it); the report."""
+    from training.bench.reproduce import environment
     from training.generate import EngineFields, prepare_prompts, resolve_target
-    from training.reproduce import environment
 
     target = resolve_target(config.target)
     assert max(config.ks) <= config.num_heads, "every K must be <= num_heads"

@@ -1,6 +1,6 @@
 """Where a speculative step's time goes: one engine in this process, timers around its parts.
 
-Run as its own process (``python -m training.speed_profile ...``; `vllm-lk bench speed` starts
+Run as its own process (``python -m training.bench.speed_profile ...``; `vllm-lk bench speed` starts
 it per drafter) because it needs vLLM's engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
 to reach the scheduler and model runner. Sections of an engine step, in milliseconds per step:
 

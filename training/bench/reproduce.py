@@ -29,7 +29,7 @@ import yaml
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from training import reproduce_report as report_lib
+from training.bench import reproduce_report as report_lib
 from training.checkpoint import write_text_atomic
 from training.generate import EngineFields
 from training.train_config import DrafterKind, TrainConfig
@@ -148,7 +148,7 @@ def pending_combos(eval_file: Path, settings: dict, combos: list[tuple[str, floa
 
 
 def eval_records(evaluations: dict[str, dict]) -> list[dict]:
-    """Flatten the per-pair files into report records (training.reproduce_report)."""
+    """Flatten the per-pair files into report records (training.bench.reproduce_report)."""
     records = []
     for path, pair in evaluations.items():
         for combo in pair["combos"]:
