@@ -63,23 +63,6 @@ def _doctor(args: argparse.Namespace) -> int:
     return run()
 
 
-def _train(args: argparse.Namespace) -> int:
-    from training.config import resolve_config
-    from training.train_config import TrainConfig
-    from training.trainer import TrainingDiverged, train
-
-    config = resolve_config(TrainConfig, args)
-    try:
-        result = train(config, args.target, args.data, args.out, resume=args.resume, device=args.device)
-    except TrainingDiverged as err:
-        print(f"vllm-lk train: stopped: {err}", file=sys.stderr)
-        return 3
-    if result:
-        keys = ("drafter_dir", "offline_alpha", "predicted_tau", "train_tokens_per_s", "seconds")
-        print(json.dumps({k: result[k] for k in keys}, indent=2))
-    return 0
-
-
 def _export(args: argparse.Namespace) -> int:
     from training.trainer import export_run
 
@@ -108,11 +91,11 @@ def _bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench_commands(sub) -> None:
+def _populate_bench(bench: argparse.ArgumentParser) -> None:
     from training.bench.reproduce import ReproduceConfig
+    from training.bench.speed import SpeedConfig
     from training.config import add_config_args
 
-    bench = sub.add_parser("bench", help="benchmarks that reproduce published results with this pipeline")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     rep = bench_sub.add_parser(
         "reproduce",
@@ -129,8 +112,6 @@ def _add_bench_commands(sub) -> None:
     add_config_args(rep, ReproduceConfig)
     rep.set_defaults(func=_bench_reproduce)
 
-    from training.bench.speed import SpeedConfig
-
     speed = bench_sub.add_parser(
         "speed",
         help="tokens/s with and without speculation: each drafter x fixed K / adaptive x T x concurrency",
@@ -146,48 +127,29 @@ def _add_bench_commands(sub) -> None:
     speed.set_defaults(func=_bench_speed)
 
 
-def _add_training_commands(sub) -> None:
-    from training.config import add_config_args
-    from training.train_config import TrainConfig
+def _populate_train(train: argparse.ArgumentParser) -> None:
+    from training.train_cli import add_arguments, run
 
-    train = sub.add_parser(
-        "train",
-        help="train a draft head for a target with KL, TV or an LK loss, and export it for vLLM",
-        description="Distil a drafter (EAGLE-3, MEDUSA, MLP speculator or an independent draft model) from "
-        "a frozen target on a JSONL file from `vllm-lk generate`. Single process, or data parallel under "
-        "`torchrun --nproc-per-node N -m server.cli train ...`. Writes checkpoints, config.yaml, "
-        "metrics.jsonl, tensorboard/, result.json and the exported drafter/ (with lk_metadata.json).",
-    )
-    train.add_argument("--target", type=Path, required=True, help="the target's HF model directory")
-    train.add_argument("--data", type=Path, required=True, help="training JSONL (from `vllm-lk generate`)")
-    train.add_argument("--out", type=Path, required=True, help="run directory")
-    train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    train.add_argument("--device", default="cpu", help="torch device (default: cpu; `cuda` under torchrun uses cuda:LOCAL_RANK)")
-    add_config_args(train, TrainConfig)
-    train.set_defaults(func=_train)
+    add_arguments(train)
+    train.set_defaults(func=run)
 
-    export = sub.add_parser(
-        "export",
-        help="export the latest checkpoint of a training run as a vLLM drafter directory",
-        description="Re-export a run's latest checkpoint (e.g. one that stopped early) with held-out alpha and "
-        "LK metadata. `vllm-lk train` already exports when it finishes.",
-    )
+
+def _populate_export(export: argparse.ArgumentParser) -> None:
+    export.description = ("Re-export a run's latest checkpoint (e.g. one that stopped early) with held-out alpha and "
+                          "LK metadata. `vllm-lk train` already exports when it finishes.")
     export.add_argument("--run", type=Path, required=True, help="run directory of `vllm-lk train`")
     export.add_argument("--out", type=Path, default=None, help="drafter directory to write (default: RUN/drafter)")
     export.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     export.set_defaults(func=_export)
 
 
-def _add_serve_command(sub) -> None:
-    serve = sub.add_parser(
-        "serve",
-        help="serve a target (default: the toy target with its LK drafter) through an OpenAI-compatible API",
-        description="Start the OpenAI-compatible server (FastAPI + uvicorn over vLLM's AsyncLLM) on HOST:PORT: "
+def _populate_serve(serve: argparse.ArgumentParser) -> None:
+    serve.description = (
+        "Start the OpenAI-compatible server (FastAPI + uvicorn over vLLM's AsyncLLM) on HOST:PORT: "
         "/v1/completions, /v1/chat/completions, /v1/models, /health, /ready, /metrics, /dashboard. Without "
         "--target it builds or reuses the toy target; without --drafter, the default LK-trained drafter. "
         "Precedence: defaults < --config FILE.yaml (keys: the fields of server.config.ServerConfig) < flags. "
-        "Arguments after `--` are vLLM engine arguments (e.g. --max-model-len, --tensor-parallel-size).",
-    )
+        "Arguments after `--` are vLLM engine arguments (e.g. --max-model-len, --tensor-parallel-size).")
     serve.add_argument("--config", type=Path, default=None, help="YAML file of ServerConfig fields")
     serve.add_argument("--target", type=Path, default=None, help="HF model directory (default: the toy target)")
     serve.add_argument("--drafter", type=Path, default=None, help="drafter directory (default: the default LK drafter)")
@@ -213,10 +175,66 @@ def _add_serve_command(sub) -> None:
     serve.set_defaults(func=_serve)
 
 
-def build_parser() -> argparse.ArgumentParser:
+
+
+def _populate_toy_target(toy: argparse.ArgumentParser) -> None:
     from training.config import add_config_args
     from training.toy.target import ToyTargetConfig
 
+    toy.description = ("Train a byte-level BPE tokenizer and a Llama causal LM on this Python's standard "
+                       "library, deterministically, and save a HF directory that transformers and vLLM load. "
+                       "A finished build of the same config is reused at once.")
+    toy.add_argument("--out", type=Path, default=None, help="output directory (default: the per-user cache)")
+    toy.add_argument("--force", action="store_true", help="rebuild even if OUT holds a build")
+    add_config_args(toy, ToyTargetConfig)
+    toy.set_defaults(func=_toy_target)
+
+
+def _populate_generate(gen: argparse.ArgumentParser) -> None:
+    from training.config import add_config_args
+    from training.generate import GenerateConfig
+
+    gen.description = ("Sample the target's own responses to prompts (JSONL {prompt}/{messages}, or "
+                       "--prompts builtin:KIND:SPLIT:COUNT[:SEED] drawn from the toy corpus: KIND code|docstring, "
+                       "SPLIT train|heldout). Writes one line per record {id, prompt|messages, completion, "
+                       "prompt_token_ids, completion_token_ids, finish_reason}; a rerun skips ids already in OUT.")
+    gen.add_argument("--out", type=Path, required=True, help="output JSONL (appended to; settings kept in OUT.config.json)")
+    add_config_args(gen, GenerateConfig)
+    gen.set_defaults(func=_generate)
+
+
+def _populate_eval(ev: argparse.ArgumentParser) -> None:
+    from training.config import add_config_args
+    from training.evaluate import EvalConfig
+
+    ev.description = ("Generate with speculative decoding, record per-position acceptance and tau = 1 + "
+                      "accepted/steps, then predict both offline from the drafter's alpha on the same sequences.")
+    ev.add_argument("--json", type=Path, required=True, help="where to write the result JSON")
+    add_config_args(ev, EvalConfig)
+    ev.set_defaults(func=_eval)
+
+
+def _populate_doctor(doctor: argparse.ArgumentParser) -> None:
+    doctor.set_defaults(func=_doctor)
+
+
+# Every command: its one-line help, and what adds its arguments. A command's arguments (and the
+# config models they come from) are built only when that command runs, so `vllm-lk serve` imports
+# neither the trainer nor the benchmarks.
+COMMANDS = {
+    "toy-target": ("build (or reuse) the embedded toy target: a small Llama trained on the Python stdlib", _populate_toy_target),
+    "serve": ("serve a target (default: the toy target with its LK drafter) through an OpenAI-compatible API", _populate_serve),
+    "generate": ("regenerate responses with the target in vLLM (resumable JSONL for drafter training)", _populate_generate),
+    "train": ("train a draft head for a target with KL, TV or an LK loss, and export it for vLLM", _populate_train),
+    "export": ("export the latest checkpoint of a training run as a vLLM drafter directory", _populate_export),
+    "eval": ("serve target + drafter in vLLM: measured acceptance and tau beside the offline prediction", _populate_eval),
+    "bench": ("benchmarks that reproduce published results with this pipeline", _populate_bench),
+    "doctor": ("check that vLLM, transformers and the vllm_lk plugin work in this environment", _populate_doctor),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `vllm-lk` parser; ``only``: add the arguments of that command alone (None: of all)."""
     parser = argparse.ArgumentParser(
         prog="vllm-lk",
         description="Exact speculative decoding for vLLM, LK-loss drafter training, and an OpenAI-compatible server.",
@@ -224,55 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vllm-lk {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    toy = sub.add_parser(
-        "toy-target",
-        help="build (or reuse) the embedded toy target: a small Llama trained on the Python stdlib",
-        description="Train a byte-level BPE tokenizer and a Llama causal LM on this Python's standard "
-        "library, deterministically, and save a HF directory that transformers and vLLM load. "
-        "A finished build of the same config is reused at once.",
-    )
-    toy.add_argument("--out", type=Path, default=None, help="output directory (default: the per-user cache)")
-    toy.add_argument("--force", action="store_true", help="rebuild even if OUT holds a build")
-    add_config_args(toy, ToyTargetConfig)
-    toy.set_defaults(func=_toy_target)
-
-    _add_serve_command(sub)
-
-    from training.evaluate import EvalConfig
-    from training.generate import GenerateConfig
-
-    gen = sub.add_parser(
-        "generate",
-        help="regenerate responses with the target in vLLM (resumable JSONL for drafter training)",
-        description="Sample the target's own responses to prompts (JSONL {prompt}/{messages}, or "
-        "--prompts builtin:KIND:SPLIT:COUNT[:SEED] drawn from the toy corpus: KIND code|docstring, "
-        "SPLIT train|heldout). Writes one line per record {id, prompt|messages, completion, "
-        "prompt_token_ids, completion_token_ids, finish_reason}; a rerun skips ids already in OUT.",
-    )
-    gen.add_argument("--out", type=Path, required=True, help="output JSONL (appended to; settings kept in OUT.config.json)")
-    add_config_args(gen, GenerateConfig)
-    gen.set_defaults(func=_generate)
-    _add_training_commands(sub)
-
-    ev = sub.add_parser(
-        "eval",
-        help="serve target + drafter in vLLM: measured acceptance and tau beside the offline prediction",
-        description="Generate with speculative decoding, record per-position acceptance and tau = 1 + "
-        "accepted/steps, then predict both offline from the drafter's alpha on the same sequences.",
-    )
-    ev.add_argument("--json", type=Path, required=True, help="where to write the result JSON")
-    add_config_args(ev, EvalConfig)
-    ev.set_defaults(func=_eval)
-
-    _add_bench_commands(sub)
-    doctor = sub.add_parser("doctor", help="check that vLLM, transformers and the vllm_lk plugin work in this environment")
-    doctor.set_defaults(func=_doctor)
+    for name, (help_text, populate) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if only is None or only == name:
+            populate(command)
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (the first word that is one), or None (e.g. ``--help``)."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_in(argv) or "")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

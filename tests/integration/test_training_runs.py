@@ -48,9 +48,9 @@ def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path
     (LK-hybrid's lambda uses each rank's own batch-mean alpha, so it is not compared exactly.)"""
     steps = ["--steps", "3", "--loss", loss, "--checkpoint-every", "3"]
     run(train_cmd(tiny_target, tiny_train_data, tmp_path / "one", *steps), clean_env)
-    torchrun = [str(venv_bin / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "server.cli"]
+    torchrun = [str(venv_bin / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "training"]
     cmd = train_cmd(tiny_target, tiny_train_data, tmp_path / "two", *steps, "--fsdp", fsdp)
-    run(torchrun + cmd[3:], clean_env)
+    run(torchrun + cmd[4:], clean_env)  # `python -m training ARGS` = `vllm-lk train ARGS`
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert one.keys() == two.keys()
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)

@@ -1,4 +1,5 @@
 import subprocess
+import sys
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         raise ValueError("a bug, not the user's input")
 
     parser = server.cli.build_parser()
-    monkeypatch.setattr(server.cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(server.cli, "build_parser", lambda only=None: parser)
     parser._subparsers._group_actions[0].choices["doctor"].set_defaults(func=broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["doctor"])
@@ -55,3 +56,20 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 def test_serve_refuses_a_directory_that_is_not_a_model(tmp_path, capsys):
     assert main(["serve", "--target", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_serving_a_given_drafter_imports_neither_trainer_nor_benchmarks(tmp_path):
+    """A command builds only its own arguments: `vllm-lk serve --target T --drafter D` reaches
+    the server without importing the trainer, the drafters' training code or the benchmarks."""
+    code = (
+        "import sys, server.runner\n"
+        "server.runner.serve = lambda config: print('SERVE', config.drafter) or 0\n"
+        "from server.cli import main\n"
+        f"assert main(['serve', '--target', {str(tmp_path)!r}, '--drafter', {str(tmp_path)!r}]) == 0\n"
+        "heavy = sorted(m for m in sys.modules if m.startswith(('training.trainer', 'training.drafters', "
+        "'training.losses', 'training.bench', 'training.toy')))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SERVE" in proc.stdout and "HEAVY []" in proc.stdout, proc.stdout
