@@ -46,16 +46,19 @@ toy-target: install
 serve: install
 	$(VENV)/bin/vllm-lk serve --host $(HOST) --port $(PORT)
 
-# Prometheus and promtool (Debian's `prometheus`) for the deploy/ tests. As root (CI) or with
-# password-less sudo they are installed; otherwise those tests skip and say why.
+# Debian packages some tests drive for real: prometheus + promtool (deploy/ tests) and chromium
+# (the dashboard in a headless browser). As root (CI) or with password-less sudo the missing ones
+# are installed; otherwise those tests skip and say why.
+SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus chromium:chromium
 deps-system:
-	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then exit 0; fi; \
+	@missing=$$(for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair##*:}; done | sort -u | tr '\n' ' '); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	else echo "deps-system: no prometheus and no root: the deploy/ tests that need it will skip"; exit 0; fi; \
-	if ! command -v apt-get >/dev/null; then echo "deps-system: no apt-get: install Prometheus yourself"; exit 0; fi; \
-	echo "deps-system: apt-get install prometheus"; \
+	else echo "deps-system: no root to install $$missing: the tests that need them will skip"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "deps-system: no apt-get: install $$missing yourself"; exit 0; fi; \
+	echo "deps-system: apt-get install $$missing"; \
 	$$SUDO apt-get update -qq && \
-	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -277,11 +277,12 @@ def predict_at_steps(per_head: list[torch.Tensor], requests: list[tuple[int, lis
 
 def predict(alphas: list[float], k: int) -> dict:
     """Per-position acceptance prod_{j<=k} alpha_j and tau = 1 + their sum (module docstring)."""
-    if len(alphas) == 1:
-        alphas = alphas * k  # an independent draft model: one head, drafted k times
-    if len(alphas) < k:
+    from vllm_lk.checkpoint import predicted_acceptance
+
+    per_position = predicted_acceptance(alphas, k)
+    if per_position is None:
         raise InvalidInput(f"the drafter has {len(alphas)} heads, fewer than num_speculative_tokens={k}")
-    per_position = [math.prod(alphas[: j + 1]) for j in range(k)]
+    alphas = alphas * k if len(alphas) == 1 else alphas  # an independent draft model: one head, drafted k times
     return {"alpha_per_position": alphas[:k], "per_position_acceptance": per_position, "tau": 1 + sum(per_position)}
 
 

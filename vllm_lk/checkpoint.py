@@ -8,6 +8,7 @@ so a server can report it and a user can check served acceptance against the pre
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 METADATA_FILE = "lk_metadata.json"
@@ -23,3 +24,15 @@ def read_lk_metadata(drafter_dir: str | Path) -> dict | None:
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown format {data.get('format')!r} (expected {FORMAT})")
     return data
+
+
+def predicted_acceptance(alphas: list[float], k: int) -> list[float] | None:
+    """Per draft position 1..k, the predicted acceptance prod_{j<=i} alpha_j from the offline alpha
+    of each head (one alpha: an independent draft model, drafted k times); tau = 1 + their sum.
+    None when there are fewer heads than k. The one home of this formula: training's prediction
+    and the server's dashboard use it."""
+    if len(alphas) == 1:
+        alphas = list(alphas) * k
+    if len(alphas) < k:
+        return None
+    return [math.prod(alphas[: i + 1]) for i in range(k)]

@@ -37,16 +37,29 @@ async def dashboard() -> HTMLResponse:
     return HTMLResponse(dashboard_page())
 
 
+def served_prediction(metadata: dict, k: int) -> dict:
+    """The offline predicted tau at the K being served (the metadata's own is for the trained K,
+    which can differ: the default drafter trains 5 heads and serves 4), and the temperature the
+    offline alpha was measured at, so the page can say what the prediction is for."""
+    from vllm_lk.checkpoint import predicted_acceptance
+
+    alphas = metadata.get("offline_alpha") or []
+    per_position = predicted_acceptance(alphas, k) if alphas and k else None
+    tau = 1 + sum(per_position) if per_position is not None else None
+    return {"predicted_tau": tau, "predicted_for": {"k": k, "temperature": metadata.get("offline_temperature")}}
+
+
 @router.get("/dashboard/data", responses=ERROR_RESPONSES, summary="Rolling acceptance data behind /dashboard")
 async def dashboard_data(request: Request) -> dict:
     state = server_state(request)
     stats, tokens, seconds = state.window.totals(state.config.window_s)
     metadata = state.spec.lk_metadata or {}
+    k = state.spec.num_speculative_tokens
     return {
         "info": {
             "model": state.model_name, "drafter": state.spec.drafter, "method": state.spec.method,
-            "num_speculative_tokens": state.spec.num_speculative_tokens, "loss": state.spec.loss,
-            "predicted_tau": metadata.get("predicted_tau"), "offline_alpha": metadata.get("offline_alpha"),
+            "num_speculative_tokens": k, "loss": state.spec.loss,
+            **served_prediction(metadata, k), "offline_alpha": metadata.get("offline_alpha"),
         },
         "window": {
             "seconds": seconds, "verification_steps": stats.steps, "acceptance_length": stats.acceptance_length,

@@ -263,3 +263,57 @@ def test_vllm_fields_are_honoured(base, client):
         model=MODEL, messages=messages[:1], max_tokens=2, temperature=0, logit_bias={}, store=False,
         tool_choice="none", service_tier="auto", user="u1", extra_body={"chat_template_kwargs": {"unused": 1}})
     assert noop.choices[0].finish_reason in ("length", "stop")
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def _runs(points: list[dict], gap: float) -> int:
+    """Stretches of points without an idle gap between them (what the page must draw apart)."""
+    times = [p["t"] for p in points if p["acceptance_length"] is not None]
+    return sum(1 for i, t in enumerate(times) if i == 0 or t - times[i - 1] > gap)
+
+
+def test_dashboard_in_a_real_browser(base, client, tmp_path):
+    """/dashboard rendered by headless Chromium after real traffic: the tiles show what
+    /dashboard/data holds, an idle stretch is drawn as a gap (two line segments, not one line
+    across it), there is one line per draft position, and the predicted tau says which K (and
+    temperature) it is for. `make deps-system` installs Debian's chromium; without it this skips."""
+    import subprocess
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium (make deps-system installs it)")
+    import time
+
+    for seed in range(2):
+        client.completions.create(model=MODEL, prompt="def f(", max_tokens=16, temperature=1, seed=seed)
+    time.sleep(2.5)  # > 1.5 buckets of 1 s: an idle stretch
+    client.completions.create(model=MODEL, prompt="import os", max_tokens=16, temperature=1, seed=9)
+    before = httpx.get(base + "/dashboard/data").json()
+    shot = tmp_path / "dashboard.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=4000",
+             "--window-size=1000,900"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", base + "/dashboard"], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    subprocess.run([browser, *flags, f"--screenshot={shot}", base + "/dashboard"], capture_output=True, timeout=120)
+    after = httpx.get(base + "/dashboard/data").json()
+    html = dom.stdout
+
+    def tile(name: str) -> str:
+        return re.search(rf'id="{name}"[^>]*>([^<]*)<', html).group(1)
+
+    shown = {f"{d['window']['acceptance_length']:.3f}" for d in (before, after)}
+    assert tile("t-len") in shown, (tile("t-len"), shown)
+    assert tile("t-steps") in {str(d["window"]["verification_steps"]) for d in (before, after)}
+    assert f"K = {K}" in tile("t-tau-label") and "cannot read" not in html
+    length_svg = re.search(r'<svg id="len".*?</svg>', html, re.S).group(0)
+    segments = sum(d.count("M") for d in re.findall(r'<path d="([^"]*)"', length_svg))
+    gap = 1.5 * before["series"]["bucket_seconds"]
+    assert segments in {_runs(d["series"]["points"], gap) for d in (before, after)} and segments >= 2, segments
+    position_svg = re.search(r'<svg id="pos".*?</svg>', html, re.S).group(0)
+    assert position_svg.count("<path") == K
+    assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
