@@ -283,3 +283,39 @@ def test_scaled_rope_survives_export_and_load(target, tmp_path):
     drafter.export(tmp_path / "head")
     loaded = eagle3.load(tmp_path / "head", scaled)
     assert loaded.g == drafter.g and loaded.g.rope == ROPES["llama3"]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("length", [1, 7, 33])
+def test_fused_ttt_attention_equals_the_eager_one(steps, length):
+    """The SDPA path (one masked attention over every step's keys) against the written-out one:
+    values and gradients of q, k, v in fp32 to 1e-5 (only the summation order differs), and in
+    bf16 to 2e-2 (bf16 keeps 8 mantissa bits; both paths round the scores differently)."""
+    gen = torch.Generator().manual_seed(steps * 100 + length)
+
+    def inputs(dtype):
+        q = torch.randn(2, 4, length, 32, generator=gen).to(dtype).requires_grad_()
+        cache = [(torch.randn(2, 4, length, 32, generator=gen).to(dtype).requires_grad_(),
+                  torch.randn(2, 4, length, 32, generator=gen).to(dtype).requires_grad_()) for _ in range(steps)]
+        return q, cache
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q, cache = inputs(dtype)
+        weights = torch.randn(2, 4, length, 32, generator=gen)
+        outs, grads = [], []
+        for fn in (eagle3.ttt_attention, eagle3.ttt_attention_eager):
+            out = fn(q, cache, 32**-0.5)
+            leaves = [q, *[t for kv in cache for t in kv]]
+            grads.append(torch.autograd.grad((out.float() * weights).sum(), leaves))
+            outs.append(out.float())
+        assert torch.allclose(outs[0], outs[1], atol=tol, rtol=tol), float((outs[0] - outs[1]).abs().max())
+        for fused, eager in zip(*grads):
+            assert torch.allclose(fused.float(), eager.float(), atol=tol * 4, rtol=tol * 4), float((fused - eager).abs().max())
+
+
+def test_ttt_mask_reads_step_one_causally_and_later_steps_on_the_diagonal():
+    mask = eagle3.ttt_mask(3, 3, "cpu")
+    expected = torch.tensor([[1, 0, 0, 1, 0, 0, 1, 0, 0],
+                             [1, 1, 0, 0, 1, 0, 0, 1, 0],
+                             [1, 1, 1, 0, 0, 1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)

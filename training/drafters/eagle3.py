@@ -165,10 +165,34 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, g.num_heads * g.head_dim))
 
 
+def ttt_mask(t: int, steps: int, device) -> torch.Tensor:  # [T, steps * T] bool, True = attend
+    """Which keys the queries of TTT step ``steps`` read, with step j's keys laid out as columns
+    [j*T, (j+1)*T): step 1's causally (key row <= query row), later steps' only on the diagonal
+    (the query's own anchor), as vLLM's KV cache holds them while drafting."""
+    rows = torch.arange(t, device=device)
+    causal = rows[:, None] >= rows[None, :]  # [T, T]
+    diagonal = rows[:, None] == rows[None, :]
+    return torch.cat([causal, *[diagonal] * (steps - 1)], dim=1)
+
+
 def ttt_attention(q: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
     """Attention of step k = len(cache) as vLLM's KV cache holds it. q [B, h, T, d] (row = anchor t);
     cache[0] = step-1 keys/values [B, h, T, d] read causally (key row <= anchor row); cache[j]
-    (j >= 1) = step j+1's, read only at the query's own anchor (the diagonal). -> [B, h, T, d]."""
+    (j >= 1) = step j+1's, read only at the query's own anchor (the diagonal). -> [B, h, T, d].
+
+    One fused scaled_dot_product_attention over every step's keys with the mask of
+    :func:`ttt_mask`: no [B, h, T, T] score matrix is kept for backward on kernels that support a
+    mask (memory-efficient / flash on CUDA). :func:`ttt_attention_eager` is the plain version it
+    is tested against."""
+    keys = torch.cat([k for k, _ in cache], dim=2) if len(cache) > 1 else cache[0][0]  # [B, h, kT, d]
+    values = torch.cat([v for _, v in cache], dim=2) if len(cache) > 1 else cache[0][1]
+    mask = ttt_mask(q.shape[2], len(cache), q.device)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+def ttt_attention_eager(q: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
+    """:func:`ttt_attention` written out: causal scores over step 1's keys, one diagonal score per
+    later step, one softmax over all of them (fp32). Materialises [B, h, T, T]."""
     k1, v1 = cache[0]
     t = q.shape[2]
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()  # [T, T] query row >= key row
