@@ -21,6 +21,10 @@ class TrainConfig(FrozenConfig):
     lambda_per_token: bool = Field(False, description="LK-hybrid lambda from each token's alpha instead of the batch mean")
     steps: int = Field(200, ge=1, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="sequences per optimizer step (global, split across DDP ranks)")
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per optimizer step: each rank runs its share of batch_size in this many "
+        "forward/backward passes, so the same step fits in less memory (exact for KL, TV and LK-alpha; LK-hybrid's "
+        "batch-mean lambda is then each micro-batch's, as it is each rank's under DDP)")
     seq_len: int = Field(256, ge=8, description="tokens per training sequence (longer examples are truncated)")
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up steps, then cosine decay to lr * min_lr_ratio")
@@ -29,6 +33,9 @@ class TrainConfig(FrozenConfig):
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
     seed: int = Field(0, description="seed for initialisation and data order")
     precision: Literal["auto", "fp32", "bf16"] = Field("fp32", description="autocast dtype of the forward passes (losses are fp32 always); auto = bf16 where supported")
+    target_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype the frozen target is loaded in (auto: bf16 on CUDA, fp32 on CPU); its logits and "
+        "hidden states reach the losses in fp32 either way")
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
     log_every: int = Field(10, ge=1, description="steps between metric log lines")

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 # Fields a resumed run may change: they do not alter the optimisation trajectory up to the
 # checkpoint (more steps continue the same schedule only if steps is unchanged; see _check_resume).
 RUN_FILE = "run.json"  # where the target and data of a run live, for `vllm-lk export`
-RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every"}
+RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "grad_accum"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,7 +136,9 @@ def heldout_alpha(drafter, target_model, examples: list[Example], config: TrainC
 
 def _check_resume(saved: dict, config: TrainConfig) -> None:
     ours = config.model_dump(mode="json")
-    changed = sorted(k for k in ours if ours[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
+    # a field the checkpoint predates counts as its default (what that run used)
+    defaults = {k: f.default for k, f in TrainConfig.model_fields.items()}
+    changed = sorted(k for k in ours if ours[k] != saved.get(k, defaults.get(k)) and k not in RESUMABLE_CHANGES)
     if changed:
         raise InvalidInput(
             f"cannot resume: the config differs from the checkpoint's in {', '.join(changed)} "
@@ -174,8 +176,18 @@ class MetricsLog:
             self.writer.close()
 
 
+TARGET_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def target_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The frozen target's dtype: half the memory of fp32 in bf16 on GPUs (``auto``)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return TARGET_DTYPES[name]
+
+
 def _prepare(config: TrainConfig, target_dir: Path, data_path: Path, device):
-    target_model, tokenizer = load_target(target_dir)
+    target_model, tokenizer = load_target(target_dir, dtype=target_dtype(config.target_dtype, device))
     target_model.to(device)
     vocab_size = target_model.config.vocab_size
     examples = read_examples(data_path, vocab_size, tokenizer)
@@ -272,35 +284,46 @@ def _train(config: TrainConfig, ctx, device, run_dir: Path, target_dir: Path, da
 
 
 def _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, pad_id, precision, device, cache=None) -> dict:
-    """One optimizer step on this rank's share of the global batch; returns its global metrics."""
+    """One optimizer step on this rank's share of the global batch, in ``config.grad_accum``
+    micro-batches; returns its global metrics."""
     began = time.perf_counter()
     indices = batch_indices(step, len(train_set), config.batch_size, config.seed)[ctx.rank :: ctx.world]
-    ids, mask = collate([train_set[i] for i in indices], config.seq_len, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
     lr = lr_at(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if cache is not None:
-        target = cache.outputs(indices, [train_set[i] for i in indices], ids, mask, config.seq_len, pad_id)
-    else:
-        target = run_target(target_model, ids, mask, drafter.hidden_layers, precision)
-    loss, alphas, rows = drafter_losses(drafter, target, config, precision)
-    # [rows, loss * rows, alpha_k * rows..., tokens, finite]: summed over ranks
-    stats = torch.tensor([rows, float(loss.detach()) * rows, *[a * rows for a in alphas], ids.numel(), float(bool(torch.isfinite(loss)))], dtype=torch.float64)
-    stats = all_reduce(stats, ctx)
+    # [rows, loss * rows, alpha_k * rows..., tokens, non-finite micro-batches]: summed over micro-batches, then ranks
+    local = None
+    chunks = [c for c in (indices[i :: config.grad_accum] for i in range(config.grad_accum)) if c]
+    for chunk in chunks:
+        ids, mask = collate([train_set[i] for i in chunk], config.seq_len, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        if cache is not None:
+            target = cache.outputs(chunk, [train_set[i] for i in chunk], ids, mask, config.seq_len, pad_id)
+        else:
+            target = run_target(target_model, ids, mask, drafter.hidden_layers, precision)
+        loss, alphas, rows = drafter_losses(drafter, target, config, precision)
+        if rows:
+            (loss * rows).backward()  # the sum over this micro-batch's rows; scaled to the mean below
+        part = torch.tensor([rows, float(loss.detach()) * rows if rows else 0.0, *[a * rows if rows else 0.0 for a in alphas], ids.numel(),
+                             float(bool(rows) and not bool(torch.isfinite(loss)))], dtype=torch.float64)
+        local = part if local is None else local + part
+        del target, loss
+    stats = all_reduce(local, ctx)
     global_rows = max(stats[0].item(), 1.0)
-    # each rank's mean is weighted by its share of rows, so the all-reduced mean gradient is the
-    # gradient of the global per-row mean (what one process with the whole batch computes)
-    (loss * (rows * ctx.world / global_rows)).backward()
     params = [p for p in drafter.parameters() if p.grad is not None]
+    # each rank holds the gradient of its rows' sum; x world / global rows, averaged over ranks
+    # (sync_gradients, or FSDP's reduce-scatter), is the gradient of the global per-row mean:
+    # what one process with the whole batch in one pass computes
+    for p in params:
+        p.grad.mul_(ctx.world / global_rows)
     sync_gradients(params, ctx)
     grad_norm = norm_value(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-    finite = stats[-1].item() == ctx.world and math.isfinite(grad_norm)
+    finite = stats[-1].item() == 0 and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - began
-    count = len(alphas)
+    count = len(stats) - 4
     return {
         "step": step + 1,
         "loss": stats[1].item() / global_rows,
