@@ -15,7 +15,9 @@ outside its vocabulary, so the unrenormalised KL would be infinite). alpha_bar i
 of the batch for this head (default) or each token's own alpha (``lambda_per_token``).
 
 Memory: a custom autograd function keeps only its inputs and recomputes softmaxes chunk by chunk
-in backward, so peak memory is O(chunk_size x V) beyond the logits themselves. Gradients with
+in backward, so peak memory is O(chunk_size x V) beyond the logits themselves. Given the target
+as ``TargetRows`` (its hidden rows and lm_head), the target's logits are computed per chunk too,
+in forward and again in backward, and never exist for all rows at once. Gradients with
 respect to the draft logits z (q = softmax(z / T)), per token, restated for the tests:
 
     dKL/dz       = (q - p~) / T
@@ -50,15 +52,24 @@ def _chunk_terms(draft_logits, target_logits, draft_ids, temperature):
     return q, p_tilde, below, alpha, kl
 
 
+def _target_chunk(target_logits, head_weight, head_bias, start, stop):
+    """[stop - start, V] target logits: a slice of the given ones, or computed from the target's
+    hidden rows and lm_head (``target_logits`` then holds the hidden rows, [N, H])."""
+    if head_weight is None:
+        return target_logits[start:stop]
+    return torch.nn.functional.linear(target_logits[start:stop], head_weight, head_bias).float()
+
+
 class _DraftLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, draft_logits, target_logits, draft_ids, kind, temperature, eta, lambda_per_token, chunk_size):
+    def forward(ctx, draft_logits, target_logits, head_weight, head_bias, draft_ids, kind, temperature, eta, lambda_per_token, chunk_size):
         n = draft_logits.shape[0]
         alphas, kls = [], []
         with torch.no_grad():
             for start in range(0, n, chunk_size):
                 stop = start + chunk_size
-                _, _, _, alpha, kl = _chunk_terms(draft_logits[start:stop], target_logits[start:stop], draft_ids, temperature)
+                target = _target_chunk(target_logits, head_weight, head_bias, start, stop)
+                _, _, _, alpha, kl = _chunk_terms(draft_logits[start:stop], target, draft_ids, temperature)
                 alphas.append(alpha)
                 kls.append(kl)
         alpha = torch.cat(alphas)
@@ -75,20 +86,22 @@ class _DraftLoss(torch.autograd.Function):
         else:
             raise ValueError(f"unknown loss {kind!r}")
         ctx.mark_non_differentiable(alpha, kl)
-        ctx.save_for_backward(draft_logits, target_logits, draft_ids if draft_ids is not None else torch.empty(0), alpha, weight_kl)
+        ctx.save_for_backward(draft_logits, target_logits, draft_ids if draft_ids is not None else torch.empty(0), alpha, weight_kl,
+                              head_weight, head_bias)
         ctx.config = (kind, temperature, chunk_size, draft_ids is not None)
         return per_token.mean(), alpha, kl
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_alpha, _grad_kl):
-        draft_logits, target_logits, draft_ids, alpha, weight_kl = ctx.saved_tensors
+        draft_logits, target_logits, draft_ids, alpha, weight_kl, head_weight, head_bias = ctx.saved_tensors
         kind, temperature, chunk_size, truncated = ctx.config
         draft_ids = draft_ids if truncated else None
         n = draft_logits.shape[0]
         grad = torch.empty(draft_logits.shape, dtype=torch.float32, device=draft_logits.device)
         for start in range(0, n, chunk_size):
             stop = start + chunk_size
-            q, p_tilde, below, _, _ = _chunk_terms(draft_logits[start:stop], target_logits[start:stop], draft_ids, temperature)
+            target = _target_chunk(target_logits, head_weight, head_bias, start, stop)
+            q, p_tilde, below, _, _ = _chunk_terms(draft_logits[start:stop], target, draft_ids, temperature)
             d_kl = q - p_tilde
             q_below = q * below
             d_alpha = q_below - q * q_below.sum(-1, keepdim=True)
@@ -100,12 +113,13 @@ class _DraftLoss(torch.autograd.Function):
                 g = w * d_kl - (1 - w) * d_alpha
             grad[start:stop] = g / temperature
         grad *= grad_loss / n
-        return grad.to(draft_logits.dtype), None, None, None, None, None, None, None
+        return grad.to(draft_logits.dtype), None, None, None, None, None, None, None, None, None
 
 
 def draft_loss(
     draft_logits: torch.Tensor,  # [N, Vd] one head's logits at N token positions
-    target_logits: torch.Tensor,  # [N, V] the target's logits at the same positions (no grad)
+    target_logits,  # [N, V] the target's logits at the same positions (no grad), or a
+    # training.drafters.base.TargetRows (hidden rows + lm_head: the logits are computed per chunk)
     kind: LossKind,
     *,
     temperature: float = 1.0,
@@ -115,19 +129,25 @@ def draft_loss(
     chunk_size: int | None = None,  # tokens per chunk; default: CHUNK_ELEMENTS // vocab
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (scalar loss, [N] alpha, [N] KL), no grad on the last two
     """One head's loss, mean over tokens. See the module docstring for the formulas."""
+    rows = target_logits if hasattr(target_logits, "hidden") else None  # TargetRows
+    target_shape = tuple(rows.shape if rows is not None else target_logits.shape)
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // target_logits.shape[1])
-    assert draft_logits.dim() == 2 and target_logits.dim() == 2 and draft_logits.shape[0] == target_logits.shape[0]
+        chunk_size = max(1, CHUNK_ELEMENTS // target_shape[1])
+    assert draft_logits.dim() == 2 and len(target_shape) == 2 and draft_logits.shape[0] == target_shape[0]
     if draft_ids is None:
-        assert draft_logits.shape[1] == target_logits.shape[1], (draft_logits.shape, target_logits.shape)
+        assert draft_logits.shape[1] == target_shape[1], (draft_logits.shape, target_shape)
     else:
         assert draft_ids.shape == (draft_logits.shape[1],), (draft_ids.shape, draft_logits.shape)
     if draft_logits.shape[0] == 0:
         zero = draft_logits.sum() * 0.0
         empty = draft_logits.new_zeros(0, dtype=torch.float32)
         return zero, empty, empty
+    if rows is not None:
+        target, weight, bias = rows.hidden.detach(), rows.weight.detach(), None if rows.bias is None else rows.bias.detach()
+    else:
+        target, weight, bias = target_logits.detach(), None, None
     return _DraftLoss.apply(
-        draft_logits, target_logits.detach(), draft_ids, kind, float(temperature), float(eta), lambda_per_token, chunk_size
+        draft_logits, target, weight, bias, draft_ids, kind, float(temperature), float(eta), lambda_per_token, chunk_size
     )
 
 

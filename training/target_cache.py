@@ -6,8 +6,11 @@ safetensors file per example (rows up to ``seq_len``), written to a temporary na
 so a killed run leaves only whole entries; a manifest pins what the entries depend on (data
 hash, target identity, hidden layers, seq_len) and a mismatch starts a fresh cache.
 
-Cost: (V + H x layers) x 4 bytes per token, e.g. 17 KiB per token for V = 4096 and one 256-wide
-state; the cache pays off when the target forward costs more than reading that back.
+Cost: H x (layers + 1) x 4 bytes per token in fp32 (the hidden states the drafter reads and the
+lm_head's input, from which the losses recompute the logits of trained rows), e.g. 2 KiB per
+token for two 256-wide states; targets whose logits are not a plain lm_head cache their logits
+instead, (V + H x layers) x 4 bytes. The cache pays off when the target forward costs more than
+reading that back.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from training.data import Example
 from training.drafters.base import TargetOutputs
-from training.target import run_target
+from training.target import logits_head, run_target
 
 MANIFEST = "manifest.json"
 
@@ -30,7 +33,7 @@ MANIFEST = "manifest.json"
 class TargetCache:
     def __init__(self, root: Path, model, hidden_layers: tuple[int, ...], key: dict) -> None:
         self.root, self.model, self.hidden_layers = Path(root), model, tuple(hidden_layers)
-        manifest = {**key, "hidden_layers": list(self.hidden_layers)}
+        manifest = {**key, "hidden_layers": list(self.hidden_layers), "layout": "head_input"}  # entries hold the lm_head input
         path = self.root / MANIFEST
         if path.is_file() and json.loads(path.read_text()) != manifest:
             shutil.rmtree(self.root)  # made for other data, target or layers
@@ -45,9 +48,15 @@ class TargetCache:
 
         ids, mask = collate(examples, seq_len, pad_id)
         out = run_target(self.model, ids, mask, self.hidden_layers)
+        final = self.model.config.num_hidden_layers
         for row, (index, example) in enumerate(zip(indices, examples)):
             length = min(len(example.token_ids), seq_len)
-            tensors = {"logits": out.logits[row, :length].contiguous()}
+            if out.logits is not None:
+                tensors = {"logits": out.logits[row, :length].contiguous()}
+            elif final in self.hidden_layers:  # the lm_head's input is the final state already cached
+                tensors = {}
+            else:  # cache the lm_head's input: H per token instead of V
+                tensors = {"head_input": out.head_input[row, :length].contiguous()}
             for layer in self.hidden_layers:
                 tensors[f"hidden.{layer}"] = out.hidden_states[layer][row, :length].contiguous()
             tmp = self.root / f".{index:07d}.tmp-{os.getpid()}"
@@ -72,4 +81,8 @@ class TargetCache:
 
         num_layers = self.model.config.num_hidden_layers
         hidden = tuple(stack(f"hidden.{layer}") if layer in self.hidden_layers else None for layer in range(num_layers + 1)) if self.hidden_layers else ()
-        return TargetOutputs(input_ids=ids, loss_mask=mask, hidden_states=hidden, logits=stack("logits"))
+        if "logits" in entries[0]:
+            return TargetOutputs(input_ids=ids, loss_mask=mask, hidden_states=hidden, logits=stack("logits"))
+        head = logits_head(self.model)
+        head_input = stack("head_input") if "head_input" in entries[0] else hidden[num_layers].to(head.weight.dtype)
+        return TargetOutputs(input_ids=ids, loss_mask=mask, hidden_states=hidden, head_input=head_input, lm_head=head)

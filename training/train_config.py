@@ -40,7 +40,7 @@ class TrainConfig(FrozenConfig):
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
     log_every: int = Field(10, ge=1, description="steps between metric log lines")
     fsdp: bool = Field(False, description="under torchrun: shard the drafter's parameters, gradients and optimizer state across ranks (FSDP2) instead of replicating them, for drafters too large for one device")
-    cache_target: bool = Field(False, description="cache the target's logits and hidden states on disk (fp32) after the first epoch's forward, for multi-epoch runs")
+    cache_target: bool = Field(False, description="cache the hidden states the drafter reads and the target's lm_head input on disk (the logits are recomputed from it) after the first epoch's forward, for multi-epoch runs")
     eval_sequences: int = Field(16, ge=0, description="held-out sequences (taken from the data file, never trained on) for offline alpha")
     draft_vocab_size: int | None = Field(None, ge=1, description="EAGLE-3 and MEDUSA: truncated draft vocabulary size (most frequent response tokens; default: full)")
     aux_layers: list[int] | None = Field(None, description="EAGLE-3: the three target layers fused (default: vLLM's (2, L//2, L-3), spread if not distinct)")

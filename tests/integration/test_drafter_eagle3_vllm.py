@@ -155,7 +155,7 @@ def offline(model, drafter, prompt_ids, output_ids):
     target = run_target(model, ids, torch.ones_like(ids, dtype=torch.bool), drafter.hidden_layers)
     aux = torch.cat([target.hidden_states[i] for i in drafter.hidden_layers], dim=-1)
     with torch.no_grad():
-        return [logits[0] for logits in drafter.unroll(ids, aux)], target.logits[0]
+        return [logits[0] for logits in drafter.unroll(ids, aux)], target.all_logits()[0]
 
 
 def comparable_steps(request, length):

@@ -98,7 +98,7 @@ def target_batch(target_model) -> TargetOutputs:
 def rows(batch: TargetOutputs, index: torch.Tensor) -> TargetOutputs:
     return TargetOutputs(
         input_ids=batch.input_ids[index], loss_mask=batch.loss_mask[index],
-        hidden_states=tuple(h if h is None else h[index] for h in batch.hidden_states), logits=batch.logits[index],
+        hidden_states=tuple(h if h is None else h[index] for h in batch.hidden_states), logits=batch.all_logits()[index],
     )
 
 

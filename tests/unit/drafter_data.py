@@ -75,6 +75,7 @@ def expected_pairs(head_logits: list[torch.Tensor], target: TargetOutputs) -> li
     for k, logits in enumerate(head_logits, start=1):
         rows = [(b, t) for b in range(batch) for t in range(length - k) if target.loss_mask[b, t + k]]
         draft = torch.stack([logits[b, t] for b, t in rows]) if rows else logits.new_zeros(0, logits.shape[-1])
-        ref = torch.stack([target.logits[b, t + k] for b, t in rows]) if rows else target.logits.new_zeros(0, logits.shape[-1])
+        full = target.all_logits()
+        ref = torch.stack([full[b, t + k] for b, t in rows]) if rows else full.new_zeros(0, logits.shape[-1])
         pairs.append((draft, ref))
     return pairs

@@ -120,3 +120,39 @@ def test_empty_batch_and_bad_kind():
     assert float(loss) == 0.0 and alpha.numel() == 0
     with pytest.raises(ValueError, match="unknown loss"):
         losses.draft_loss(torch.zeros(2, 5), torch.zeros(2, 5), "mse")
+
+
+@pytest.mark.parametrize("kind", ["kl", "tv", "lk-hybrid", "lk-alpha"])
+@pytest.mark.parametrize("truncated", [False, True])
+def test_target_rows_give_the_materialised_loss(kind, truncated):
+    """Target logits computed chunk by chunk from hidden rows + lm_head (TargetRows) give the loss,
+    alpha and draft gradient of the same logits passed whole (fp32, 1e-6; chunks of 7 rows so
+    forward and backward both cross chunk boundaries)."""
+    from training.drafters.base import TargetRows
+
+    gen = torch.Generator().manual_seed(3)
+    n, h, v = 23, 16, 37
+    hidden, weight, bias = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen), torch.randn(v, generator=gen)
+    draft_ids = torch.tensor(sorted(torch.randperm(v, generator=gen)[:19].tolist())) if truncated else None
+    width = 19 if truncated else v
+    results = []
+    for target in (torch.nn.functional.linear(hidden, weight, bias), TargetRows(hidden, weight, bias)):
+        draft = torch.randn(n, width, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        loss, alpha, kl = losses.draft_loss(draft, target, kind, temperature=0.8, draft_ids=draft_ids, chunk_size=7)
+        loss.backward()
+        results.append((loss.detach(), alpha, kl, draft.grad))
+    for whole, rows in zip(*results):
+        torch.testing.assert_close(rows, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_run_target_keeps_the_head_input_not_the_logits(tiny_target):
+    from training.target import load_target, run_target
+
+    model, _ = load_target(tiny_target)
+    ids = torch.randint(5, 500, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    lazy = run_target(model, ids, mask, (1,))
+    whole = run_target(model, ids, mask, (1,), materialise_logits=True)
+    assert lazy.logits is None and lazy.head_input.shape == (2, 11, model.config.hidden_size)
+    torch.testing.assert_close(lazy.all_logits(), whole.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lazy.hidden_states[1], whole.hidden_states[1])

@@ -20,6 +20,27 @@ from typing import ClassVar
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class TargetRows:
+    """The target's logits at N rows, kept as the state its lm_head reads: ``hidden`` [N, H] and
+    ``weight`` [V, H] (+ ``bias`` [V]). The losses turn them into logits chunk by chunk
+    (:meth:`logits`), so [N, V] never exists at once: 8 x 2048 rows of a 128k vocabulary would
+    be 8.4 GB in fp32, the hidden rows 0.27 GB."""
+
+    hidden: torch.Tensor  # [N, H]
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None = None  # [V]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.hidden.shape[0], self.weight.shape[0])
+
+    def logits(self, start: int = 0, stop: int | None = None) -> torch.Tensor:  # [stop - start, V] fp32
+        """Rows start..stop, as the target's own forward computes them (its dtype), in fp32."""
+        return F.linear(self.hidden[start:stop], self.weight, self.bias).float()
 
 
 @dataclass(frozen=True)
@@ -32,23 +53,42 @@ class TargetOutputs:
     # (vLLM's aux hidden state id l), [L] the final *normed* state that lm_head reads
     # (what vLLM hands MEDUSA / MLP speculators). Empty when the drafter needs none.
     hidden_states: tuple[torch.Tensor, ...]
-    logits: torch.Tensor  # [B, T, V] row t = the target's logits for token t+1
+    # the target's next-token logits, one of two ways: ``logits`` [B, T, V] (row t = the logits
+    # for token t+1), or ``head_input`` [B, T, H] (the final normed state) with ``lm_head``,
+    # from which the losses compute only the trained rows' logits, a chunk at a time
+    logits: torch.Tensor | None = None
+    head_input: torch.Tensor | None = None
+    lm_head: nn.Module | None = None
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def all_logits(self) -> torch.Tensor:  # [B, T, V] fp32
+        """Every row's logits at once (for tests and small models; training never needs them)."""
+        if self.logits is not None:
+            return self.logits
+        return F.linear(self.head_input, self.lm_head.weight, getattr(self.lm_head, "bias", None)).float()
+
+
+def as_logits(target) -> torch.Tensor:  # [N, V] fp32
+    """The target side of a select_rows pair as a tensor (materialising TargetRows)."""
+    return target.logits() if isinstance(target, TargetRows) else target
 
 
 def select_rows(
     draft_logits: torch.Tensor,  # [B, T, Vd] draft logits; row t predicts what target row t+offset does
     target: TargetOutputs,
     offset: int,
-) -> tuple[torch.Tensor, torch.Tensor]:  # ([N, Vd] draft, [N, V] target) over the trained rows
+) -> tuple[torch.Tensor, torch.Tensor | TargetRows]:  # ([N, Vd] draft, [N, V] target) over the trained rows
     """Pair each draft row with the target row ``offset`` later, keeping rows the mask trains."""
-    length = target.logits.shape[1]
-    if offset >= length:
-        empty = draft_logits.new_zeros(0, draft_logits.shape[-1])
-        return empty, target.logits.new_zeros(0, target.logits.shape[-1])
+    length = target.length
     keep = target.loss_mask[:, offset:]  # [B, T - offset]
-    draft = draft_logits[:, : length - offset][keep]
-    reference = target.logits[:, offset:][keep]
-    return draft, reference
+    draft = draft_logits[:, : max(length - offset, 0)][keep]
+    if target.logits is not None:
+        return draft, target.logits[:, offset:][keep]
+    head = target.lm_head
+    return draft, TargetRows(target.head_input[:, offset:][keep], head.weight, getattr(head, "bias", None))
 
 
 class Drafter(nn.Module):
