@@ -33,6 +33,9 @@ class TrainConfig(FrozenConfig):
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
     seed: int = Field(0, description="seed for initialisation and data order")
     precision: Literal["auto", "fp32", "bf16"] = Field("fp32", description="autocast dtype of the forward passes (losses are fp32 always); auto = bf16 where supported")
+    materialise_target_logits: bool = Field(
+        False, description="keep the target's [B, T, V] logits for the batch (faster when memory allows) instead of "
+        "computing the trained rows' logits from its lm_head inside the losses, a chunk at a time")
     target_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="dtype the frozen target is loaded in (auto: bf16 on CUDA, fp32 on CPU); its logits and "
         "hidden states reach the losses in fp32 either way")

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 # Fields a resumed run may change: they do not alter the optimisation trajectory up to the
 # checkpoint (more steps continue the same schedule only if steps is unchanged; see _check_resume).
 RUN_FILE = "run.json"  # where the target and data of a run live, for `vllm-lk export`
-RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "grad_accum"}
+RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "grad_accum", "materialise_target_logits"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -123,7 +123,8 @@ def heldout_alpha(drafter, target_model, examples: list[Example], config: TrainC
     totals, rows = None, 0
     for start in range(0, len(examples), config.batch_size):
         ids, mask = collate(examples[start : start + config.batch_size], config.seq_len, pad_id)
-        target = run_target(target_model, ids.to(device), mask.to(device), drafter.hidden_layers)
+        target = run_target(target_model, ids.to(device), mask.to(device), drafter.hidden_layers,
+                            materialise_logits=config.materialise_target_logits)
         _, alphas, n = drafter_losses(drafter, target, config, None)
         if n == 0:
             continue
@@ -300,7 +301,7 @@ def _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, 
         if cache is not None:
             target = cache.outputs(chunk, [train_set[i] for i in chunk], ids, mask, config.seq_len, pad_id)
         else:
-            target = run_target(target_model, ids, mask, drafter.hidden_layers, precision)
+            target = run_target(target_model, ids, mask, drafter.hidden_layers, precision, config.materialise_target_logits)
         loss, alphas, rows = drafter_losses(drafter, target, config, precision)
         if rows:
             (loss * rows).backward()  # the sum over this micro-batch's rows; scaled to the mean below
