@@ -214,6 +214,7 @@ class Policy:
     warmup_steps: int = 24  # per batch bucket, the start-up measurement: K cycles through 0..max_k, random lengths
     explore_every: int = 64  # afterwards one step in this many explores k* +- 1 with random lengths
     trim: bool = True  # per-step early stop and per-request lengths from confidence (False: the cap k* only)
+    explore_all: bool = False  # exploration cycles K through 0..max_k instead of trying k* +- 1
     acceptance: AcceptanceModel = field(init=False)
     costs: dict[int, CostModel] = field(default_factory=dict)  # batch bucket -> its cost model
     pinned: np.ndarray | None = None  # cost constants set by the operator (no online fit)
@@ -270,8 +271,12 @@ class Policy:
             plan = Plan(self.explorations % (self.max_k + 1), math.nan, math.nan, explore=True)
         elif self.plans % self.explore_every == 0:  # afterwards a neighbour of the last choice
             self.explorations += 1
-            last = self.last_plan.k if self.last_plan is not None else self.max_k
-            plan = Plan(int(np.clip(last + self.rng.choice((-1, 1)), 0, self.max_k)), math.nan, math.nan, explore=True)
+            if self.explore_all:  # every K in turn, as in warm-up
+                k = self.explorations % (self.max_k + 1)
+            else:
+                last = self.last_plan.k if self.last_plan is not None else self.max_k
+                k = int(np.clip(last + self.rng.choice((-1, 1)), 0, self.max_k))
+            plan = Plan(k, math.nan, math.nan, explore=True)
         else:
             rates = np.minimum(1.0, self._position_rates[self._mode, :] * self._factors[:, None])
             expected = batch + np.concatenate([[0.0], np.cumsum(np.cumprod(rates, axis=1).sum(axis=0))])  # [K+1]

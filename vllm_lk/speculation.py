@@ -80,7 +80,7 @@ def set_speculation(worker, mode: str, k: int | None = None, policy: dict | None
     ``llm.collective_rpc("lk_set_speculation", args=("adaptive",))``, or ``("fixed", 2)`` for a
     fixed K of 2 (at most the configured K; None: the configured K). A policy keeps what it
     learned across switches. ``policy`` (adaptive only) sets Policy fields (``warmup_steps``,
-    ``explore_every``, ``trim``) and may pin the cost model: ``"cost": [step, per_request, per_pass,
+    ``explore_every``, ``trim``, ``explore_all``) and may pin the cost model: ``"cost": [step, per_request, per_pass,
     per_drafted_token]`` seconds, not updated online."""
     if mode not in MODES:
         raise ValueError(f"speculation mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -104,9 +104,9 @@ def set_speculation(worker, mode: str, k: int | None = None, policy: dict | None
 def _configure(policy: Policy, settings: dict) -> None:
     cost = settings.pop("cost", None)
     for name, value in settings.items():
-        if name not in ("warmup_steps", "explore_every", "trim"):
+        if name not in ("warmup_steps", "explore_every", "trim", "explore_all"):
             raise ValueError(f"unknown policy setting {name!r}")
-        setattr(policy, name, bool(value) if name == "trim" else int(value))
+        setattr(policy, name, bool(value) if name in ("trim", "explore_all") else int(value))
     if cost is not None:
         if len(cost) != 4:
             raise ValueError("cost: expected [step, per_request, per_pass, per_drafted_token] seconds")

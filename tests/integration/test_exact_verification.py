@@ -37,12 +37,13 @@ def set_mode(llm, adaptive: bool) -> None:
 
 
 # Adaptive speculation whose decisions vary from step to step and request to request: every
-# other step explores (a K cycling through 0..3, each request verifying a random prefix of its
-# drafts), the others follow the rule under pinned cost constants (a draft whose survival
+# other step explores (a K cycling through 0..3, explore_all, each request verifying a random
+# prefix of its drafts; the default k* +- 1 reaches K = 0 only when the rule picks 0 or 1, which
+# depends on the acceptance a random head happens to get), the others follow the rule under pinned cost constants (a draft whose survival
 # probability is below ~0.05 is not verified; the draft loop stops once no next draft pays).
 # The live policy would settle on whatever this tiny engine's timings favour, often every draft
 # or none.
-DECISIVE = {"warmup_steps": 0, "explore_every": 2, "cost": [0.004, 0.0, 0.0001, 0.00001]}
+DECISIVE = {"warmup_steps": 0, "explore_every": 2, "explore_all": True, "cost": [0.004, 0.0, 0.0001, 0.00001]}
 
 
 def drafts_per_step(outputs) -> set[int]:

@@ -205,3 +205,15 @@ def test_pinned_costs_survive_observations():
         policy.observe_step(1, 1, 1, 0.001)
     assert list(policy.cost.theta) == [0.004, 0.0, 0.01, 0.01]
     assert policy.plan(["r"]).k == 0  # drafting costs 5 steps a token here
+
+
+def test_explore_all_cycles_every_k_after_warm_up():
+    """explore_all: exploration steps try K = 1, 2, 3, 0, ... in turn (k* +- 1 by default)."""
+    policy = adaptive.Policy(max_k=3, explore_every=2, explore_all=True)
+    policy.pin_cost([0.004, 0.0, 0.0001, 0.00001])
+    explored = []
+    for _ in range(16):
+        plan = policy.plan(["a", "b"])
+        if plan.explore:
+            explored.append(plan.k)
+    assert explored == [1, 2, 3, 0, 1, 2, 3, 0]
