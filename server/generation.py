@@ -50,13 +50,18 @@ async def encode(state: ServerState, text: str, add_special_tokens: bool = True)
     return list(ids)
 
 
+def check_token_ids(state: ServerState, token_ids, param: str) -> None:
+    """400 naming ``param`` for the first id outside the vocabulary."""
+    bad = next((t for t in token_ids if t >= state.vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside the vocabulary (size {state.vocab_size})", param=param)
+
+
 def check_prompt(state: ServerState, prompt: Prompt, param: str) -> None:
     """400 for an empty prompt, ids outside the vocabulary, or a prompt that leaves no room."""
     if not prompt.token_ids:
         raise bad_request("the prompt is empty (it encodes to no tokens)", param=param)
-    bad = next((t for t in prompt.token_ids if t >= state.vocab_size), None)
-    if bad is not None:
-        raise bad_request(f"token id {bad} is outside the vocabulary (size {state.vocab_size})", param=param)
+    check_token_ids(state, prompt.token_ids, param)
     if len(prompt.token_ids) >= state.max_model_len:
         raise bad_request(
             f"this model's maximum context length is {state.max_model_len} tokens; the prompt has "
@@ -94,9 +99,7 @@ def sampling_params(state: ServerState, request: SamplingRequest, max_tokens: in
             values[key] = state.default_sampling[key]
     values = {key: value for key, value in values.items() if value is not None}
     values.setdefault("temperature", 1.0)
-    bad = next((t for t in request.stop_token_ids or () if t >= state.vocab_size), None)
-    if bad is not None:
-        raise bad_request(f"token id {bad} is outside the vocabulary (size {state.vocab_size})", param="stop_token_ids")
+    check_token_ids(state, request.stop_token_ids or (), "stop_token_ids")
     try:
         return SamplingParams(
             n=request.n, max_tokens=max_tokens, stop=request.stop_list() or None, seed=request.seed,

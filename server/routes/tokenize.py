@@ -10,8 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
 from server.auth import require_key
-from server.errors import bad_request
-from server.generation import encode
+from server.generation import check_token_ids, encode
 from server.routes.chat import render_chat
 from server.routes.common import check_model, server_state
 from server.schemas import (
@@ -67,7 +66,5 @@ async def tokenize(request: Request, payload: Any = Body(...)) -> TokenizeRespon
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = server_state(request)
     tokenizer = _ready_tokenizer(state, body.model)
-    bad = next((t for t in body.tokens if t >= state.vocab_size), None)
-    if bad is not None:
-        raise bad_request(f"token id {bad} is outside the vocabulary (size {state.vocab_size})", param="tokens")
+    check_token_ids(state, body.tokens, "tokens")
     return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
