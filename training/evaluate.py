@@ -175,23 +175,23 @@ def pad_batch(sequences: list[tuple], pad_id: int) -> tuple[torch.Tensor, torch.
 
 
 def head_alpha(
-    draft_logits: torch.Tensor,  # [N, Vd]
-    target_logits,  # [N, V], or TargetRows (hidden rows + lm_head)
+    draft_logits,  # [N, Vd], or HeadRows (the head's input rows + the head)
+    target_logits,  # [N, V], or HeadRows (hidden rows + lm_head)
     temperature: float,
     draft_ids: torch.Tensor | None,  # [Vd] target id of each draft id, or None (full vocabulary)
 ) -> torch.Tensor:  # [N] per-row acceptance probability
     """alpha per row: sum min(p, q) at T > 0 (the exact acceptance probability of one sampled
     draft), greedy agreement at T = 0 (a greedy draft is accepted iff it is the target's argmax)."""
-    from training.drafters.base import TargetRows, as_logits
+    from training.drafters.base import HeadRows, as_logits
     from training.losses import draft_loss
 
     if temperature == 0:
-        draft_top = draft_logits.argmax(-1)
+        draft_top = as_logits(draft_logits).argmax(-1)
         if draft_ids is not None:
             draft_top = draft_ids[draft_top]
         return (draft_top == as_logits(target_logits).argmax(-1)).float()
-    target = target_logits if isinstance(target_logits, TargetRows) else target_logits.float()  # TargetRows: chunked
-    _, alpha, _ = draft_loss(draft_logits.float(), target, "tv", temperature=temperature, draft_ids=draft_ids)
+    draft, target = (side if isinstance(side, HeadRows) else side.float() for side in (draft_logits, target_logits))  # HeadRows: chunked
+    _, alpha, _ = draft_loss(draft, target, "tv", temperature=temperature, draft_ids=draft_ids)
     return alpha
 
 

@@ -15,9 +15,11 @@ outside its vocabulary, so the unrenormalised KL would be infinite). alpha_bar i
 of the batch for this head (default) or each token's own alpha (``lambda_per_token``).
 
 Memory: a custom autograd function keeps only its inputs and recomputes softmaxes chunk by chunk
-in backward, so peak memory is O(chunk_size x V) beyond the logits themselves. Given the target
-as ``TargetRows`` (its hidden rows and lm_head), the target's logits are computed per chunk too,
-in forward and again in backward, and never exist for all rows at once. Gradients with
+in backward, so peak memory is O(chunk_size x V) beyond its inputs. Given a side as ``HeadRows``
+(the rows a linear head reads, and the head), that side's logits are computed per chunk too, in
+forward and again in backward, and never exist for all rows at once; for the draft side the
+backward pushes each chunk's logit gradient through the head (rows: g W; weight: g^T x), so
+neither [N, V] logits nor their gradient is ever whole: memory is O(N x H), not O(N x V). Gradients with
 respect to the draft logits z (q = softmax(z / T)), per token, restated for the tests:
 
     dKL/dz       = (q - p~) / T
@@ -36,6 +38,10 @@ LossKind = Literal["kl", "tv", "lk-hybrid", "lk-alpha"]
 # Elements per chunk of [tokens, vocab] temporaries: 2^21 fp32 = 8 MiB each, small enough to stay
 # in cache-friendly sizes (measured: 64 x 32k-token chunks run 2.2x faster than 1024 x 32k).
 CHUNK_ELEMENTS = 2**21
+# With a side given as HeadRows each chunk is also a [rows, H] x [H, V] matmul, which reads the
+# whole head weight once per chunk: chunks of 2^25 elements (256 rows at V = 128k, 128 MiB per
+# fp32 temporary) keep that matmul compute-bound; the temporaries stay a constant, not O(N).
+ROWS_CHUNK_ELEMENTS = 2**25
 ALPHA_FLOOR = 1e-6  # -log alpha and its 1/alpha gradient are clamped here (alpha = 0 only for disjoint supports)
 
 
@@ -52,102 +58,155 @@ def _chunk_terms(draft_logits, target_logits, draft_ids, temperature):
     return q, p_tilde, below, alpha, kl
 
 
-def _target_chunk(target_logits, head_weight, head_bias, start, stop):
-    """[stop - start, V] target logits: a slice of the given ones, or computed from the target's
-    hidden rows and lm_head (``target_logits`` then holds the hidden rows, [N, H])."""
-    if head_weight is None:
-        return target_logits[start:stop]
-    return torch.nn.functional.linear(target_logits[start:stop], head_weight, head_bias).float()
+class _Side:
+    """One side of a loss pair inside the autograd function: logits [N, V] (``weight`` None) or a
+    head's input rows [N, H] with its ``weight`` [V, H] and ``bias`` [V], cast once to the matmul
+    dtype (what autocast caches for a parameter in a forward pass)."""
+
+    def __init__(self, x, weight, bias, dtype) -> None:
+        self.x, self.rows = x, weight is not None
+        dtype = dtype or x.dtype
+        self.dtype = dtype
+        self.weight = None if weight is None else weight.to(dtype)
+        self.bias = None if bias is None else bias.to(dtype)
+
+    def chunk(self, start: int, stop: int) -> torch.Tensor:  # [stop - start, V] fp32
+        if not self.rows:
+            return self.x[start:stop]
+        return torch.nn.functional.linear(self.x[start:stop].to(self.dtype), self.weight, self.bias).float()
+
+
+def _tensor_or_empty(t):
+    return t if t is not None else torch.empty(0)
 
 
 class _DraftLoss(torch.autograd.Function):
+    """Inputs: the draft side (logits, or rows + weight + bias: the differentiable ones), the
+    target side (the same two forms, no gradient), then the loss settings."""
+
     @staticmethod
-    def forward(ctx, draft_logits, target_logits, head_weight, head_bias, draft_ids, kind, temperature, eta, lambda_per_token, chunk_size):
-        n = draft_logits.shape[0]
+    def forward(ctx, draft_x, draft_w, draft_b, target_x, target_w, target_b, draft_ids, kind, temperature, eta, lambda_per_token,
+                chunk_size, dtypes):
+        n = draft_x.shape[0]
         alphas, kls = [], []
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(draft_x.device.type, enabled=False):
+            draft, target = _Side(draft_x, draft_w, draft_b, dtypes[0]), _Side(target_x, target_w, target_b, dtypes[1])
             for start in range(0, n, chunk_size):
                 stop = start + chunk_size
-                target = _target_chunk(target_logits, head_weight, head_bias, start, stop)
-                _, _, _, alpha, kl = _chunk_terms(draft_logits[start:stop], target, draft_ids, temperature)
+                _, _, _, alpha, kl = _chunk_terms(draft.chunk(start, stop), target.chunk(start, stop), draft_ids, temperature)
                 alphas.append(alpha)
                 kls.append(kl)
         alpha = torch.cat(alphas)
         kl = torch.cat(kls)
-        if kind == "kl":
-            weight_kl, per_token = torch.ones_like(alpha), kl
-        elif kind == "tv":
-            weight_kl, per_token = torch.zeros_like(alpha), 1 - alpha
-        elif kind == "lk-hybrid":
-            lam = torch.exp(-eta * (alpha if lambda_per_token else alpha.mean().expand_as(alpha)))
-            weight_kl, per_token = lam, lam * kl + (1 - lam) * (1 - alpha)
-        elif kind == "lk-alpha":
-            weight_kl, per_token = torch.zeros_like(alpha), -torch.log(alpha.clamp_min(ALPHA_FLOOR))
-        else:
-            raise ValueError(f"unknown loss {kind!r}")
+        weight_kl, per_token = _combine(kind, alpha, kl, eta, lambda_per_token)
         ctx.mark_non_differentiable(alpha, kl)
-        ctx.save_for_backward(draft_logits, target_logits, draft_ids if draft_ids is not None else torch.empty(0), alpha, weight_kl,
-                              head_weight, head_bias)
-        ctx.config = (kind, temperature, chunk_size, draft_ids is not None)
+        ctx.save_for_backward(draft_x, _tensor_or_empty(draft_w), _tensor_or_empty(draft_b), target_x, _tensor_or_empty(target_w),
+                              _tensor_or_empty(target_b), _tensor_or_empty(draft_ids), alpha, weight_kl)
+        ctx.config = (kind, temperature, chunk_size, dtypes, (draft_w is not None, draft_b is not None, target_w is not None,
+                                                              target_b is not None, draft_ids is not None))
         return per_token.mean(), alpha, kl
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_alpha, _grad_kl):
-        draft_logits, target_logits, draft_ids, alpha, weight_kl, head_weight, head_bias = ctx.saved_tensors
-        kind, temperature, chunk_size, truncated = ctx.config
-        draft_ids = draft_ids if truncated else None
-        n = draft_logits.shape[0]
-        grad = torch.empty(draft_logits.shape, dtype=torch.float32, device=draft_logits.device)
+        draft_x, draft_w, draft_b, target_x, target_w, target_b, draft_ids, alpha, weight_kl = ctx.saved_tensors
+        kind, temperature, chunk_size, dtypes, present = ctx.config
+        draft_w, draft_b, target_w, target_b, draft_ids = (t if ok else None for t, ok in
+                                                           zip((draft_w, draft_b, target_w, target_b, draft_ids), present))
+        n = draft_x.shape[0]
+        draft, target = _Side(draft_x, draft_w, draft_b, dtypes[0]), _Side(target_x, target_w, target_b, dtypes[1])
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # the gradient w.r.t. the draft logits, chunk by chunk; with rows, pushed through the head
+        # at once (x: g W, weight: sum g^T x, bias: sum g) so [N, V] never exists
+        grad_x = torch.empty(draft_x.shape, dtype=draft_x.dtype if draft.rows else torch.float32, device=draft_x.device) if need_x else None
+        grad_w = torch.zeros(draft_w.shape, dtype=torch.float32, device=draft_x.device) if draft.rows and need_w else None
+        grad_b = torch.zeros(draft_b.shape, dtype=torch.float32, device=draft_x.device) if draft_b is not None and need_b else None
+        scale = grad_loss / n
         for start in range(0, n, chunk_size):
             stop = start + chunk_size
-            target = _target_chunk(target_logits, head_weight, head_bias, start, stop)
-            q, p_tilde, below, _, _ = _chunk_terms(draft_logits[start:stop], target, draft_ids, temperature)
-            d_kl = q - p_tilde
-            q_below = q * below
-            d_alpha = q_below - q * q_below.sum(-1, keepdim=True)
-            a = alpha[start:stop, None]
-            if kind == "lk-alpha":
-                g = -d_alpha / a.clamp_min(ALPHA_FLOOR)
-            else:  # kl, tv and hybrid: w * dKL + (1 - w) * dTV (the weight is a stop-gradient)
-                w = weight_kl[start:stop, None]
-                g = w * d_kl - (1 - w) * d_alpha
-            grad[start:stop] = g / temperature
-        grad *= grad_loss / n
-        return grad.to(draft_logits.dtype), None, None, None, None, None, None, None, None, None
+            q, p_tilde, below, _, _ = _chunk_terms(draft.chunk(start, stop), target.chunk(start, stop), draft_ids, temperature)
+            g = _logit_grad(kind, q, p_tilde, below, alpha[start:stop, None], weight_kl[start:stop, None]) * (scale / temperature)
+            if not draft.rows:
+                if need_x:
+                    grad_x[start:stop] = g
+                continue
+            g = g.to(draft.dtype)
+            if need_x:
+                grad_x[start:stop] = g @ draft.weight
+            if grad_w is not None:
+                grad_w += (g.T @ draft_x[start:stop].to(draft.dtype)).float()
+            if grad_b is not None:
+                grad_b += g.float().sum(0)
+        grad_x = grad_x.to(draft_x.dtype) if need_x else None
+        grad_w = None if grad_w is None else grad_w.to(draft_w.dtype)
+        grad_b = None if grad_b is None else grad_b.to(draft_b.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+
+
+def _combine(kind, alpha, kl, eta, lambda_per_token):
+    """(stop-gradient KL weight [N], per-token loss [N]) of loss ``kind``."""
+    if kind == "kl":
+        return torch.ones_like(alpha), kl
+    if kind == "tv":
+        return torch.zeros_like(alpha), 1 - alpha
+    if kind == "lk-hybrid":
+        lam = torch.exp(-eta * (alpha if lambda_per_token else alpha.mean().expand_as(alpha)))
+        return lam, lam * kl + (1 - lam) * (1 - alpha)
+    if kind == "lk-alpha":
+        return torch.zeros_like(alpha), -torch.log(alpha.clamp_min(ALPHA_FLOOR))
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def _logit_grad(kind, q, p_tilde, below, alpha, weight_kl):  # [n, Vd]: d(per-token loss)/dz * T
+    d_kl = q - p_tilde
+    q_below = q * below
+    d_alpha = q_below - q * q_below.sum(-1, keepdim=True)
+    if kind == "lk-alpha":
+        return -d_alpha / alpha.clamp_min(ALPHA_FLOOR)
+    # kl, tv and hybrid: w * dKL + (1 - w) * dTV (the weight is a stop-gradient)
+    return weight_kl * d_kl - (1 - weight_kl) * d_alpha
+
+
+def _parts(side):
+    """(x, weight, bias, dtype) of a pair side: logits, or HeadRows (duck-typed: training.drafters
+    imports this module's users, not the other way round)."""
+    if hasattr(side, "hidden"):
+        return side.hidden, side.weight, side.bias, side.dtype
+    return side, None, None, None
 
 
 def draft_loss(
-    draft_logits: torch.Tensor,  # [N, Vd] one head's logits at N token positions
-    target_logits,  # [N, V] the target's logits at the same positions (no grad), or a
-    # training.drafters.base.TargetRows (hidden rows + lm_head: the logits are computed per chunk)
+    draft_logits,  # [N, Vd] one head's logits at N token positions, or HeadRows (its input rows + head)
+    target_logits,  # [N, V] the target's logits at the same positions, or HeadRows; never differentiated
     kind: LossKind,
     *,
     temperature: float = 1.0,
     draft_ids: torch.Tensor | None = None,  # [Vd] target id of each draft id (truncated vocab)
     eta: float = 3.0,
     lambda_per_token: bool = False,
-    chunk_size: int | None = None,  # tokens per chunk; default: CHUNK_ELEMENTS // vocab
+    chunk_size: int | None = None,  # tokens per chunk; default from CHUNK_ELEMENTS / ROWS_CHUNK_ELEMENTS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (scalar loss, [N] alpha, [N] KL), no grad on the last two
     """One head's loss, mean over tokens. See the module docstring for the formulas."""
-    rows = target_logits if hasattr(target_logits, "hidden") else None  # TargetRows
-    target_shape = tuple(rows.shape if rows is not None else target_logits.shape)
+    draft_x, draft_w, draft_b, draft_dtype = _parts(draft_logits)
+    target_x, target_w, target_b, target_dtype = _parts(target_logits)
+    draft_shape = tuple(draft_logits.shape)
+    target_shape = tuple(target_logits.shape)
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // target_shape[1])
-    assert draft_logits.dim() == 2 and len(target_shape) == 2 and draft_logits.shape[0] == target_shape[0]
+        elements = ROWS_CHUNK_ELEMENTS if draft_w is not None or target_w is not None else CHUNK_ELEMENTS
+        chunk_size = max(1, elements // target_shape[1])
+    assert len(draft_shape) == 2 and len(target_shape) == 2 and draft_shape[0] == target_shape[0], (draft_shape, target_shape)
     if draft_ids is None:
-        assert draft_logits.shape[1] == target_shape[1], (draft_logits.shape, target_shape)
+        assert draft_shape[1] == target_shape[1], (draft_shape, target_shape)
     else:
-        assert draft_ids.shape == (draft_logits.shape[1],), (draft_ids.shape, draft_logits.shape)
-    if draft_logits.shape[0] == 0:
-        zero = draft_logits.sum() * 0.0
-        empty = draft_logits.new_zeros(0, dtype=torch.float32)
+        assert draft_ids.shape == (draft_shape[1],), (draft_ids.shape, draft_shape)
+    if draft_shape[0] == 0:
+        zero = draft_x.sum() * 0.0 + (0.0 if draft_w is None else draft_w.sum() * 0.0)
+        empty = draft_x.new_zeros(0, dtype=torch.float32)
         return zero, empty, empty
-    if rows is not None:
-        target, weight, bias = rows.hidden.detach(), rows.weight.detach(), None if rows.bias is None else rows.bias.detach()
-    else:
-        target, weight, bias = target_logits.detach(), None, None
+    target_w = None if target_w is None else target_w.detach()
+    target_b = None if target_b is None else target_b.detach()
     return _DraftLoss.apply(
-        draft_logits, target, weight, bias, draft_ids, kind, float(temperature), float(eta), lambda_per_token, chunk_size
+        draft_x, draft_w, draft_b, target_x.detach(), target_w, target_b, draft_ids, kind, float(temperature), float(eta),
+        lambda_per_token, chunk_size, (draft_dtype, target_dtype),
     )
 
 
@@ -158,8 +217,8 @@ def head_weights(num_heads: int, gamma: float = 0.8) -> list[float]:
 
 
 def multi_head_loss(
-    draft_logits: list[torch.Tensor],  # K x [N_k, Vd]
-    target_logits: list[torch.Tensor],  # K x [N_k, V]
+    draft_logits: list,  # K x [N_k, Vd] logits or HeadRows
+    target_logits: list,  # K x [N_k, V] logits or HeadRows
     kind: LossKind,
     *,
     gamma: float = 0.8,
@@ -168,7 +227,7 @@ def multi_head_loss(
 ) -> tuple[torch.Tensor, list[float]]:  # (scalar loss, mean alpha per head at the first temperature)
     """sum_k gamma^(k-1) L_k, each L_k averaged over the training temperatures."""
     weights = head_weights(len(draft_logits), gamma)
-    total = draft_logits[0].new_zeros((), dtype=torch.float32)
+    total = 0.0
     alphas = []
     for weight, draft, target in zip(weights, draft_logits, target_logits):
         for i, temperature in enumerate(temperatures):

@@ -36,6 +36,12 @@ class TrainConfig(FrozenConfig):
     materialise_target_logits: bool = Field(
         False, description="keep the target's [B, T, V] logits for the batch (faster when memory allows) instead of "
         "computing the trained rows' logits from its lm_head inside the losses, a chunk at a time")
+    materialise_draft_logits: bool = Field(
+        False, description="keep each head's [rows, Vd] draft logits (and their gradient) for the batch instead of "
+        "computing them from the head's input rows inside the losses, a chunk at a time (the pre-chunking path)")
+    activation_checkpointing: bool = Field(
+        False, description="keep only each drafter step's inputs in the forward pass and recompute its layers in "
+        "backward (EAGLE-3 TTT steps, MEDUSA blocks, MLP stages, draft-model layers): less memory, ~1 more drafter forward")
     target_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="dtype the frozen target is loaded in (auto: bf16 on CUDA, fp32 on CPU); its logits and "
         "hidden states reach the losses in fp32 either way")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_text_atomic
 from training.data import Example, collate, read_examples
 from training.drafters import build_drafter
-from training.drafters.base import TargetOutputs
+from training.drafters.base import TargetOutputs, as_logits
 from training.evaluate import predict
 from training.export import export_drafter, file_sha256
 from training.losses import multi_head_loss
@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 # Fields a resumed run may change: they do not alter the optimisation trajectory up to the
 # checkpoint (more steps continue the same schedule only if steps is unchanged; see _check_resume).
 RUN_FILE = "run.json"  # where the target and data of a run live, for `vllm-lk export`
-RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "grad_accum", "materialise_target_logits"}
+RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "grad_accum", "materialise_target_logits",
+                     "materialise_draft_logits", "activation_checkpointing"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,6 +109,8 @@ def drafter_losses(drafter, target: TargetOutputs, config: TrainConfig, precisio
     ids = target.input_ids
     with torch.autocast(ids.device.type, dtype=precision or torch.float32, enabled=precision is not None):
         pairs = drafter(target)
+        if config.materialise_draft_logits:
+            pairs = [(as_logits(draft), target_side) for draft, target_side in pairs]
     loss, alphas = multi_head_loss(
         [d for d, _ in pairs], [t for _, t in pairs], config.loss,
         gamma=config.gamma, temperatures=tuple(config.temperatures), eta=config.resolved_eta(),
@@ -217,6 +220,7 @@ def _train(config: TrainConfig, ctx, device, run_dir: Path, target_dir: Path, da
         raise InvalidInput(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
     started = time.time()
     target_model, drafter, train_set, eval_set, pad_id = _prepare(config, target_dir, data_path, device)
+    drafter.set_activation_checkpointing(config.activation_checkpointing)
     plain = shard(drafter, ctx, device)
     optimizer = make_optimizer(drafter, config)
     step = 0

@@ -125,10 +125,10 @@ def test_empty_batch_and_bad_kind():
 @pytest.mark.parametrize("kind", ["kl", "tv", "lk-hybrid", "lk-alpha"])
 @pytest.mark.parametrize("truncated", [False, True])
 def test_target_rows_give_the_materialised_loss(kind, truncated):
-    """Target logits computed chunk by chunk from hidden rows + lm_head (TargetRows) give the loss,
+    """Target logits computed chunk by chunk from hidden rows + lm_head (HeadRows) give the loss,
     alpha and draft gradient of the same logits passed whole (fp32, 1e-6; chunks of 7 rows so
     forward and backward both cross chunk boundaries)."""
-    from training.drafters.base import TargetRows
+    from training.drafters.base import HeadRows
 
     gen = torch.Generator().manual_seed(3)
     n, h, v = 23, 16, 37
@@ -136,7 +136,7 @@ def test_target_rows_give_the_materialised_loss(kind, truncated):
     draft_ids = torch.tensor(sorted(torch.randperm(v, generator=gen)[:19].tolist())) if truncated else None
     width = 19 if truncated else v
     results = []
-    for target in (torch.nn.functional.linear(hidden, weight, bias), TargetRows(hidden, weight, bias)):
+    for target in (torch.nn.functional.linear(hidden, weight, bias), HeadRows(hidden, weight, bias)):
         draft = torch.randn(n, width, generator=torch.Generator().manual_seed(4)).requires_grad_()
         loss, alpha, kl = losses.draft_loss(draft, target, kind, temperature=0.8, draft_ids=draft_ids, chunk_size=7)
         loss.backward()
@@ -156,3 +156,61 @@ def test_run_target_keeps_the_head_input_not_the_logits(tiny_target):
     assert lazy.logits is None and lazy.head_input.shape == (2, 11, model.config.hidden_size)
     torch.testing.assert_close(lazy.all_logits(), whole.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lazy.hidden_states[1], whole.hidden_states[1])
+
+
+@pytest.mark.parametrize("kind", ["kl", "lk-hybrid", "lk-alpha"])
+@pytest.mark.parametrize("truncated", [False, True])
+@pytest.mark.parametrize("target_rows", [False, True])
+def test_draft_rows_give_the_materialised_loss_and_gradients(kind, truncated, target_rows):
+    """Draft logits computed chunk by chunk from the head's input rows (HeadRows: hidden, weight,
+    bias) give the loss, alpha and the gradients w.r.t. hidden, weight and bias that autograd
+    gives through F.linear of the whole logits (fp32, 1e-5: only summation order differs; chunks
+    of 7 rows so forward and backward cross chunk boundaries)."""
+    from training.drafters.base import HeadRows
+
+    gen = torch.Generator().manual_seed(5)
+    n, h, v = 23, 16, 37
+    width = 19 if truncated else v
+    draft_ids = torch.tensor(sorted(torch.randperm(v, generator=gen)[:width].tolist())) if truncated else None
+    t_hidden, t_weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen)
+    target = HeadRows(t_hidden, t_weight) if target_rows else t_hidden @ t_weight.T
+    leaves = [torch.randn(n, h, generator=gen), torch.randn(width, h, generator=gen) * 0.5, torch.randn(width, generator=gen)]
+    results = []
+    for rows in (False, True):
+        hidden, weight, bias = (t.clone().requires_grad_() for t in leaves)
+        draft = HeadRows(hidden, weight, bias) if rows else torch.nn.functional.linear(hidden, weight, bias)
+        loss, alpha, kl = losses.draft_loss(draft, target, kind, temperature=0.7, draft_ids=draft_ids, chunk_size=7)
+        loss.backward()
+        results.append((loss.detach(), alpha, kl, hidden.grad, weight.grad, bias.grad))
+    for whole, rows in zip(*results):
+        torch.testing.assert_close(rows, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_draft_rows_run_in_the_autocast_dtype_the_head_would():
+    """HeadRows.of under bf16 autocast records bf16: the chunked logits then equal the head's own
+    autocast output (what the materialised path trains on), and gradients reach the fp32 leaves
+    in fp32."""
+    from training.drafters.base import HeadRows
+
+    gen = torch.Generator().manual_seed(6)
+    head = torch.nn.Linear(16, 37, bias=False)
+    hidden = torch.randn(9, 16, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = HeadRows.of(hidden, head)
+        direct = head(hidden)
+    assert rows.dtype == torch.bfloat16 and direct.dtype == torch.bfloat16
+    assert torch.equal(rows.logits(), direct.float())
+    loss, _, _ = losses.draft_loss(rows, torch.randn(9, 37, generator=gen), "lk-hybrid")
+    loss.backward()
+    assert hidden.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+    assert torch.isfinite(head.weight.grad).all() and head.weight.grad.abs().sum() > 0
+
+
+def test_a_drafter_with_no_trained_rows_gets_zero_gradients():
+    from training.drafters.base import HeadRows
+
+    hidden = torch.zeros(0, 4, requires_grad=True)
+    weight = torch.randn(5, 4, requires_grad=True)
+    loss, alpha, _ = losses.draft_loss(HeadRows(hidden, weight), torch.zeros(0, 5), "kl")
+    loss.backward()
+    assert float(loss) == 0.0 and alpha.numel() == 0 and torch.equal(weight.grad, torch.zeros(5, 4))

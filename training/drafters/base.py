@@ -24,23 +24,37 @@ from torch.nn import functional as F
 
 
 @dataclass(frozen=True)
-class TargetRows:
-    """The target's logits at N rows, kept as the state its lm_head reads: ``hidden`` [N, H] and
-    ``weight`` [V, H] (+ ``bias`` [V]). The losses turn them into logits chunk by chunk
-    (:meth:`logits`), so [N, V] never exists at once: 8 x 2048 rows of a 128k vocabulary would
-    be 8.4 GB in fp32, the hidden rows 0.27 GB."""
+class HeadRows:
+    """The logits of a linear head at N rows, kept as what the head reads: ``hidden`` [N, H] and
+    ``weight`` [V, H] (+ ``bias`` [V]); logits = hidden @ weight.T + bias. Both sides of a
+    training pair come this way: the target's rows (no gradient) and the drafter's (gradient to
+    hidden, weight and bias). The losses turn them into logits chunk by chunk, so [N, V] never
+    exists at once: 8 x 2048 rows of a 128k vocabulary are 8.4 GB in fp32, their hidden rows
+    0.27 GB. ``dtype`` is the matmul's (the autocast dtype the drafter ran under, else hidden's)."""
 
     hidden: torch.Tensor  # [N, H]
     weight: torch.Tensor  # [V, H]
     bias: torch.Tensor | None = None  # [V]
+    dtype: torch.dtype | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.hidden.shape[0], self.weight.shape[0])
 
     def logits(self, start: int = 0, stop: int | None = None) -> torch.Tensor:  # [stop - start, V] fp32
-        """Rows start..stop, as the target's own forward computes them (its dtype), in fp32."""
-        return F.linear(self.hidden[start:stop], self.weight, self.bias).float()
+        """Rows start..stop as the head computes them (in ``dtype``), returned in fp32;
+        differentiable (the materialised path)."""
+        dtype = self.dtype or self.hidden.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(self.hidden[start:stop].to(dtype), self.weight.to(dtype), bias).float()
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, head: nn.Module) -> HeadRows:
+        """Rows of ``head`` (an nn.Linear) over ``hidden`` [N, H], with the matmul dtype autocast
+        would give ``head(hidden)`` here."""
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return cls(hidden, head.weight, getattr(head, "bias", None), dtype)
 
 
 @dataclass(frozen=True)
@@ -71,31 +85,35 @@ class TargetOutputs:
         return F.linear(self.head_input, self.lm_head.weight, getattr(self.lm_head, "bias", None)).float()
 
 
-def as_logits(target) -> torch.Tensor:  # [N, V] fp32
-    """The target side of a select_rows pair as a tensor (materialising TargetRows)."""
-    return target.logits() if isinstance(target, TargetRows) else target
+def as_logits(side) -> torch.Tensor:  # [N, V] fp32
+    """One side of a select_rows pair as a logits tensor (materialising HeadRows)."""
+    return side.logits() if isinstance(side, HeadRows) else side
 
 
 def select_rows(
-    draft_logits: torch.Tensor,  # [B, T, Vd] draft logits; row t predicts what target row t+offset does
+    draft: torch.Tensor,  # [B, T, Vd] draft logits, or with ``head`` [B, T, Hd] what the head reads
     target: TargetOutputs,
     offset: int,
-) -> tuple[torch.Tensor, torch.Tensor | TargetRows]:  # ([N, Vd] draft, [N, V] target) over the trained rows
-    """Pair each draft row with the target row ``offset`` later, keeping rows the mask trains."""
+    head: nn.Module | None = None,  # the drafter's lm_head (nn.Linear) over ``draft``
+) -> tuple[torch.Tensor | HeadRows, torch.Tensor | HeadRows]:  # ([N, Vd] draft, [N, V] target) over the trained rows
+    """Pair each draft row with the target row ``offset`` later, keeping rows the mask trains.
+    Given the heads (``head`` here, the target's ``lm_head`` in ``target``), a side is returned
+    as HeadRows and its logits are computed only inside the losses, a chunk at a time."""
     length = target.length
     keep = target.loss_mask[:, offset:]  # [B, T - offset]
-    draft = draft_logits[:, : max(length - offset, 0)][keep]
+    rows = draft[:, : max(length - offset, 0)][keep]
+    draft_side = rows if head is None else HeadRows.of(rows, head)
     if target.logits is not None:
-        return draft, target.logits[:, offset:][keep]
-    head = target.lm_head
-    return draft, TargetRows(target.head_input[:, offset:][keep], head.weight, getattr(head, "bias", None))
+        return draft_side, target.logits[:, offset:][keep]
+    lm_head = target.lm_head
+    return draft_side, HeadRows(target.head_input[:, offset:][keep], lm_head.weight, getattr(lm_head, "bias", None))
 
 
 class Drafter(nn.Module):
     """A trainable draft head for a frozen target.
 
-    ``forward`` returns one (draft logits [N, Vd], target logits [N, V]) pair per loss term, in
-    head order (the γ^(k-1) weights follow that order); ``export`` writes a directory vLLM 0.32 with
+    ``forward`` returns one (draft, target) pair per loss term, in head order, each side [N, Vd] /
+    [N, V] logits or HeadRows (see select_rows) (the γ^(k-1) weights follow that order); ``export`` writes a directory vLLM 0.32 with
     the vllm_lk plugin loads as ``speculative_config={"method": vllm_method, "model": out}``.
     Weights shared with the target (embeddings) are frozen references, not parameters.
     """
@@ -104,9 +122,15 @@ class Drafter(nn.Module):
     vllm_method: ClassVar[str]  # speculative_config["method"]
     default_eta: ClassVar[float] = 3.0  # LK-hybrid η (the paper uses 10 for MEDUSA)
     hidden_layers: tuple[int, ...] = ()  # which entries of TargetOutputs.hidden_states it reads
+    activation_checkpointing: bool = False  # rerun each step's layers in backward (set_activation_checkpointing)
 
     def forward(self, target: TargetOutputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Keep only each step's (head's, stage's) inputs in the forward pass and recompute its
+        layers in backward: less activation memory for about one more forward of the drafter."""
+        self.activation_checkpointing = enabled
 
     @property
     def draft_ids(self) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from training.drafters import VLLM_METHODS
-from training.drafters.base import Drafter, TargetOutputs, select_rows
+from training.drafters.base import Drafter, HeadRows, TargetOutputs, select_rows
 from vllm_lk.errors import InvalidInput
 
 MIN_HEAD_DIM = 32  # vLLM's CPU attention rejects head_dim 16
@@ -26,9 +26,18 @@ class DraftModelDrafter(Drafter):
         super().__init__()
         self.model = model  # a transformers LlamaForCausalLM
 
-    def forward(self, target: TargetOutputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        logits = self.model(input_ids=target.input_ids, use_cache=False).logits  # [B, T, V]
-        return [select_rows(logits, target, offset=0)]
+    def forward(self, target: TargetOutputs) -> list[tuple[HeadRows, torch.Tensor | HeadRows]]:
+        """One pair: the draft's rows (its final normed states + lm_head; a Llama's logits are
+        exactly lm_head of them) against the target's, row for row."""
+        hidden = self.model.model(input_ids=target.input_ids, use_cache=False).last_hidden_state  # [B, T, H]
+        return [select_rows(hidden, target, offset=0, head=self.model.lm_head)]
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        super().set_activation_checkpointing(enabled)
+        if enabled:  # transformers reruns each decoder layer in backward
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
 
     def export(self, out: Path) -> None:
         self.model.save_pretrained(str(out), safe_serialization=True)

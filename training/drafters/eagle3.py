@@ -33,15 +33,17 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from training.drafters import VLLM_METHODS
-from training.drafters.base import Drafter, TargetOutputs, select_rows
+from training.drafters.base import Drafter, HeadRows, TargetOutputs, select_rows
 from training.vocab import draft_maps, draft_vocab_for
 from vllm_lk.errors import InvalidInput
 
@@ -153,16 +155,17 @@ class Attention(nn.Module):
         x = x.view(b, t, count, self.g.head_dim).transpose(1, 2)
         return x.repeat_interleave(self.g.num_heads // count, dim=1)  # GQA: head i reads kv head i // rep
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """x [B, T, 2H] at ``positions`` [T]; appends this step's (k, v) to ``cache``; -> [B, T, H]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, past: tuple[torch.Tensor, ...]):
+        """x [B, T, 2H] at ``positions`` [T], ``past`` = (k, v) of the earlier TTT steps, flat
+        ([B, h, T, d] each) -> (out [B, T, H], this step's k, v)."""
         g = self.g
         q = rotate(self._heads(self.q_proj(x), g.num_heads), positions, self.inv_freq, self.rope_scale)  # [B, h, T, d]
         k = rotate(self._heads(self.k_proj(x), g.num_kv_heads), positions, self.inv_freq, self.rope_scale)  # [B, h, T, d]
         v = self._heads(self.v_proj(x), g.num_kv_heads)  # [B, h, T, d]
-        cache.append((k, v))
+        cache = [(past[i], past[i + 1]) for i in range(0, len(past), 2)] + [(k, v)]
         out = ttt_attention(q, cache, g.head_dim**-0.5)  # [B, h, T, d]
         b, _, t, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, g.num_heads * g.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, g.num_heads * g.head_dim)), k, v
 
 
 def ttt_mask(t: int, steps: int, device) -> torch.Tensor:  # [T, steps * T] bool, True = attend
@@ -228,13 +231,16 @@ class MidLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(g.hidden_size, g.rms_norm_eps)
         self.mlp = MLP(g)
 
-    def forward(self, embeds, hidden, positions, cache) -> torch.Tensor:
-        """embeds, hidden [B, T, H] -> the pre-norm output [B, T, H] (what vLLM feeds back).
-        input_layernorm normalises the embeddings, hidden_norm the hidden half; the residual is
-        the un-normed hidden state (vLLM's ``_norm_after_residual``)."""
+    def forward(self, embeds, hidden, positions, *past):
+        """embeds, hidden [B, T, H], past = the earlier steps' (k, v) flat -> (the pre-norm
+        output [B, T, H] (what vLLM feeds back), this step's k, v). A pure function of its
+        inputs, so activation checkpointing can rerun it in backward. input_layernorm normalises
+        the embeddings, hidden_norm the hidden half; the residual is the un-normed hidden state
+        (vLLM's ``_norm_after_residual``)."""
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)  # [B, T, 2H]
-        residual = hidden + self.self_attn(x, positions, cache)  # [B, T, H]
-        return residual + self.mlp(self.post_attention_layernorm(residual))
+        attended, k, v = self.self_attn(x, positions, past)
+        residual = hidden + attended  # [B, T, H]
+        return residual + self.mlp(self.post_attention_layernorm(residual)), k, v
 
 
 class Eagle3Drafter(Drafter):
@@ -262,29 +268,38 @@ class Eagle3Drafter(Drafter):
     def draft_ids(self) -> torch.Tensor | None:
         return self.draft_vocab
 
-    def unroll(self, input_ids: torch.Tensor, aux: torch.Tensor) -> list[torch.Tensor]:
+    def unroll_hidden(self, input_ids: torch.Tensor, aux: torch.Tensor) -> list[torch.Tensor]:
         """input_ids [B, T], aux [B, T, 3H] (aux states of row t, ascending layer ids) ->
-        K x [B, T, Vd]: step k's logits at anchor row t (they predict x_{t+k+1}). Rows whose
-        input token x_{t+k} lies past the end read token 0; select_rows never trains them."""
-        b, t = input_ids.shape
+        K x [B, T, H]: what lm_head reads at step k, anchor row t (norm of the step's output; its
+        logits predict x_{t+k+1}). Rows whose input token x_{t+k} lies past the end read token 0;
+        select_rows never trains them."""
+        t = input_ids.shape[1]
         hidden = self.fc(aux)  # [B, T, H] step 1's hidden: g_t
         positions = torch.arange(t, device=input_ids.device)  # [T]
-        cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        logits = []
+        past: tuple[torch.Tensor, ...] = ()  # (k_1, v_1, ..., k_{s-1}, v_{s-1}) of the earlier steps
+        heads = []
         for step in range(1, self.g.num_steps + 1):
             tokens = F.pad(input_ids[:, step:], (0, min(step, t)))  # [B, T] x_{t+step} at row t
             embeds = F.embedding(tokens, self.embed_weight)  # [B, T, H]
             # vLLM advances the position by one per draft step and feeds back the *pre-norm* state
-            hidden = self.midlayer(embeds, hidden, positions + (step - 1), cache)  # [B, T, H] pre-norm
-            logits.append(self.lm_head(self.norm(hidden)))  # [B, T, Vd]
-        return logits
+            run = self.midlayer
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                run = partial(checkpoint, self.midlayer, use_reentrant=False)
+            hidden, k, v = run(embeds, hidden, positions + (step - 1), *past)  # [B, T, H] pre-norm
+            past = (*past, k, v)
+            heads.append(self.norm(hidden))
+        return heads
 
-    def forward(self, target: TargetOutputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """K pairs (step k's logits at anchor rows t, target logits at rows t+k)."""
+    def unroll(self, input_ids: torch.Tensor, aux: torch.Tensor) -> list[torch.Tensor]:
+        """K x [B, T, Vd]: step k's logits at anchor row t (see :meth:`unroll_hidden`)."""
+        return [self.lm_head(h) for h in self.unroll_hidden(input_ids, aux)]
+
+    def forward(self, target: TargetOutputs) -> list[tuple[HeadRows, torch.Tensor | HeadRows]]:
+        """K pairs (step k's rows at anchor rows t, target rows t+k)."""
         aux = torch.cat([target.hidden_states[i] for i in self.g.aux_layers], dim=-1)  # [B, T, 3H]
         assert aux.shape[-1] == 3 * self.g.hidden_size, (aux.shape, self.g.hidden_size)
-        steps = self.unroll(target.input_ids, aux)
-        return [select_rows(logits, target, offset=k) for k, logits in enumerate(steps, start=1)]
+        steps = self.unroll_hidden(target.input_ids, aux)
+        return [select_rows(h, target, offset=k, head=self.lm_head) for k, h in enumerate(steps, start=1)]
 
     def hf_config(self) -> dict:
         """config.json in tests/heads.py::write_eagle3's layout, plus ``ttt_steps`` (vLLM ignores it)."""

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from training.drafters import VLLM_METHODS
-from training.drafters.base import Drafter, TargetOutputs, select_rows
+from training.drafters.base import Drafter, HeadRows, TargetOutputs, select_rows
 from training.vocab import draft_vocab_for
 from vllm_lk.errors import InvalidInput
 
@@ -72,16 +73,23 @@ class MedusaDrafter(Drafter):
     def draft_ids(self) -> torch.Tensor | None:
         return self.draft_vocab
 
-    def head_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:  # [..., H] -> K x [..., Vd]
-        """Every head's logits from the target's final normed hidden states (vLLM's
-        ``Medusa.forward`` then ``compute_logits``)."""
-        return [lm_head(block(hidden)) for block, lm_head in zip(self.blocks, self.lm_heads)]
+    def head_hidden(self, hidden: torch.Tensor) -> list[torch.Tensor]:  # [..., H] -> K x [..., H]
+        """What each head's lm_head reads: its residual block over the target's final normed
+        hidden states (vLLM's ``Medusa.forward``)."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return [checkpoint(block, hidden, use_reentrant=False) for block in self.blocks]
+        return [block(hidden) for block in self.blocks]
 
-    def forward(self, target: TargetOutputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """K pairs (head k's logits at anchor rows t, target logits at rows t+k)."""
+    def head_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:  # [..., H] -> K x [..., Vd]
+        """Every head's logits (``head_hidden``, then vLLM's ``compute_logits``)."""
+        return [lm_head(h) for h, lm_head in zip(self.head_hidden(hidden), self.lm_heads)]
+
+    def forward(self, target: TargetOutputs) -> list[tuple[HeadRows, torch.Tensor | HeadRows]]:
+        """K pairs (head k's rows at anchor rows t, target rows t+k)."""
         hidden = target.hidden_states[self.hidden_layers[0]]  # [B, T, H]
         assert hidden.shape[-1] == self.hidden_size, (hidden.shape, self.hidden_size)
-        return [select_rows(logits, target, offset=k) for k, logits in enumerate(self.head_logits(hidden), start=1)]
+        return [select_rows(h, target, offset=k, head=lm_head)
+                for k, (h, lm_head) in enumerate(zip(self.head_hidden(hidden), self.lm_heads), start=1)]
 
     def hf_config(self) -> dict:
         """config.json as vLLM's ``MedusaConfig`` reads it (keys as tests/heads.py::write_medusa)."""

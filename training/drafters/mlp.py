@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 
 from training.drafters import VLLM_METHODS
-from training.drafters.base import Drafter, TargetOutputs, select_rows
+from training.drafters.base import Drafter, HeadRows, TargetOutputs, select_rows
 from vllm_lk.errors import InvalidInput
 from vllm_lk.heads.mlp_speculator import ARCHITECTURE, MLPSpeculatorCore
 
@@ -60,23 +61,30 @@ class MLPDrafter(Drafter):
     def num_heads(self) -> int:
         return self.speculator.n_predict
 
-    def stage_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """K x [B, T, V]: stage k's logits at every anchor row t, teacher-forced with x_{t+1..t+k}.
-
-        hidden [B, T, emb_dim] (target's final normed state), input_ids [B, T]."""
+    def stage_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """K x [B, T, inner]: what stage k's head reads at every anchor row t, teacher-forced with
+        x_{t+1..t+k}. hidden [B, T, emb_dim] (target's final normed state), input_ids [B, T]."""
         state = self.speculator.initial_state(hidden)  # [B, T, emb_dim]
-        logits = []
+        states = []
         for k in range(1, self.num_heads + 1):
-            state, stage = self.speculator.step(k - 1, state, shift_left(input_ids, k))  # [B, T, inner], [B, T, V]
-            logits.append(stage)
-        return logits
+            tokens = shift_left(input_ids, k)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                state = checkpoint(self.speculator.next_state, k - 1, state, tokens, use_reentrant=False)
+            else:
+                state = self.speculator.next_state(k - 1, state, tokens)  # [B, T, inner]
+            states.append(state)
+        return states
 
-    def forward(self, target: TargetOutputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """K pairs (stage k's logits at anchor rows t, target logits at rows t+k)."""
+    def stage_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """K x [B, T, V]: stage k's logits at every anchor row t (see :meth:`stage_states`)."""
+        return [self.speculator.head[k](s) for k, s in enumerate(self.stage_states(hidden, input_ids))]
+
+    def forward(self, target: TargetOutputs) -> list[tuple[HeadRows, torch.Tensor | HeadRows]]:
+        """K pairs (stage k's rows at anchor rows t, target rows t+k)."""
         hidden = target.hidden_states[self.hidden_layers[0]]  # [B, T, H]
         assert hidden.shape[:2] == target.input_ids.shape, (hidden.shape, target.input_ids.shape)
-        stages = self.stage_logits(hidden, target.input_ids)
-        return [select_rows(logits, target, offset=k) for k, logits in enumerate(stages, start=1)]
+        states = self.stage_states(hidden, target.input_ids)
+        return [select_rows(s, target, offset=k, head=self.speculator.head[k - 1]) for k, s in enumerate(states, start=1)]
 
     def hf_config(self) -> dict:
         """config.json as vLLM's ``MLPSpeculatorConfig`` reads it (keys as

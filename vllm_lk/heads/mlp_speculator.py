@@ -89,10 +89,15 @@ class MLPSpeculatorCore(nn.Module):
     def initial_state(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., emb_dim] -> [..., emb_dim]
         return self.ln0(hidden) / math.sqrt(2) if self.ln0 is not None else hidden
 
+    def next_state(self, stage: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The state [..., inner] ``stage`` computes from state [..., *] and tokens [...]; its
+        ``head`` reads it."""
+        state = self.proj[stage](state) * self.state_weight + self.emb[stage](tokens) * self.emb_weight
+        return nn.functional.gelu(self.ln[stage](state))
+
     def step(self, stage: int, state: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(next state [..., inner], logits [..., V]) of ``stage`` from state [..., *] and tokens [...]."""
-        state = self.proj[stage](state) * self.state_weight + self.emb[stage](tokens) * self.emb_weight
-        state = nn.functional.gelu(self.ln[stage](state))
+        state = self.next_state(stage, state, tokens)
         return state, self.head[stage](state)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
