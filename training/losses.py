@@ -39,9 +39,10 @@ LossKind = Literal["kl", "tv", "lk-hybrid", "lk-alpha"]
 # in cache-friendly sizes (measured: 64 x 32k-token chunks run 2.2x faster than 1024 x 32k).
 CHUNK_ELEMENTS = 2**21
 # With a side given as HeadRows each chunk is also a [rows, H] x [H, V] matmul, which reads the
-# whole head weight once per chunk: chunks of 2^25 elements (256 rows at V = 128k, 128 MiB per
-# fp32 temporary) keep that matmul compute-bound; the temporaries stay a constant, not O(N).
-ROWS_CHUNK_ELEMENTS = 2**25
+# whole head weight once per chunk: at least 256 rows a chunk keep it compute-bound (measured on
+# AMX bf16: 1 GB of a 128k lm_head read per chunk vs ~270 GFLOP), and a fixed row count keeps the
+# [rows, V] temporaries a constant (128 MiB each in fp32 at V = 128k), whatever N and V.
+MIN_ROWS_PER_CHUNK = 256
 ALPHA_FLOOR = 1e-6  # -log alpha and its 1/alpha gradient are clamped here (alpha = 0 only for disjoint supports)
 
 
@@ -183,7 +184,7 @@ def draft_loss(
     draft_ids: torch.Tensor | None = None,  # [Vd] target id of each draft id (truncated vocab)
     eta: float = 3.0,
     lambda_per_token: bool = False,
-    chunk_size: int | None = None,  # tokens per chunk; default from CHUNK_ELEMENTS / ROWS_CHUNK_ELEMENTS
+    chunk_size: int | None = None,  # tokens per chunk; default CHUNK_ELEMENTS // V (>= MIN_ROWS_PER_CHUNK with HeadRows)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (scalar loss, [N] alpha, [N] KL), no grad on the last two
     """One head's loss, mean over tokens. See the module docstring for the formulas."""
     draft_x, draft_w, draft_b, draft_dtype = _parts(draft_logits)
@@ -191,8 +192,9 @@ def draft_loss(
     draft_shape = tuple(draft_logits.shape)
     target_shape = tuple(target_logits.shape)
     if chunk_size is None:
-        elements = ROWS_CHUNK_ELEMENTS if draft_w is not None or target_w is not None else CHUNK_ELEMENTS
-        chunk_size = max(1, elements // target_shape[1])
+        chunk_size = max(1, CHUNK_ELEMENTS // target_shape[1])
+        if draft_w is not None or target_w is not None:
+            chunk_size = max(chunk_size, MIN_ROWS_PER_CHUNK)
     assert len(draft_shape) == 2 and len(target_shape) == 2 and draft_shape[0] == target_shape[0], (draft_shape, target_shape)
     if draft_ids is None:
         assert draft_shape[1] == target_shape[1], (draft_shape, target_shape)

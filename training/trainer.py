@@ -236,6 +236,7 @@ def _train(config: TrainConfig, ctx, device, run_dir: Path, target_dir: Path, da
         sources = {"target": str(target_dir.resolve()), "data": str(data_path.resolve())}
         write_text_atomic(run_dir / RUN_FILE, json.dumps(sources, indent=2) + "\n")
     log = MetricsLog(run_dir, ctx.main)
+    precision = autocast_dtype(config.precision, device)
     cache = None
     if config.cache_target:
         weights = sorted(target_dir.glob("*.safetensors"))
@@ -243,8 +244,7 @@ def _train(config: TrainConfig, ctx, device, run_dir: Path, target_dir: Path, da
             "data_sha256": file_sha256(data_path), "seq_len": config.seq_len, "seed": config.seed, "eval_sequences": config.eval_sequences,
             "target": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in weights],
         }
-        cache = TargetCache(run_dir / f"target-cache-rank{ctx.rank}", target_model, drafter.hidden_layers, key)
-    precision = autocast_dtype(config.precision, device)
+        cache = TargetCache(run_dir / f"target-cache-rank{ctx.rank}", target_model, drafter.hidden_layers, key, precision)
     progress = tqdm(total=config.steps, initial=step, desc=f"train {config.drafter}/{config.loss}", unit="step", disable=not ctx.main)
     last_good = step
     timing = {"tokens": 0, "seconds": 0.0}

@@ -203,3 +203,21 @@ def test_chunked_draft_logits_and_activation_checkpointing_take_the_same_steps(t
         got = final_state(tmp_path / name)
         worst = max(float((want[k] - got[k]).abs().max()) for k in want)
         assert worst < 1e-5, (name, worst)
+
+
+def test_a_bf16_target_caches_bf16_entries_and_trains_like_the_online_one(tiny_target, tiny_train_data, tmp_path):
+    """A bf16 target's cache holds bf16 tensors (half of fp32: the values it computed, exactly) and
+    the run under bf16 autocast trains the weights the online run trains (atol 1e-6)."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(tiny_train_data.read_text().splitlines(keepends=True)[:12]))
+    config = TrainConfig(**{**QUICK, "drafter": "eagle3", "num_heads": 2, "steps": 4, "checkpoint_every": 4,
+                            "target_dtype": "bf16", "precision": "bf16"})
+    trainer.train(config, tiny_target, data, tmp_path / "online")
+    trainer.train(config.model_copy(update={"cache_target": True}), tiny_target, data, tmp_path / "cached")
+    entry = load_file(str(next((tmp_path / "cached" / "target-cache-rank0").glob("*.safetensors"))))
+    assert entry and all(t.dtype == torch.bfloat16 for t in entry.values()), {k: t.dtype for k, t in entry.items()}
+    online, cached = final_state(tmp_path / "online"), final_state(tmp_path / "cached")
+    for name in online:
+        assert torch.allclose(online[name], cached[name], atol=1e-6, rtol=0), name

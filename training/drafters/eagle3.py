@@ -258,7 +258,8 @@ class Eagle3Drafter(Drafter):
         self.norm = RMSNorm(h, g.rms_norm_eps)
         vd = g.vocab_size if draft_vocab is None else draft_vocab.shape[0]
         self.lm_head = nn.Linear(h, vd, bias=False)
-        # the target's token embeddings: shared in serving, so a frozen reference, not a parameter
+        # the target's token embeddings (its tensor, in its dtype): shared in serving, so a frozen
+        # reference, not a parameter
         self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)  # [V, H]
         self.register_buffer("draft_vocab", draft_vocab, persistent=True)  # [Vd] target ids, or None
         # constant on every rank: DDP need not broadcast a [V, H] buffer each step
@@ -280,7 +281,9 @@ class Eagle3Drafter(Drafter):
         heads = []
         for step in range(1, self.g.num_steps + 1):
             tokens = F.pad(input_ids[:, step:], (0, min(step, t)))  # [B, T] x_{t+step} at row t
-            embeds = F.embedding(tokens, self.embed_weight)  # [B, T, H]
+            # the target's rows in the drafter's dtype (bf16 -> fp32 is exact: an fp32 copy of a
+            # bf16 table would hold the same values in 2 more GB at V = 128k, H = 4096)
+            embeds = F.embedding(tokens, self.embed_weight).to(self.fc.weight.dtype)  # [B, T, H]
             # vLLM advances the position by one per draft step and feeds back the *pre-norm* state
             run = self.midlayer
             if self.activation_checkpointing and torch.is_grad_enabled():
@@ -358,7 +361,7 @@ def build(target_model, config, token_counts: torch.Tensor | None = None) -> Eag
         vocab_size=vocab, rms_norm_eps=float(tc.rms_norm_eps), rope=rope,
         max_position_embeddings=tc.max_position_embeddings, aux_layers=aux, num_steps=config.num_heads,
     )
-    drafter = Eagle3Drafter(g, target_model.get_input_embeddings().weight.float(), draft_vocab)
+    drafter = Eagle3Drafter(g, target_model.get_input_embeddings().weight, draft_vocab)
     std = getattr(tc, "initializer_range", 0.02)
     lm_head = target_model.get_output_embeddings().weight.detach().float()  # [V, H]
     with torch.no_grad():
@@ -395,7 +398,7 @@ def load(path: str | Path, target_model) -> Eagle3Drafter:
         aux_layers=check_aux_layers(eagle.get("eagle_aux_hidden_state_layer_ids") or default_aux_layers(num_layers), num_layers),
         num_steps=int(hf.get("ttt_steps", 3)),
     )
-    drafter = Eagle3Drafter(g, target_model.get_input_embeddings().weight.float(), draft_vocab)
+    drafter = Eagle3Drafter(g, target_model.get_input_embeddings().weight, draft_vocab)
     missing, unexpected = drafter.load_state_dict(tensors, strict=False)
     missing = [m for m in missing if m != "draft_vocab"]
     if missing or unexpected:
