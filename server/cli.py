@@ -151,8 +151,11 @@ def _populate_serve(serve: argparse.ArgumentParser) -> None:
         "Precedence: defaults < --config FILE.yaml (keys: the fields of server.config.ServerConfig) < flags. "
         "Arguments after `--` are vLLM engine arguments (e.g. --max-model-len, --tensor-parallel-size).")
     serve.add_argument("--config", type=Path, default=None, help="YAML file of ServerConfig fields")
-    serve.add_argument("--target", type=Path, default=None, help="HF model directory (default: the toy target)")
-    serve.add_argument("--drafter", type=Path, default=None, help="drafter directory (default: the default LK drafter)")
+    serve.add_argument("--target", type=Path, default=None,
+                       help="HF model directory, or a Hugging Face id ORG/NAME[@REVISION] in the local HF cache "
+                       "(default: the toy target)")
+    serve.add_argument("--drafter", type=Path, default=None,
+                       help="drafter directory or Hugging Face id in the local HF cache (default: the default LK drafter)")
     serve.add_argument("--no-default-drafter", action="store_true", help="without --drafter, serve without speculation")
     serve.add_argument("--method", default=None, help="vLLM speculative method (default: from the drafter's LK metadata)")
     serve.add_argument("--num-speculative-tokens", dest="num_speculative_tokens", type=int, default=None,
@@ -166,7 +169,7 @@ def _populate_serve(serve: argparse.ArgumentParser) -> None:
     keys.add_argument("--api-key", dest="api_key", default=None, help="require 'Authorization: Bearer KEY'")
     keys.add_argument("--api-key-file", dest="api_key_file", type=Path, default=None, help="file holding the API key")
     serve.add_argument("--served-model-name", dest="served_model_name", default=None,
-                       help="model id clients send (default: the target's directory name)")
+                       help="model id clients send (default: the target's Hugging Face id, else its directory name)")
     serve.add_argument("--max-queue", dest="max_queue", type=int, default=None,
                        help="requests admitted at once; more get 429 (default: 256)")
     serve.add_argument("--drain-timeout-s", dest="drain_timeout_s", type=float, default=None,

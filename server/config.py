@@ -21,9 +21,11 @@ class ServerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    target: Path | None = Field(None, description="HF directory of the target model (None: the embedded toy target)")
+    target: Path | None = Field(None, description="HF directory of the target model, or a Hugging Face id ORG/NAME[@REVISION] "
+                                 "found in the local HF cache (None: the embedded toy target)")
     drafter: Path | None = Field(
-        None, description="drafter directory (an export of `vllm-lk train` or any vLLM draft); None: no speculation, "
+        None, description="drafter directory (an export of `vllm-lk train` or any vLLM draft) or its Hugging Face id in "
+        "the local HF cache; None: no speculation, "
         "or the default LK drafter when the CLI resolves defaults")
     method: str | None = Field(
         None, description="vLLM speculative method (draft_model, eagle, eagle3, medusa, mlp_speculator); "
@@ -41,7 +43,8 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     api_key: str | None = Field(None, description="Bearer key clients must send (None: no authentication)")
     api_key_file: Path | None = Field(None, description="file whose first line is the API key (instead of --api-key)")
-    served_model_name: str | None = Field(None, description="model id clients send (default: the target's directory name)")
+    served_model_name: str | None = Field(
+        None, description="model id clients send (default: the target's Hugging Face id when given as one, else its directory name)")
     open_metrics: bool = Field(True, description="serve /metrics and /dashboard without the API key")
     max_queue: int = Field(
         256, ge=1, description="most requests admitted at once (running + waiting in the engine); "

@@ -15,14 +15,30 @@ from pathlib import Path
 
 from server.config import ServerConfig
 from vllm_lk.errors import MissingInput
+from vllm_lk.hub import resolve_model, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_defaults(config: ServerConfig) -> ServerConfig:
-    """Fill in target and drafter (building the embedded defaults if needed)."""
+def _resolve_given(config: ServerConfig) -> dict:
+    """Local directories for a target and drafter given as directories or Hugging Face ids (found in
+    the local HF cache: vLLM is handed the snapshot directory and never goes online). A target
+    given by id is served under that id, as `vllm serve ID` would, not its snapshot's commit hash."""
     updates: dict = {}
-    target = config.target
+    if config.target is not None:
+        source = resolve_model(config.target, kind="target")
+        updates["target"] = source.path
+        if source.repo_id and not config.served_model_name:
+            updates["served_model_name"] = source.repo_id
+    if config.drafter is not None:
+        updates["drafter"] = resolve_model_path(config.drafter, kind="drafter")
+    return updates
+
+
+def resolve_defaults(config: ServerConfig) -> ServerConfig:
+    """Fill in target and drafter (resolving Hugging Face ids, building the embedded defaults if needed)."""
+    updates = _resolve_given(config)
+    target = updates.get("target", config.target)
     if target is None:
         from training.toy.target import SERVED_NAME, ToyTargetConfig, build_toy_target
 

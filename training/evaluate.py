@@ -46,6 +46,7 @@ from pydantic import Field
 from training.generate import EngineFields, make_llm, prepare_prompts, record_seed, resolve_target
 from training.prompts import record_id
 from vllm_lk.errors import InvalidInput
+from vllm_lk.hub import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ AT_STEPS = ("predicted acceptance at k = mean over the served verification steps
 class EvalConfig(EngineFields):
     """`vllm-lk eval`: one served measurement and its offline prediction."""
 
-    target: Path | None = Field(None, description="HF target directory (default: the toy target, built if missing)")
-    drafter: Path | None = Field(None, description="exported drafter directory (required)")
+    target: Path | None = Field(None, description="HF target directory, or a Hugging Face id ORG/NAME[@REVISION] in the "
+                                "local HF cache (default: the toy target, built if missing)")
+    drafter: Path | None = Field(None, description="exported drafter directory, or its Hugging Face id in the local HF cache "
+                                 "(required)")
     method: Literal["eagle3", "medusa", "mlp_speculator", "draft_model"] | None = Field(
         None, description="vLLM speculative method (default: from the drafter's config.json architecture)"
     )
@@ -299,9 +302,10 @@ def evaluate_pair(config: EvalConfig) -> dict:
     engine starts. Returns a JSON-ready dict: "served", "offline", the resolved config.
     """
     if config.drafter is None:
-        raise InvalidInput("--drafter is required (an exported drafter directory)")
+        raise InvalidInput("--drafter is required (an exported drafter directory or Hugging Face id)")
     target = resolve_target(config.target)
-    config = config.model_copy(update={"target": target, "drafter": Path(config.drafter).resolve()})
+    drafter = resolve_model_path(config.drafter, kind="drafter").resolve()
+    config = config.model_copy(update={"target": target, "drafter": drafter})
     method, kind = vllm_method(config)
     records, token_ids = prepare_prompts(config.prompts, target, config, config.max_tokens)
 

@@ -32,6 +32,7 @@ from training.config import FrozenConfig
 from training.data import DataError, Record
 from training.prompts import load_prompts, record_id
 from vllm_lk.errors import InvalidInput, MissingInput
+from vllm_lk.hub import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class EngineFields(FrozenConfig):
 class GenerateConfig(EngineFields):
     """`vllm-lk generate`: what to regenerate and how to sample it."""
 
-    target: Path | None = Field(None, description="HF target directory (default: the toy target, built if missing)")
+    target: Path | None = Field(None, description="HF target directory, or a Hugging Face id ORG/NAME[@REVISION] in the "
+                                "local HF cache (default: the toy target, built if missing)")
     prompts: str = Field(
         "builtin:code:train:200",
         description="JSONL file of {prompt}/{messages} records, or builtin:KIND:SPLIT:COUNT[:SEED] with KIND "
@@ -179,11 +181,14 @@ def record_seed(seed: int, rid) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{rid!r}".encode()).digest()[:4], "little")
 
 
-def resolve_target(target: Path | None) -> Path:
+def resolve_target(target: str | Path | None) -> Path:
+    """The target's directory: the toy target for None (built if missing), a Hugging Face id found
+    in the local HF cache (vllm_lk.hub), or the directory given."""
     if target is None:
         from training.toy.target import ToyTargetConfig, build_toy_target
 
         target = Path(build_toy_target(ToyTargetConfig())["path"])
+    target = resolve_model_path(target, kind="target")
     if not (Path(target) / "config.json").is_file():
         raise MissingInput(f"{target}: not a HF model directory (no config.json)")
     return Path(target).resolve()

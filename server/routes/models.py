@@ -30,7 +30,8 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[model_card(server_state(request))])
 
 
-@router.get("/v1/models/{model}", response_model=ModelCard, responses=ERROR_RESPONSES, summary="Describe a model")
+# `:path`: an id given as a Hugging Face id (ORG/NAME, the default for a target given by id) holds a slash
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES, summary="Describe a model")
 async def get_model(model: str, request: Request) -> ModelCard:
     state = server_state(request)
     if model != state.model_name:

@@ -44,7 +44,8 @@ SetKind = Literal["code", "docstring"]
 class ReproduceConfig(EngineFields):
     """Everything `vllm-lk bench reproduce` varies; saved with the results."""
 
-    target: Path | None = Field(None, description="HF target directory (default: the toy target, built if missing)")
+    target: Path | None = Field(None, description="HF target directory, or a Hugging Face id ORG/NAME[@REVISION] in the "
+                                "local HF cache (default: the toy target, built if missing)")
     drafters: list[DrafterKind] = Field(["eagle3", "medusa", "mlp", "draft-model"], min_length=1, description="drafter kinds to train")
     losses: list[Loss] = Field(["kl", "tv", "lk-hybrid", "lk-alpha"], min_length=1, description="losses (gains are reported over kl when present)")
     seeds: list[int] = Field([0], min_length=1, description="training seeds (each drafter x loss trains once per seed)")

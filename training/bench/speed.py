@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 class SpeedConfig(FrozenConfig):
-    target: Path | None = Field(None, description="HF target directory (default: the toy target, built if missing)")
+    target: Path | None = Field(None, description="HF target directory, or a Hugging Face id ORG/NAME[@REVISION] in the "
+                                "local HF cache (default: the toy target, built if missing)")
     drafters: list[DrafterKind] = Field(["mlp", "eagle3", "medusa", "draft-model"], description="drafter architectures to measure (each built with the default drafter's recipe)")
     drafter_dirs: dict[str, Path] = Field(default_factory=dict, description="drafter directories to use instead of building (kind -> exported drafter); a key KIND:LABEL adds another drafter of that kind, measured beside the others (e.g. two builds compared in one run)")
     num_heads: int = Field(5, ge=1, description="heads / stages / TTT steps the drafters are trained with (the largest K served)")
