@@ -10,7 +10,7 @@ hash, target identity and dtype, autocast, hidden layers, seq_len) and a mismatc
 cache. The target runs as the online path runs it (same autocast), and batches read back land on
 the training device.
 
-Cost: H x (layers + 1) x (2 or 4) bytes per token, e.g. 48 KiB per token for three 4096-wide
+Cost: H x (layers + 1) x (2 or 4) bytes per token, e.g. 32 KiB per token for three 4096-wide
 aux states and the final state of a bf16 Llama-3.1-8B (a [V] fp32 logit row would be 501 KiB);
 targets whose logits are not a plain lm_head cache their logits instead, (V + H x layers) x 4
 bytes. The cache pays off when the target forward costs more than reading that back.
