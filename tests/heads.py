@@ -114,21 +114,27 @@ def _save(out: Path, config: dict, tensors: dict) -> Path:
     return out
 
 
-def write_mlp_speculator(target_dir: Path, out: Path, n_predict: int, tie_weights: bool = False, seed: int = 0) -> Path:
+def write_mlp_speculator(
+    target_dir: Path, out: Path, n_predict: int, tie_weights: bool = False, seed: int = 0, prefix: str = "speculator.",
+    vocab_size: int | None = None,
+) -> Path:
     """An MLP speculator (MLPSpeculatorPreTrainedModel, IBM fms-extras layout) with inner_dim =
-    emb_dim = the target's hidden size; heads start from the target's lm_head."""
+    emb_dim = the target's hidden size; heads start from the target's lm_head. ``prefix=""``:
+    the names of fms's own MLPSpeculator state dict; ``vocab_size``: a speculator for another
+    vocabulary (random heads)."""
     config, weights = _target(target_dir)
     gen = torch.Generator().manual_seed(seed)
-    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    hidden, vocab = config["hidden_size"], vocab_size or config["vocab_size"]
     stages = 1 if tie_weights else n_predict
+    head = weights["lm_head.weight"] if vocab == config["vocab_size"] else torch.randn(vocab, hidden, generator=gen) * 0.02
     tensors = {}
     for i in range(stages):
-        tensors[f"speculator.emb.{i}.weight"] = torch.randn(vocab, hidden, generator=gen) * 0.5
-        tensors[f"speculator.ln.{i}.weight"] = torch.ones(hidden)
-        tensors[f"speculator.ln.{i}.bias"] = torch.zeros(hidden)
-        tensors[f"speculator.head.{i}.weight"] = weights["lm_head.weight"].clone()
+        tensors[f"{prefix}emb.{i}.weight"] = torch.randn(vocab, hidden, generator=gen) * 0.5
+        tensors[f"{prefix}ln.{i}.weight"] = torch.ones(hidden)
+        tensors[f"{prefix}ln.{i}.bias"] = torch.zeros(hidden)
+        tensors[f"{prefix}head.{i}.weight"] = head.clone()
     for i in range(2 if tie_weights else n_predict):
-        tensors[f"speculator.proj.{i}.weight"] = torch.randn(hidden, hidden, generator=gen) / hidden**0.5
+        tensors[f"{prefix}proj.{i}.weight"] = torch.randn(hidden, hidden, generator=gen) / hidden**0.5
     head_config = {
         "architectures": ["MLPSpeculatorPreTrainedModel"],
         "model_type": "mlp_speculator",
@@ -192,4 +198,128 @@ def write_rope_scaled_target(target_dir: Path, out: Path, rope_parameters: dict)
     config, _ = _target(target_dir)
     shutil.copytree(target_dir, out)
     (out / "config.json").write_text(json.dumps(dict(config, rope_parameters=rope_parameters), indent=2))
+    return out
+
+
+# ---- heads as other tools write them (public names and config fields, no code of ours) ----
+
+EAGLE3_FLAVOURS = ("specforge", "eagle", "speculators")
+
+
+def write_eagle3_public(
+    target_dir: Path, out: Path, flavour: str, draft_vocab_ids: list[int] | None = None,
+    aux_layer_ids: list[int] | None = None, seed: int = 0, sizes: dict | None = None,
+) -> Path:
+    """An EAGLE-3 head as another tool saves it, random weights from a seed:
+
+    - "specforge": SpecForge's ``save_pretrained`` (its configs/llama3-70B-ealge3.json keys: flat
+      Llama config, architectures LlamaForCausalLMEagle3, legacy rope_theta / rope_scaling,
+      draft_vocab_size, no aux ids); bf16 model.safetensors with fc, midlayer.*, norm, lm_head,
+      d2t, t2d (identity maps when untruncated) and no embed_tokens ("embed" is filtered out);
+    - "eagle": the EAGLE authors' training output (eagle/traineagle3/config.json: architectures
+      LlamaForCausalLM, draft_vocab_size), fp16 pytorch_model.bin that also holds the frozen
+      copy of the target's embed_tokens.weight;
+    - "speculators": vllm-project/speculators 0.9's Eagle3SpeculatorConfig (speculators_model_type,
+      Eagle3Speculator, transformer_layer_config, speculators_config), bf16, layers.0.* names.
+
+    ``sizes`` overrides the target's hidden_size / intermediate_size / vocab_size: a head made for
+    another target (random lm_head)."""
+    assert flavour in EAGLE3_FLAVOURS, flavour
+    target, weights = _target(target_dir)
+    config = dict(target, **(sizes or {}))
+    rand = _seeded_normal(seed)
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    ids = torch.arange(vocab) if draft_vocab_ids is None else torch.tensor(sorted(draft_vocab_ids))
+    lm_head = weights["lm_head.weight"] * 3 if not sizes else rand(vocab, hidden) * 50
+    layer = "layers.0" if flavour == "speculators" else "midlayer"
+    tensors = {
+        "fc.weight": rand(hidden, 3 * hidden),
+        f"{layer}.input_layernorm.weight": 1 + rand(hidden),
+        f"{layer}.hidden_norm.weight": 1 + rand(hidden),
+        **_decoder_layer(layer, config, rand, attn_input=2 * hidden),
+        "norm.weight": 1 + rand(hidden),
+        "lm_head.weight": lm_head[ids].clone(),
+    }
+    if flavour != "speculators" or draft_vocab_ids is not None:
+        tensors["d2t"] = ids - torch.arange(len(ids))  # target id = draft id + d2t[draft id]
+        tensors["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill_(0, ids, True)
+    if flavour == "eagle":
+        tensors["embed_tokens.weight"] = weights["model.embed_tokens.weight"].clone()
+    dtype = torch.float16 if flavour == "eagle" else torch.bfloat16
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    llama = {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                                   "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "vocab_size")}
+    theta = config["rope_parameters"]["rope_theta"]
+    if flavour == "speculators":
+        head_config = _speculators_eagle3_config(target_dir, llama, len(ids), aux_layer_ids)
+    else:
+        head_config = _flat_eagle3_config(flavour, llama, theta, len(ids))
+    if flavour != "eagle":
+        return _save(out, head_config, tensors)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(head_config, indent=2))
+    torch.save(tensors, out / "pytorch_model.bin")
+    return out
+
+
+def _flat_eagle3_config(flavour: str, llama: dict, theta: float, draft_vocab: int) -> dict:
+    """SpecForge's / the EAGLE authors' config.json: a transformers-4 LlamaConfig plus draft_vocab_size."""
+    return {
+        "architectures": ["LlamaForCausalLMEagle3" if flavour == "specforge" else "LlamaForCausalLM"],
+        "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "initializer_range": 0.02, "model_type": "llama",
+        **llama, "num_hidden_layers": 1, "rope_scaling": None, "rope_theta": theta, "tie_word_embeddings": False,
+        "torch_dtype": "float16" if flavour == "eagle" else "bfloat16", "transformers_version": "4.28.1",
+        "use_cache": True, "draft_vocab_size": draft_vocab,
+    }
+
+
+def _speculators_eagle3_config(target_dir: Path, llama: dict, draft_vocab: int, aux_layer_ids) -> dict:
+    target, _ = _target(target_dir)
+    return {
+        "speculators_model_type": "eagle3",
+        "architectures": ["Eagle3Speculator"],
+        "transformer_layer_config": {"model_type": "llama", **llama, "num_hidden_layers": 1,
+                                     "rope_parameters": target["rope_parameters"], "tie_word_embeddings": False},
+        "draft_vocab_size": draft_vocab,
+        "norm_before_residual": False,
+        "norm_before_fc": False,
+        "fc_norm": False,
+        "norm_output": False,
+        "target_hidden_size": None,
+        "eagle_aux_hidden_state_layer_ids": aux_layer_ids,
+        "embed_requires_grad": False,
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3, "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": str(target_dir), "architectures": target["architectures"]},
+        },
+        "speculators_version": "0.9.0",
+        "transformers_version": "5.19.0",
+        "torch_dtype": "bfloat16",
+    }
+
+
+def write_medusa_original(target_dir: Path, out: Path, num_heads: int, num_layers: int = 1, seed: int = 0,
+                          hidden_size: int | None = None) -> Path:
+    """MEDUSA heads as the MEDUSA authors' train.py saves them: their MedusaConfig
+    (medusa_num_heads, medusa_num_layers, base_model_name_or_path) and ``medusa_lm_head.pt`` =
+    ``medusa_head.state_dict()``: ``{i}.{j}.linear.weight`` / ``.bias`` (ResBlock j of head i) and
+    ``{i}.{L}.weight`` (head i's Linear(H, V)). ``hidden_size``: heads for another target."""
+    config, weights = _target(target_dir)
+    gen = torch.Generator().manual_seed(seed)
+    hidden = hidden_size or config["hidden_size"]
+    lm_head = weights["lm_head.weight"] if hidden_size is None else torch.randn(config["vocab_size"], hidden, generator=gen)
+    state = {}
+    for i in range(num_heads):
+        for j in range(num_layers):
+            state[f"{i}.{j}.linear.weight"] = torch.randn(hidden, hidden, generator=gen) * 0.3
+            state[f"{i}.{j}.linear.bias"] = torch.randn(hidden, generator=gen) * 0.1
+        state[f"{i}.{num_layers}.weight"] = lm_head.clone()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    head_config = {"medusa_num_heads": num_heads, "medusa_num_layers": num_layers,
+                   "base_model_name_or_path": str(target_dir), "transformers_version": "4.33.3"}
+    (out / "config.json").write_text(json.dumps(head_config, indent=2))
+    torch.save(state, out / "medusa_lm_head.pt")
     return out

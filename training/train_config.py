@@ -62,6 +62,14 @@ class TrainConfig(FrozenConfig):
         "(fms-extras tie_weights, the layout of IBM's Llama-3 speculators: ~K times fewer parameters)",
     )
     medusa_num_layers: int = Field(1, ge=1, description="MEDUSA: residual blocks per head")
+    init_from: str | None = Field(
+        None, description="start the drafter from this checkpoint directory: an export of ours or a public layout "
+        "(EAGLE-3 original/SpecForge/EAGLE or speculators, MEDUSA vLLM or FasterDecoding, IBM fms-extras MLP "
+        "speculator, a causal LM as draft model; see training.formats). Its architecture wins: fields left unset "
+        "take its values, contradicting ones are refused. A resumed run takes its weights from its own checkpoint")
+    export_format: Literal["original", "speculators"] = Field(
+        "original", description="EAGLE-3 export layout: original (LlamaForCausalLMEagle3, midlayer.*; loaded by vLLM, "
+        "SGLang, SpecForge, EAGLE) or speculators (Eagle3Speculator; loaded by vLLM and vllm-project/speculators)")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -71,6 +79,9 @@ class TrainConfig(FrozenConfig):
             raise ValueError(f"draft_vocab_size applies to eagle3 and medusa drafters, not {self.drafter}")
         if self.aux_layers is not None and len(self.aux_layers) != 3:
             raise ValueError("aux_layers must name exactly three target layers")
+        # with init_from the drafter is the checkpoint's, known once it is read (training.formats.resolve_init_from)
+        if self.export_format == "speculators" and self.drafter != "eagle3" and self.init_from is None:
+            raise ValueError(f"export_format speculators applies to eagle3 drafters, not {self.drafter}")
         return self
 
     def resolved_eta(self) -> float:

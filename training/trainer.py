@@ -33,6 +33,7 @@ from training.drafters import build_drafter
 from training.drafters.base import TargetOutputs, as_logits
 from training.evaluate import predict
 from training.export import export_drafter, file_sha256
+from training.formats import load_for_training, resolve_init_from
 from training.losses import multi_head_loss
 from training.parallel import (
     all_reduce,
@@ -56,7 +57,10 @@ logger = logging.getLogger(__name__)
 # checkpoint (more steps continue the same schedule only if steps is unchanged; see _check_resume).
 RUN_FILE = "run.json"  # where the target and data of a run live, for `vllm-lk export`
 RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "grad_accum", "materialise_target_logits",
-                     "materialise_draft_logits", "activation_checkpointing"}
+                     "materialise_draft_logits", "activation_checkpointing",
+                     # a resumed run's weights are its checkpoint's, never init_from's (which then gives
+                     # only the architecture: a moved copy of the same checkpoint resumes the same run)
+                     "init_from"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -199,12 +203,16 @@ def _prepare(config: TrainConfig, target_dir: Path, data_path: Path, device):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     counts = token_frequencies((e.token_ids[e.response_start :] for e in train_set), vocab_size)
     torch.manual_seed(config.seed)
-    drafter = build_drafter(config, target_model, counts).to(device)
+    if config.init_from is not None:  # its architecture and weights, checked against the target
+        drafter = load_for_training(config, target_model).to(device)
+    else:
+        drafter = build_drafter(config, target_model, counts).to(device)
     return target_model, drafter, train_set, eval_set, pad_id
 
 
 def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, out: str | Path, *, resume: bool = False, device: str = "cpu") -> dict:
     """Train, checkpoint, export; returns the result record (also written to ``out/result.json``)."""
+    config = resolve_init_from(config)  # the checkpoint's architecture, before anything is saved or compared
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank

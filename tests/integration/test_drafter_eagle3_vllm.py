@@ -4,7 +4,10 @@ The head is trained for a few dozen steps on sequences sampled from the tiny tar
 and served with ``method="eagle3"``, K = 3, T = 1, a truncated draft vocabulary; once for the
 target with full multi-head attention, for a grouped-query copy (the head's own attention then
 has fewer key/value heads than query heads, as for Llama-3 targets) and for targets with
-Llama-3.1's and YaRN's scaled rotary embeddings (the head's rope is the target's). Two checks:
+Llama-3.1's and YaRN's scaled rotary embeddings (the head's rope is the target's); each export in
+both layouts vLLM 0.32 loads: the original one (``LlamaForCausalLMEagle3``, ``midlayer.*``) and
+the speculators one (``Eagle3Speculator``, nested ``transformer_layer_config``, ``layers.0.*``,
+read through vLLM's ``SpeculatorsConfig``). Two checks:
 
 1. The draft logits vLLM computes (recorded from ``Eagle3LlamaForCausalLM.compute_logits``) equal
    ``Eagle3Drafter.unroll`` on the generated sequence, at every step k whose inputs training
@@ -89,8 +92,8 @@ def target_dir(request, tiny_target, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_head(target_dir, tmp_path_factory):
-    """(target model, drafter, export dir): 60 AdamW steps of LK-hybrid on 64 sampled sequences."""
+def trained_head(target_dir):
+    """(target model, drafter): 60 AdamW steps of LK-hybrid on 64 sampled sequences."""
     from training.drafters import eagle3
     from training.losses import multi_head_loss
     from training.target import load_target, run_target
@@ -115,15 +118,24 @@ def trained_head(target_dir, tmp_path_factory):
         optimizer.step()
     logger.info("sampled and trained %d steps in %.0f s: alpha per step %s", TRAIN_STEPS, time.perf_counter() - start, alphas)
     assert drafter.g.num_kv_heads == model.config.num_key_value_heads
-    out = tmp_path_factory.mktemp("models") / "eagle3-trained"
-    drafter.export(out)
-    return model, drafter.eval(), out
+    return model, drafter.eval()
+
+
+@pytest.fixture(scope="module", params=["original", "speculators"])
+def exported(request, trained_head, target_dir, tmp_path_factory) -> Path:
+    """The trained head written in each export format (training.formats.write, as `vllm-lk train
+    --export-format` does)."""
+    from training.formats import write
+
+    out = tmp_path_factory.mktemp("models") / f"eagle3-{request.param}"
+    write(trained_head[1], out, request.param, target_dir)
+    return out
 
 
 @pytest.fixture(scope="module")
-def served(trained_head, target_dir, tmp_path_factory, clean_env):
+def served(exported, target_dir, tmp_path_factory, clean_env):
     """What the child process recorded (see ``serve``)."""
-    _, _, head = trained_head
+    head = exported
     result = tmp_path_factory.mktemp("served") / "served.pt"
     env = dict(clean_env, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     start = time.perf_counter()
@@ -170,7 +182,7 @@ def comparable_steps(request, length):
 
 
 def test_served_draft_logits_equal_the_trained_module(trained_head, served):
-    model, drafter, _ = trained_head
+    model, drafter = trained_head
     compared = [0] * K
     worst = [0.0] * K
     for request in served["logit_requests"]:
@@ -193,7 +205,7 @@ def test_served_draft_logits_equal_the_trained_module(trained_head, served):
 def test_served_acceptance_per_position_matches_offline_alpha(trained_head, served):
     from training.losses import draft_loss
 
-    model, drafter, _ = trained_head
+    model, drafter = trained_head
     verified, accepted_k, expected, variance = [0] * K, [0] * K, [0.0] * K, [0.0] * K
     for request in served["acceptance_requests"]:
         steps, target_logits = offline(model, drafter, request["prompt_ids"], request["output_ids"])

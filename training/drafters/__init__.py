@@ -4,16 +4,16 @@
         a fresh drafter for ``target_model`` (deterministic under the caller's torch seed;
         ``token_counts`` [V] are training-data token frequencies, for truncated vocabularies)
     load(path, target_model) -> Drafter
-        the drafter an ``export`` wrote to ``path`` (its forward equals the exported one's)
+        the drafter an ``export`` wrote to ``path`` (its forward equals the exported one's); the
+        readers of every layout, ours and public, live in ``training.formats``
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
-from vllm_lk.errors import InvalidInput, MissingInput
+from vllm_lk.errors import InvalidInput
 
 # The one table of drafter kinds: kind (`--drafter`) -> (module here, the config.json
 # "architectures" entry of its export, the vLLM speculative method that serves it).
@@ -39,16 +39,13 @@ def build_drafter(config, target_model, token_counts=None):
 
 
 def exported_kind(path: str | Path) -> str:
-    """The drafter kind of an exported directory (from its config.json architecture)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise MissingInput(f"{path}: not an exported drafter (no config.json)")
-    architectures = json.loads(config_file.read_text()).get("architectures") or []
-    for name in architectures:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    raise InvalidInput(f"{config_file}: architectures {architectures} is none of {', '.join(ARCHITECTURES)}")
+    """The drafter kind of a checkpoint directory: an export of ours (either EAGLE-3 layout) or
+    any public layout ``training.formats`` reads."""
+    from training.formats.detect import detect
+
+    return detect(path).kind
 
 
 def load_drafter(path: str | Path, target_model):
+    """The drafter at ``path``, in any layout its module's ``load`` reads, checked against ``target_model``."""
     return module(exported_kind(path)).load(Path(path), target_model)

@@ -76,9 +76,14 @@ def build(target_model, config, token_counts=None) -> DraftModelDrafter:
 
 
 def load(path: Path, target_model) -> DraftModelDrafter:
+    """The independent draft at ``path`` (any transformers causal LM: ours, or a small model of
+    the target's family), refused unless it predicts over the target's vocabulary."""
     from transformers import AutoModelForCausalLM
 
+    from training.formats.files import check_shapes
+
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    if model.config.vocab_size != target_model.config.vocab_size:
-        raise InvalidInput(f"{path}: draft vocab {model.config.vocab_size} != target vocab {target_model.config.vocab_size}")
+    embed = model.get_input_embeddings().weight  # [V', H']
+    needed = torch.Size([target_model.config.vocab_size, embed.shape[1]])
+    check_shapes({"embed_tokens.weight": embed}, {"embed_tokens.weight": needed}, f"{path} (draft-model)")
     return DraftModelDrafter(model.eval())

@@ -30,20 +30,19 @@ x_{t+k+1}, verified against target row t+k: ``select_rows(logits_k, target, offs
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training.drafters import VLLM_METHODS
 from training.drafters.base import Drafter, HeadRows, TargetOutputs, select_rows
+from training.formats.eagle3 import rope_parameters as _rope_parameters  # shared with the checkpoint readers
 from training.vocab import draft_maps, draft_vocab_for
 from vllm_lk.errors import InvalidInput
 
@@ -337,15 +336,6 @@ class Eagle3Drafter(Drafter):
         return tensors
 
 
-def _rope_parameters(rope: dict | None, legacy_theta: float | None = None) -> dict:
-    """rope_parameters in transformers 5's form (rope_type and rope_theta always present)."""
-    rope = dict(rope or {})
-    rope.setdefault("rope_theta", legacy_theta or 10000.0)
-    rope.setdefault("rope_type", rope.pop("type", "default"))
-    rope["rope_theta"] = float(rope["rope_theta"])
-    return rope
-
-
 def build(target_model, config, token_counts: torch.Tensor | None = None) -> Eagle3Drafter:
     """A fresh head for ``target_model``: linears N(0, initializer_range), lm_head = the target's
     rows of the draft vocabulary, final norm = the target's (the scale its lm_head expects)."""
@@ -377,31 +367,24 @@ def build(target_model, config, token_counts: torch.Tensor | None = None) -> Eag
     return drafter
 
 
-def load(path: str | Path, target_model) -> Eagle3Drafter:
-    """The drafter ``export`` wrote to ``path`` (strict: every tensor present, none extra)."""
-    path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
-    tensors = load_file(str(path / "model.safetensors"))
-    d2t, t2d = tensors.pop("d2t", None), tensors.pop("t2d", None)
-    draft_vocab = None
-    if d2t is not None:
-        draft_vocab = torch.arange(d2t.shape[0], dtype=torch.int64) + d2t.long()
-        if t2d is not None and not torch.equal(draft_maps(draft_vocab, hf["vocab_size"])[1], t2d.bool()):
-            raise InvalidInput(f"{path}: t2d does not match d2t")
-    eagle = hf.get("eagle_config") or {}
-    num_layers = target_model.config.num_hidden_layers
-    g = Eagle3Geometry(
-        hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"], vocab_size=hf["vocab_size"],
-        rms_norm_eps=float(hf["rms_norm_eps"]), rope=_rope_parameters(hf.get("rope_parameters"), hf.get("rope_theta")),
-        max_position_embeddings=hf["max_position_embeddings"],
-        aux_layers=check_aux_layers(eagle.get("eagle_aux_hidden_state_layer_ids") or default_aux_layers(num_layers), num_layers),
-        num_steps=int(hf.get("ttt_steps", 3)),
-    )
-    drafter = Eagle3Drafter(g, target_model.get_input_embeddings().weight, draft_vocab)
-    missing, unexpected = drafter.load_state_dict(tensors, strict=False)
-    missing = [m for m in missing if m != "draft_vocab"]
-    if missing or unexpected:
-        raise InvalidInput(f"{path}: missing tensors {missing}, unexpected {unexpected}")
-    logger.debug("loaded eagle3 drafter %s", asdict(g))
+def load(path: str | Path, target_model, num_steps: int | None = None) -> Eagle3Drafter:
+    """The EAGLE-3 head at ``path``, ours or any layout ``training.formats.eagle3`` reads (SpecForge,
+    the EAGLE authors, speculators), checked against ``target_model`` before a weight is copied:
+    tensor shapes, vocabulary, aux layers. ``num_steps``: TTT steps (default: the checkpoint's)."""
+    from training.formats import eagle3 as layout
+    from training.formats.files import check_shapes, check_value
+
+    flat, tensors, source = layout.read(path)
+    fields = layout.geometry_fields(flat, target_model.config, num_steps)
+    aux, layers = fields.pop("aux_layers"), target_model.config.num_hidden_layers
+    g = Eagle3Geometry(**fields, aux_layers=check_aux_layers(aux, layers) if aux else default_aux_layers(layers))
+    embed = target_model.get_input_embeddings().weight  # [V, H] the target's tensor (its dtype), shared
+    draft_vocab = layout.draft_vocab(flat, tensors, g.vocab_size, source)
+    layout.drop_shared_embeddings(tensors, embed, source)
+    drafter = Eagle3Drafter(g, embed, draft_vocab)
+    check_shapes(tensors, {name: p.shape for name, p in drafter.named_parameters()}, source)
+    check_value("vocab_size", flat.get("vocab_size", g.vocab_size), g.vocab_size, source)  # after the tensors: they name shapes
+    drafter.load_state_dict(tensors, strict=False)  # draft_vocab is the buffer set above
+    logger.info("read EAGLE-3 head %s: aux layers %s, draft vocab %d, %d TTT steps", source, g.aux_layers,
+                drafter.lm_head.out_features, g.num_steps)
     return drafter

@@ -3,11 +3,11 @@
 Head k (1-based) reads the target's final normed hidden state h_t at the anchor row t — the row
 that produced the last sampled token x_{t+1} — and proposes x_{t+1+k}:
 
-    block_k(x) = x + silu(W_{k,j} x), applied for j = 1..num_layers (no bias)
+    block_k(x) = x + silu(W_{k,j} x + b_{k,j}), applied for j = 1..num_layers (b = 0 unless medusa_fc_bias)
     logits_k = lm_head_k(block_k(h_t))
 
-which is ``vllm/model_executor/models/medusa.py`` (``ResidualBlock`` with ``medusa_fc_bias``
-unset, one ``ParallelLMHead`` per head, ``logit_scale`` 1) and ``vllm_lk.proposers.lk_medusa_propose``
+which is ``vllm/model_executor/models/medusa.py`` (``ResidualBlock``, biased when ``medusa_fc_bias``
+is set, one ``ParallelLMHead`` per head, ``logit_scale`` 1) and ``vllm_lk.proposers.lk_medusa_propose``
 (q_k = softmax of head k's logits after the request's sampling transforms). With a truncated
 draft vocabulary (``--draft-vocab-size``) each lm_head has a row per draft token only and the
 checkpoint's ``token_map`` names their target ids; vLLM scatters the logits into the target
@@ -22,18 +22,15 @@ target's lm_head (all trainable).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training.drafters import VLLM_METHODS
 from training.drafters.base import Drafter, HeadRows, TargetOutputs, select_rows
 from training.vocab import draft_vocab_for
-from vllm_lk.errors import InvalidInput
 
 ARCHITECTURE = "MedusaModel"
 
@@ -41,9 +38,9 @@ ARCHITECTURE = "MedusaModel"
 class ResidualBlock(nn.Module):
     """vLLM's ``ResidualBlock``: x + silu(linear(x)) per layer, each layer on the previous output."""
 
-    def __init__(self, hidden_size: int, num_layers: int) -> None:
+    def __init__(self, hidden_size: int, num_layers: int, bias: bool = False) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(hidden_size, hidden_size, bias=False) for _ in range(num_layers))
+        self.layers = nn.ModuleList(nn.Linear(hidden_size, hidden_size, bias=bias) for _ in range(num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
         for layer in self.layers:
@@ -59,13 +56,14 @@ class MedusaDrafter(Drafter):
     def __init__(
         self, hidden_size: int, vocab_size: int, num_heads: int, num_layers: int, target_layers: int,
         draft_vocab: torch.Tensor | None = None,  # [Vd] sorted target ids, or None: the full vocabulary
+        fc_bias: bool = False,  # vLLM's medusa_fc_bias: biased residual layers (the MEDUSA authors' heads)
     ) -> None:
         super().__init__()
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
-        self.num_heads, self.num_layers = num_heads, num_layers
+        self.num_heads, self.num_layers, self.fc_bias = num_heads, num_layers, fc_bias
         self.hidden_layers = (target_layers,)  # the final normed state, as vLLM hands it to MEDUSA
         rows = vocab_size if draft_vocab is None else draft_vocab.shape[0]
-        self.blocks = nn.ModuleList(ResidualBlock(hidden_size, num_layers) for _ in range(num_heads))
+        self.blocks = nn.ModuleList(ResidualBlock(hidden_size, num_layers, fc_bias) for _ in range(num_heads))
         self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, rows, bias=False) for _ in range(num_heads))
         self.register_buffer("draft_vocab", draft_vocab, persistent=True)  # checkpoints carry it
 
@@ -101,7 +99,7 @@ class MedusaDrafter(Drafter):
             "num_heads": self.num_heads,
             "num_hidden_layers": self.num_layers,
             "truncated_vocab_size": self.lm_heads[0].out_features,
-            "medusa_fc_bias": False,
+            "medusa_fc_bias": self.fc_bias,
             "torch_dtype": "float32",
         }
 
@@ -135,22 +133,18 @@ def build(target_model, config, token_counts=None) -> MedusaDrafter:
 
 
 def load(path: str | Path, target_model) -> MedusaDrafter:
-    """The drafter ``export`` wrote to ``path`` (strict: every tensor present, none extra)."""
-    path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
-    if hf.get("medusa_fc_bias") or hf.get("original_lm_head"):
-        raise InvalidInput(f"{path}: biased MEDUSA blocks and a single shared lm_head are not supported")
-    tensors = load_file(str(path / "model.safetensors"))
-    token_map = tensors.pop("token_map", None)
-    truncated = hf.get("truncated_vocab_size") or hf["vocab_size"]
-    if (token_map is None) != (truncated == hf["vocab_size"]) or (token_map is not None and token_map.shape[0] != truncated):
-        raise InvalidInput(f"{path}: truncated_vocab_size {truncated} and the token_map tensor do not match")
+    """The MEDUSA heads at ``path``, ours or the MEDUSA authors' (``training.formats.medusa``),
+    checked against ``target_model`` before a weight is copied: every tensor present, none
+    extra, each of the shape the target needs (its hidden size and vocabulary)."""
+    from training.formats import medusa as layout
+    from training.formats.files import check_shapes, check_value
+
+    tc = target_model.config
+    c = layout.read(path, tc.vocab_size)
     drafter = MedusaDrafter(
-        hf["hidden_size"], hf["vocab_size"], hf["num_heads"], hf["num_hidden_layers"], target_model.config.num_hidden_layers,
-        None if token_map is None else token_map.to(torch.int64),
+        tc.hidden_size, tc.vocab_size, c.num_heads, c.num_layers, tc.num_hidden_layers, c.token_map, fc_bias=c.fc_bias
     ).float()
-    missing, unexpected = drafter.load_state_dict(tensors, strict=False)
-    missing = [m for m in missing if m != "draft_vocab"]
-    if missing or unexpected:
-        raise InvalidInput(f"{path}: missing tensors {missing}, unexpected {unexpected}")
+    check_shapes(c.tensors, {name: p.shape for name, p in drafter.named_parameters()}, c.source)
+    check_value("vocab_size", c.vocab_size, tc.vocab_size, c.source)
+    drafter.load_state_dict(c.tensors, strict=False)  # draft_vocab is the buffer set above
     return drafter

@@ -19,17 +19,14 @@ own text) and pairs stage k with ``select_rows(..., offset=k)``.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from training.drafters import VLLM_METHODS
 from training.drafters.base import Drafter, HeadRows, TargetOutputs, select_rows
-from vllm_lk.errors import InvalidInput
 from vllm_lk.heads.mlp_speculator import ARCHITECTURE, MLPSpeculatorCore
 
 
@@ -139,17 +136,19 @@ def build(target_model, config, token_counts=None) -> MLPDrafter:
 
 
 def load(path: str | Path, target_model) -> MLPDrafter:
-    """The drafter ``export`` wrote to ``path``, loaded through the serving class's
-    ``load_weights`` (so a layout mismatch fails here as it would in vLLM)."""
-    path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
+    """The speculator at ``path`` (ours, or IBM fms-extras' layout: ``training.formats.mlp``),
+    checked against ``target_model`` (it reads the target's final hidden state and predicts over
+    its vocabulary), then loaded through the serving class's own ``load_weights``."""
+    from training.formats import mlp as layout
+    from training.formats.files import check_shapes, check_value
+
+    config, tensors, source = layout.read(path)
+    tc = target_model.config
     drafter = MLPDrafter(
-        hf["vocab_size"], hf["emb_dim"], hf.get("inner_dim") or hf["emb_dim"], hf["n_predict"],
-        target_model.config.num_hidden_layers, scale_input=bool(hf.get("scale_input")),
-        tie_weights=bool(hf.get("tie_weights")),
+        tc.vocab_size, tc.hidden_size, layout.inner_dim(config), int(config["n_predict"]), tc.num_hidden_layers,
+        scale_input=bool(config.get("scale_input")), tie_weights=bool(config.get("tie_weights")),
     ).float()
-    loaded = drafter.speculator.load_weights(load_file(str(path / "model.safetensors")).items())
-    missing = {name for name, _ in drafter.speculator.named_parameters()} - loaded
-    if missing:
-        raise InvalidInput(f"{path}: MLP speculator weights missing: {sorted(missing)}")
+    check_shapes(tensors, {name: p.shape for name, p in drafter.speculator.named_parameters()}, source)
+    check_value("vocab_size", config.get("vocab_size", tc.vocab_size), tc.vocab_size, source)
+    drafter.speculator.load_weights(tensors.items())
     return drafter
