@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vllm_lk.errors import InvalidInput
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -66,6 +68,41 @@ def shard(drafter, ctx: Dist, device: torch.device):
     plain = copy.deepcopy(drafter) if ctx.main else None
     fully_shard(drafter, mesh=init_device_mesh(device.type, (ctx.world,)))
     return plain
+
+
+def shard_target(model, ctx: Dist, device: torch.device) -> bool:
+    """Shard the frozen target's decoder layers across the ranks (``--fsdp-target true``): FSDP2
+    ``fully_shard`` per layer, so each rank keeps 1/world of every layer and a layer's weights are
+    all-gathered for its forward only, then freed. Embeddings, final norm and lm_head stay whole
+    on every rank (drafters share the embeddings; the losses read lm_head row chunks), which at
+    Llama-3.1-70B shapes is 2 of 70 B parameters. Every target forward is then a collective: the
+    trainer runs the same number on every rank. Returns whether it sharded (not in one process)."""
+    if ctx.world == 1:
+        return False
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise InvalidInput("--fsdp-target: the target has no decoder layer list (model.layers) to shard")
+    mesh = init_device_mesh(device.type, (ctx.world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    return True
+
+
+def check_target_sharding(config, ctx: Dist) -> None:
+    """A sharded target needs every rank to run the same target forwards each step."""
+    if not config.fsdp_target or ctx.world == 1:
+        return
+    shares = [len(range(rank, config.batch_size, ctx.world)) for rank in range(ctx.world)]
+    micro_batches = {min(config.grad_accum, share) for share in shares}
+    if min(shares) == 0 or len(micro_batches) > 1:
+        raise InvalidInput(
+            f"--fsdp-target: batch_size {config.batch_size} over {ctx.world} ranks with grad_accum {config.grad_accum} gives the "
+            "ranks different numbers of target forwards per step; use a batch_size of at least world x grad_accum")
+    if config.cache_target:
+        raise InvalidInput("--fsdp-target and --cache-target cannot be combined (each rank would fill its cache on its own)")
 
 
 def sync_gradients(params: list[torch.Tensor], ctx: Dist) -> None:

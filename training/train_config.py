@@ -49,6 +49,10 @@ class TrainConfig(FrozenConfig):
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
     log_every: int = Field(10, ge=1, description="steps between metric log lines")
     fsdp: bool = Field(False, description="under torchrun: shard the drafter's parameters, gradients and optimizer state across ranks (FSDP2) instead of replicating them, for drafters too large for one device")
+    fsdp_target: bool = Field(
+        False, description="under torchrun: shard the frozen target's decoder layers across ranks (FSDP2, each layer "
+        "all-gathered for its forward only; embeddings, final norm and lm_head stay whole), for targets that do not "
+        "fit one device. Needs batch_size >= ranks x grad_accum; not with cache_target")
     cache_target: bool = Field(False, description="cache the hidden states the drafter reads and the target's lm_head input on disk (the logits are recomputed from it) after the first epoch's forward, for multi-epoch runs")
     eval_sequences: int = Field(16, ge=0, description="held-out sequences (taken from the data file, never trained on) for offline alpha")
     draft_vocab_size: int | None = Field(None, ge=1, description="EAGLE-3 and MEDUSA: truncated draft vocabulary size (most frequent response tokens; default: full)")

@@ -37,12 +37,14 @@ from training.formats import load_for_training, resolve_init_from
 from training.losses import multi_head_loss
 from training.parallel import (
     all_reduce,
+    check_target_sharding,
     close_distributed,
     full_state,
     init_distributed,
     load_full_state,
     norm_value,
     shard,
+    shard_target,
     sync_gradients,
 )
 from training.target import load_target, run_target
@@ -57,7 +59,7 @@ logger = logging.getLogger(__name__)
 # checkpoint (more steps continue the same schedule only if steps is unchanged; see _check_resume).
 RUN_FILE = "run.json"  # where the target and data of a run live, for `vllm-lk export`
 RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "log_every", "grad_accum", "materialise_target_logits",
-                     "materialise_draft_logits", "activation_checkpointing",
+                     "materialise_draft_logits", "activation_checkpointing", "fsdp_target",
                      # a resumed run's weights are its checkpoint's, never init_from's (which then gives
                      # only the architecture: a moved copy of the same checkpoint resumes the same run)
                      "init_from"}
@@ -226,9 +228,11 @@ def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, ou
 def _train(config: TrainConfig, ctx, device, run_dir: Path, target_dir: Path, data_path: Path, resume: bool) -> dict:
     if not resume and latest_checkpoint(run_dir) is not None:
         raise InvalidInput(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose a new --out")
+    check_target_sharding(config, ctx)
     started = time.time()
     target_model, drafter, train_set, eval_set, pad_id = _prepare(config, target_dir, data_path, device)
     drafter.set_activation_checkpointing(config.activation_checkpointing)
+    target_sharded = config.fsdp_target and shard_target(target_model, ctx, device)
     plain = shard(drafter, ctx, device)
     optimizer = make_optimizer(drafter, config)
     step = 0
@@ -286,6 +290,9 @@ def _train(config: TrainConfig, ctx, device, run_dir: Path, target_dir: Path, da
     finally:
         progress.close()
         log.close()
+    # a sharded target's forwards are collectives: every rank evaluates the same held-out set
+    # together (and gets the same alphas); otherwise rank 0 alone does, in _finish
+    alphas = heldout_alpha(drafter, target_model, eval_set, config, pad_id, device) if target_sharded else None
     if ctx.sharded:  # rank 0 evaluates and exports an unsharded copy holding the final weights
         model_state, _ = full_state(drafter, optimizer, ctx)
         if ctx.main:
@@ -293,7 +300,8 @@ def _train(config: TrainConfig, ctx, device, run_dir: Path, target_dir: Path, da
             drafter = plain
     if not ctx.main:
         return {}
-    return _finish(config, drafter, target_model, (train_set, eval_set), (run_dir, run_dir / "drafter"), (target_dir, data_path), pad_id, device, timing, started)
+    return _finish(config, drafter, target_model, (train_set, eval_set), (run_dir, run_dir / "drafter"), (target_dir, data_path), pad_id,
+                   device, timing, started, alphas)
 
 
 def _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, pad_id, precision, device, cache=None) -> dict:
@@ -351,10 +359,11 @@ def _train_step(step, drafter, target_model, optimizer, train_set, config, ctx, 
     }
 
 
-def _finish(config, drafter, target_model, splits, dirs, sources, pad_id, device, timing, started) -> dict:
-    """Held-out alpha, export with LK metadata, result.json and a one-line summary."""
+def _finish(config, drafter, target_model, splits, dirs, sources, pad_id, device, timing, started, alphas=None) -> dict:
+    """Held-out alpha (unless given), export with LK metadata, result.json and a one-line summary."""
     (train_set, eval_set), (run_dir, drafter_dir), (target_dir, data_path) = splits, dirs, sources
-    alphas = heldout_alpha(drafter, target_model, eval_set, config, pad_id, device)
+    if alphas is None:
+        alphas = heldout_alpha(drafter, target_model, eval_set, config, pad_id, device)
     metadata = {
         "num_speculative_tokens": config.num_heads,
         "loss": config.loss,

@@ -3,6 +3,7 @@ one process, and a run killed with SIGKILL then resumed against an uninterrupted
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -39,22 +40,27 @@ def run(cmd, env, timeout=600) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("loss,fsdp", [("kl", "false"), ("lk-alpha", "false"), ("lk-alpha", "true")])
-def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path, clean_env, venv_bin, loss, fsdp):
+@pytest.mark.parametrize("loss,fsdp,fsdp_target", [("kl", "false", "false"), ("lk-alpha", "false", "false"),
+                                                   ("lk-alpha", "true", "false"), ("kl", "false", "true")])
+def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path, clean_env, venv_bin, loss, fsdp, fsdp_target):
     """Each rank weights its mean loss by its share of the batch's rows and gradients are summed,
     so 2 ranks take the single-process step, replicated (all-reduce) or sharded (FSDP2
-    reduce-scatter, full state gathered for checkpoints). Tolerance 1e-5 on weights after 3 AdamW steps:
-    only the summation order differs (all-reduce, smaller per-rank GEMMs), ~1e-7 relative per op.
-    (LK-hybrid's lambda uses each rank's own batch-mean alpha, so it is not compared exactly.)"""
+    reduce-scatter, full state gathered for checkpoints), and with the frozen target's layers
+    sharded (each layer all-gathered for its forward; every rank evaluates the held-out alpha
+    together). Tolerance 1e-5 on weights after 3 AdamW steps: only the summation order differs
+    (all-reduce, smaller per-rank GEMMs), ~1e-7 relative per op. (LK-hybrid's lambda uses each
+    rank's own batch-mean alpha, so it is not compared exactly.)"""
     steps = ["--steps", "3", "--loss", loss, "--checkpoint-every", "3"]
     run(train_cmd(tiny_target, tiny_train_data, tmp_path / "one", *steps), clean_env)
     torchrun = [str(venv_bin / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "training"]
-    cmd = train_cmd(tiny_target, tiny_train_data, tmp_path / "two", *steps, "--fsdp", fsdp)
+    cmd = train_cmd(tiny_target, tiny_train_data, tmp_path / "two", *steps, "--fsdp", fsdp, "--fsdp-target", fsdp_target)
     run(torchrun + cmd[4:], clean_env)  # `python -m training ARGS` = `vllm-lk train ARGS`
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert one.keys() == two.keys()
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert worst < 1e-5, worst
+    alphas = [json.loads((tmp_path / name / "result.json").read_text())["offline_alpha"] for name in ("one", "two")]
+    assert alphas[1] == pytest.approx(alphas[0], abs=1e-5)
     assert load_checkpoint(latest_checkpoint(tmp_path / "two"))["step"] == 3
     assert (tmp_path / "two" / "drafter" / "lk_metadata.json").is_file()
 

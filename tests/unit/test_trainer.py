@@ -16,7 +16,7 @@ from training.data import DataError, Example, collate
 from training.drafters import load_drafter
 from training.target import load_target
 from training.train_config import TrainConfig
-from vllm_lk.errors import UserError
+from vllm_lk.errors import InvalidInput, UserError
 
 QUICK = dict(drafter="draft-model", steps=4, batch_size=4, seq_len=96, warmup_steps=1, checkpoint_every=2, log_every=1, eval_sequences=4)
 
@@ -221,3 +221,17 @@ def test_a_bf16_target_caches_bf16_entries_and_trains_like_the_online_one(tiny_t
     online, cached = final_state(tmp_path / "online"), final_state(tmp_path / "cached")
     for name in online:
         assert torch.allclose(online[name], cached[name], atol=1e-6, rtol=0), name
+
+
+def test_a_sharded_target_needs_the_same_target_forwards_on_every_rank():
+    """Every forward of an FSDP-sharded target is a collective: configurations that give ranks
+    different numbers of micro-batches (or a per-rank cache fill) are refused before any work."""
+    from training.parallel import Dist, check_target_sharding
+
+    two = Dist(rank=0, world=2)
+    check_target_sharding(TrainConfig(fsdp_target=True, batch_size=4, grad_accum=2), two)
+    check_target_sharding(TrainConfig(fsdp_target=True, batch_size=1), Dist())  # one process: nothing to shard
+    with pytest.raises(InvalidInput, match="different numbers of target forwards"):
+        check_target_sharding(TrainConfig(fsdp_target=True, batch_size=3, grad_accum=2), two)
+    with pytest.raises(InvalidInput, match="cannot be combined"):
+        check_target_sharding(TrainConfig(fsdp_target=True, batch_size=4, cache_target=True), two)
