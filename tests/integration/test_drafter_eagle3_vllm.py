@@ -127,6 +127,11 @@ def exported(request, trained_head, target_dir, tmp_path_factory) -> Path:
     --export-format` does)."""
     from training.formats import write
 
+    config = trained_head[0].config
+    if request.param == "speculators" and config.num_key_value_heads == config.num_attention_heads:
+        # the layout's mapping does not depend on the target: served against the Llama-3-style
+        # (GQA) target only, ~55 s an engine; the original layout covers every attention/rope kind
+        pytest.skip("speculators layout: served against the GQA target only (test time budget)")
     out = tmp_path_factory.mktemp("models") / f"eagle3-{request.param}"
     write(trained_head[1], out, request.param, target_dir)
     return out
