@@ -12,7 +12,8 @@ T = 512, 1024, 2048, in two versions:
 - ``baseline``: the step as issue 14 found it: the target's [B, T, V] and every head's [N, Vd]
   logits materialised, EAGLE-3 attention with [B, h, T, T] fp32 scores (``ttt_attention_eager``),
   everything else equal. The target is bf16 in both: the old trainer's fp32 target (2 more bytes
-  per target parameter, 3.8 GB here) would not leave the baseline room in 24 GiB.
+  per target parameter, 3.8 GB here) would not leave the baseline room in 24 GiB;
+- ``checkpointed`` (``--checkpointed``): ``new`` with ``--activation-checkpointing true``.
 
 Drafter sizes are scaled to a 24 GiB machine (fp32 AdamW state is 16 bytes a parameter): EAGLE-3
 and MEDUSA with a 32000-token draft vocabulary (what public Llama-3 EAGLE-3 heads use), the MLP
@@ -62,6 +63,7 @@ DRAFTERS = {
 VERSIONS = {
     "new": {"target_dtype": "bf16"},
     "baseline": {"target_dtype": "bf16", "materialise_target_logits": True, "materialise_draft_logits": True},
+    "checkpointed": {"target_dtype": "bf16", "activation_checkpointing": True},
 }
 MIB = 1 << 20
 
@@ -127,6 +129,7 @@ def worker(case: dict) -> None:
     counts = token_frequencies((e.token_ids for e in data[max(data)]), shape["vocab_size"])
     torch.manual_seed(0)
     drafter = build_drafter(config, target, counts)
+    drafter.set_activation_checkpointing(config.activation_checkpointing)  # as trainer._train does
     optimizer = make_optimizer(drafter, config)
     params = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
     precision = autocast_dtype(config.precision, device)
@@ -170,6 +173,8 @@ def cases(args) -> list[dict]:
     for drafter in args.drafters:
         out.append({**common, "drafter": drafter, "version": "new", "vocab": big, "losses": ["lk-hybrid", "kl"], "steps": args.steps})
         out.append({**common, "drafter": drafter, "version": "baseline", "vocab": big, "losses": ["lk-hybrid"], "steps": 1})
+        if args.checkpointed:
+            out.append({**common, "drafter": drafter, "version": "checkpointed", "vocab": big, "losses": ["lk-hybrid"], "steps": 1})
         for vocab in args.small_vocab:
             out.append({**common, "drafter": drafter, "version": "new", "vocab": vocab, "losses": ["lk-hybrid"], "steps": 1})
     return out
@@ -213,6 +218,7 @@ def main() -> None:
     parser.add_argument("--drafters", nargs="+", default=list(DRAFTERS), choices=list(DRAFTERS))
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[512, 1024, 2048])
     parser.add_argument("--small-vocab", nargs="*", type=int, default=[32000], help="extra target vocabularies (new version) for the slope's V term")
+    parser.add_argument("--checkpointed", action="store_true", help="also the new version with --activation-checkpointing")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2, help="measured steps per length and loss (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
