@@ -56,7 +56,8 @@ def train(drafter, target: TargetOutputs, steps: int, lr: float = 3e-3, loss: st
     with one_torch_thread():
         for _ in range(steps):
             pairs = drafter(target)
-            value, _ = multi_head_loss([d for d, _ in pairs], [t for _, t in pairs], loss, eta=drafter.default_eta)
+            value, _ = multi_head_loss([d for d, _ in pairs], [t for _, t in pairs], loss, eta=drafter.default_eta,
+                                       draft_ids=drafter.draft_ids)
             optimizer.zero_grad()
             value.backward()
             optimizer.step()

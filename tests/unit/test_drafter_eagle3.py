@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.unit.drafter_data import train
 from training.drafters import eagle3
 from training.drafters.base import TargetOutputs, as_logits
-from training.losses import multi_head_loss
 from training.target import load_target, run_target
 from training.train_config import TrainConfig
 from training.vocab import select_draft_vocab
@@ -216,15 +216,7 @@ def test_truncation_needs_token_counts(target):
 def test_a_few_optimizer_steps_lower_the_loss(target, counts):
     drafter = make(target, counts, draft_vocab_size=VD)
     out = batch(target, drafter, length=24, seed=6)
-    optimizer = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(12):
-        pairs = drafter(out)
-        loss, alphas = multi_head_loss([d for d, _ in pairs], [t for _, t in pairs], "lk-hybrid", draft_ids=drafter.draft_ids)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = train(drafter, out, steps=12)
     assert losses[-1] < 0.8 * losses[0], losses
     assert drafter.embed_weight.grad is None and not drafter.embed_weight.requires_grad
 

@@ -15,12 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import one_torch_thread
 from tests.heads import write_eagle, write_eagle3, write_eagle3_public, write_medusa, write_medusa_original, write_mlp_speculator
-from tests.unit.drafter_data import target_model  # noqa: F401
+from tests.unit.drafter_data import target_model, train  # noqa: F401
 from training.formats import detect, load_checkpoint, write
 from training.formats.files import read_tensors
-from training.losses import multi_head_loss
 from training.target import run_target
 from vllm_lk.errors import InvalidInput, UserError
 
@@ -120,14 +118,7 @@ def test_load_train_export_load_gives_the_trained_weights(checkpoint, target_mod
     before = {k: v.clone() for k, v in drafter.state_dict().items()}
     ids, mask = tokens(target_model)
     batch = run_target(model, ids, mask, drafter.hidden_layers)
-    optimizer = torch.optim.AdamW(drafter.parameters(), lr=1e-2)
-    with one_torch_thread():
-        for _ in range(3):
-            pairs = drafter(batch)
-            loss, _ = multi_head_loss([d for d, _ in pairs], [t for _, t in pairs], "lk-hybrid", draft_ids=drafter.draft_ids)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    train(drafter, batch, steps=3, lr=1e-2)
     assert any(not torch.equal(before[k], v) for k, v in drafter.state_dict().items())
     for export_format in ("original", "speculators") if name.startswith("eagle3") else ("original",):
         write(drafter, tmp_path / export_format, export_format, model.config.name_or_path)
