@@ -283,29 +283,29 @@ def plot(report: dict, path: Path) -> None:
 
 
 def profile_steps(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompts: list[list[int]]) -> list[dict]:
-    """The step breakdown (training.bench.speed_profile, one process per setting): no speculation, and
-    each drafter at fixed K = profile_k and adaptive with that cap, at each temperature;
-    concurrency 1."""
+    """The step breakdown (training.bench.speed_profile, one process and engine per drafter): no
+    speculation, and each drafter at fixed K = profile_k and adaptive with that cap, at each
+    temperature; concurrency 1."""
     import subprocess
     import sys
     import tempfile
 
-    settings = [(None, None, "fixed")] + [(kind, path, mode) for kind, path in drafters.items()
-                                          for mode in (("fixed", "adaptive") if config.adaptive else ("fixed",))]
+    k = min(config.profile_k, config.num_heads)
+    modes = ("fixed", "adaptive") if config.adaptive else ("fixed",)
     rows = []
-    for (kind, path, mode), temperature in tqdm([(s, t) for s in settings for t in config.temperatures], desc="step breakdown"):
+    for kind, path in tqdm([(None, None), *drafters.items()], desc="step breakdown"):
+        runs = [(mode, t) for mode in (modes if kind else ("none",)) for t in config.temperatures]
         spec = {"target": str(target), "method": VLLM_METHODS[kind_of(kind)] if kind else None, "drafter": str(path) if path else None,
-                "k": min(config.profile_k, config.num_heads), "mode": mode, "temperature": temperature,
-                "prompts": prompts, "max_tokens": config.max_tokens,
+                "k": k, "runs": runs, "prompts": prompts, "max_tokens": config.max_tokens,
                 "gpu_memory_utilization": config.gpu_memory_utilization, "max_model_len": config.max_model_len}
         with tempfile.TemporaryDirectory() as tmp:
             spec_file, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
             spec_file.write_text(json.dumps(spec))
             subprocess.run([sys.executable, "-m", "training.bench.speed_profile", "--spec", str(spec_file), "--out", str(out)],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            result = json.loads(out.read_text())
-        rows.append({"drafter": kind or "none", "mode": mode if kind else "none", "K": spec["k"] if kind else 0,
-                     "temperature": temperature, **result})
+            results = json.loads(out.read_text())
+        rows += [{"drafter": kind or "none", "mode": mode, "K": k if kind else 0, "temperature": t, **result}
+                 for (mode, t), result in zip(runs, results)]
     return rows
 
 

@@ -112,10 +112,11 @@ def breakdown(timers: Timers) -> dict:
     return {"ms_per_step": sections, "target_forward_ms_by_query_tokens": forward_by_tokens, "engine_steps": steps}
 
 
-def profile(target: str, method: str | None, drafter: str | None, k: int, mode: str, temperature: float,
-            prompts: list[list[int]], max_tokens: int, gpu_memory_utilization: float, max_model_len: int) -> dict:
+def profile(target: str, method: str | None, drafter: str | None, k: int, runs: list[tuple[str, float]],
+            prompts: list[list[int]], max_tokens: int, gpu_memory_utilization: float, max_model_len: int) -> list[dict]:
+    """One engine, one breakdown per (mode, temperature) in ``runs``: the mode is switched at
+    runtime (lk_set_speculation, as `bench speed` does), so settings share an engine start."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_LK_SPECULATION"] = mode
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -128,7 +129,7 @@ def profile(target: str, method: str | None, drafter: str | None, k: int, mode: 
     llm = make_llm(Path(target), engine, seed=0, async_scheduling=False, **extra)
     timers = instrument(llm)
 
-    def run(items):
+    def generate(items, temperature):
         tokens = 0
         for i, ids in enumerate(items):
             params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, seed=i)
@@ -136,19 +137,27 @@ def profile(target: str, method: str | None, drafter: str | None, k: int, mode: 
             tokens += len(out[0].outputs[0].token_ids)
         return tokens
 
-    run(prompts[:2])  # warm-up
-    timers.enabled = True
-    started = time.perf_counter()
-    tokens = run(prompts)
-    seconds = time.perf_counter() - started
-    result = breakdown(timers)
-    result.update({"tokens_per_s": tokens / seconds, "tokens_per_step": tokens / result["engine_steps"]})
-    return result
+    results = []
+    for mode, temperature in runs:
+        if method is not None:
+            llm.collective_rpc("lk_set_speculation", args=(mode, k))
+        generate(prompts[:2], temperature)  # warm-up (and the adaptive policy's first steps)
+        timers.seconds.clear()
+        timers.calls.clear()
+        timers.enabled = True
+        started = time.perf_counter()
+        tokens = generate(prompts, temperature)
+        seconds = time.perf_counter() - started
+        timers.enabled = False
+        result = breakdown(timers)
+        result.update({"tokens_per_s": tokens / seconds, "tokens_per_step": tokens / result["engine_steps"]})
+        results.append(result)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", type=Path, required=True, help="JSON: target, method, drafter, k, mode, temperature, prompts, max_tokens, ...")
+    parser.add_argument("--spec", type=Path, required=True, help="JSON: target, method, drafter, k, runs [[mode, temperature], ...], prompts, max_tokens, ...")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     spec = json.loads(args.spec.read_text())
