@@ -19,7 +19,10 @@ in backward, so peak memory is O(chunk_size x V) beyond its inputs. Given a side
 (the rows a linear head reads, and the head), that side's logits are computed per chunk too, in
 forward and again in backward, and never exist for all rows at once; for the draft side the
 backward pushes each chunk's logit gradient through the head (rows: g W; weight: g^T x), so
-neither [N, V] logits nor their gradient is ever whole: memory is O(N x H), not O(N x V). Gradients with
+neither [N, V] logits nor their gradient is ever whole: memory is O(N x H), not O(N x V). With a
+truncated draft vocabulary, multi_head_loss hands the target side over as its draft-vocabulary
+columns plus the full vocabulary's logsumexp (restrict_to_draft_vocab): one full-V pass instead of
+one in forward and one in backward, and [N, Vd] softmax work after it. Gradients with
 respect to the draft logits z (q = softmax(z / T)), per token, restated for the tests:
 
     dKL/dz       = (q - p~) / T
@@ -46,12 +49,24 @@ MIN_ROWS_PER_CHUNK = 256
 ALPHA_FLOOR = 1e-6  # -log alpha and its 1/alpha gradient are clamped here (alpha = 0 only for disjoint supports)
 
 
-def _chunk_terms(draft_logits, target_logits, draft_ids, temperature):
-    """Per-token alpha, KL and the pieces of their gradients for one chunk (fp32)."""
-    log_q = torch.log_softmax(draft_logits.float() / temperature, dim=-1)  # [n, Vd]
+def _scaled(logits, temperature):  # [n, V] fp32 logits / T, never writing into ``logits``
+    z = logits.float()
+    if temperature == 1.0:
+        return z
+    return z.div_(temperature) if z is not logits else z / temperature
+
+
+def _chunk_terms(draft_logits, target_logits, draft_ids, temperature, target_lse=None):
+    """Per-token alpha, KL and the pieces of their gradients for one chunk (fp32). With
+    ``target_lse`` [n], ``target_logits`` are the draft vocabulary's columns only and p on them is
+    exp(z / T - lse), lse taken over the full vocabulary."""
+    log_q = torch.log_softmax(_scaled(draft_logits, temperature), dim=-1)  # [n, Vd]
     q = log_q.exp()
-    p_full = torch.softmax(target_logits.float() / temperature, dim=-1)  # [n, V]
-    p = p_full if draft_ids is None else p_full[:, draft_ids]  # [n, Vd], not renormalised
+    if target_lse is not None:
+        p = torch.exp(_scaled(target_logits, temperature) - target_lse[:, None])  # [n, Vd], not renormalised
+    else:
+        p_full = torch.softmax(_scaled(target_logits, temperature), dim=-1)  # [n, V]
+        p = p_full if draft_ids is None else p_full[:, draft_ids]  # [n, Vd], not renormalised
     below = q < p
     alpha = torch.where(below, q, p).sum(-1)  # [n]
     p_tilde = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
@@ -86,15 +101,16 @@ class _DraftLoss(torch.autograd.Function):
     target side (the same two forms, no gradient), then the loss settings."""
 
     @staticmethod
-    def forward(ctx, draft_x, draft_w, draft_b, target_x, target_w, target_b, draft_ids, kind, temperature, eta, lambda_per_token,
-                chunk_size, dtypes):
+    def forward(ctx, draft_x, draft_w, draft_b, target_x, target_w, target_b, target_lse, draft_ids, kind, temperature, eta,
+                lambda_per_token, chunk_size, dtypes):
         n = draft_x.shape[0]
         alphas, kls = [], []
         with torch.no_grad(), torch.autocast(draft_x.device.type, enabled=False):
             draft, target = _Side(draft_x, draft_w, draft_b, dtypes[0]), _Side(target_x, target_w, target_b, dtypes[1])
             for start in range(0, n, chunk_size):
                 stop = start + chunk_size
-                _, _, _, alpha, kl = _chunk_terms(draft.chunk(start, stop), target.chunk(start, stop), draft_ids, temperature)
+                lse = None if target_lse is None else target_lse[start:stop]
+                _, _, _, alpha, kl = _chunk_terms(draft.chunk(start, stop), target.chunk(start, stop), draft_ids, temperature, lse)
                 alphas.append(alpha)
                 kls.append(kl)
         alpha = torch.cat(alphas)
@@ -102,17 +118,17 @@ class _DraftLoss(torch.autograd.Function):
         weight_kl, per_token = _combine(kind, alpha, kl, eta, lambda_per_token)
         ctx.mark_non_differentiable(alpha, kl)
         ctx.save_for_backward(draft_x, _tensor_or_empty(draft_w), _tensor_or_empty(draft_b), target_x, _tensor_or_empty(target_w),
-                              _tensor_or_empty(target_b), _tensor_or_empty(draft_ids), alpha, weight_kl)
-        ctx.config = (kind, temperature, chunk_size, dtypes, (draft_w is not None, draft_b is not None, target_w is not None,
-                                                              target_b is not None, draft_ids is not None))
+                              _tensor_or_empty(target_b), _tensor_or_empty(target_lse), _tensor_or_empty(draft_ids), alpha, weight_kl)
+        optional = (draft_w, draft_b, target_w, target_b, target_lse, draft_ids)
+        ctx.config = (kind, temperature, chunk_size, dtypes, tuple(t is not None for t in optional))
         return per_token.mean(), alpha, kl
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_alpha, _grad_kl):
-        draft_x, draft_w, draft_b, target_x, target_w, target_b, draft_ids, alpha, weight_kl = ctx.saved_tensors
+        draft_x, draft_w, draft_b, target_x, target_w, target_b, target_lse, draft_ids, alpha, weight_kl = ctx.saved_tensors
         kind, temperature, chunk_size, dtypes, present = ctx.config
-        draft_w, draft_b, target_w, target_b, draft_ids = (t if ok else None for t, ok in
-                                                           zip((draft_w, draft_b, target_w, target_b, draft_ids), present))
+        draft_w, draft_b, target_w, target_b, target_lse, draft_ids = (
+            t if ok else None for t, ok in zip((draft_w, draft_b, target_w, target_b, target_lse, draft_ids), present))
         n = draft_x.shape[0]
         draft, target = _Side(draft_x, draft_w, draft_b, dtypes[0]), _Side(target_x, target_w, target_b, dtypes[1])
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -124,7 +140,8 @@ class _DraftLoss(torch.autograd.Function):
         scale = grad_loss / n
         for start in range(0, n, chunk_size):
             stop = start + chunk_size
-            q, p_tilde, below, _, _ = _chunk_terms(draft.chunk(start, stop), target.chunk(start, stop), draft_ids, temperature)
+            lse = None if target_lse is None else target_lse[start:stop]
+            q, p_tilde, below, _, _ = _chunk_terms(draft.chunk(start, stop), target.chunk(start, stop), draft_ids, temperature, lse)
             g = _logit_grad(kind, q, p_tilde, below, alpha[start:stop, None], weight_kl[start:stop, None]) * (scale / temperature)
             if not draft.rows:
                 if need_x:
@@ -140,7 +157,7 @@ class _DraftLoss(torch.autograd.Function):
         grad_x = grad_x.to(draft_x.dtype) if need_x else None
         grad_w = None if grad_w is None else grad_w.to(draft_w.dtype)
         grad_b = None if grad_b is None else grad_b.to(draft_b.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _combine(kind, alpha, kl, eta, lambda_per_token):
@@ -182,11 +199,17 @@ def draft_loss(
     *,
     temperature: float = 1.0,
     draft_ids: torch.Tensor | None = None,  # [Vd] target id of each draft id (truncated vocab)
+    target_lse: torch.Tensor | None = None,  # [N] see below
     eta: float = 3.0,
     lambda_per_token: bool = False,
     chunk_size: int | None = None,  # tokens per chunk; default CHUNK_ELEMENTS // V (>= MIN_ROWS_PER_CHUNK with HeadRows)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (scalar loss, [N] alpha, [N] KL), no grad on the last two
-    """One head's loss, mean over tokens. See the module docstring for the formulas."""
+    """One head's loss, mean over tokens. See the module docstring for the formulas.
+
+    ``target_lse`` (fp32, logsumexp of the target's logits / ``temperature`` over the full
+    vocabulary) says the target side holds only the draft vocabulary's columns (logits [N, Vd], or
+    HeadRows over the weight's draft rows, as ``restrict_to_draft_vocab`` makes them); then
+    ``draft_ids`` must be None."""
     draft_x, draft_w, draft_b, draft_dtype = _parts(draft_logits)
     target_x, target_w, target_b, target_dtype = _parts(target_logits)
     draft_shape = tuple(draft_logits.shape)
@@ -199,7 +222,8 @@ def draft_loss(
     if draft_ids is None:
         assert draft_shape[1] == target_shape[1], (draft_shape, target_shape)
     else:
-        assert draft_ids.shape == (draft_shape[1],), (draft_ids.shape, draft_shape)
+        assert draft_ids.shape == (draft_shape[1],) and target_lse is None, (draft_ids.shape, draft_shape)
+    assert target_lse is None or target_lse.shape == (draft_shape[0],), (target_lse.shape, draft_shape)
     if draft_shape[0] == 0:
         zero = draft_x.sum() * 0.0 + (0.0 if draft_w is None else draft_w.sum() * 0.0)
         empty = draft_x.new_zeros(0, dtype=torch.float32)
@@ -207,9 +231,35 @@ def draft_loss(
     target_w = None if target_w is None else target_w.detach()
     target_b = None if target_b is None else target_b.detach()
     return _DraftLoss.apply(
-        draft_x, draft_w, draft_b, target_x.detach(), target_w, target_b, draft_ids, kind, float(temperature), float(eta),
-        lambda_per_token, chunk_size, (draft_dtype, target_dtype),
+        draft_x, draft_w, draft_b, target_x.detach(), target_w, target_b, target_lse, draft_ids, kind, float(temperature),
+        float(eta), lambda_per_token, chunk_size, (draft_dtype, target_dtype),
     )
+
+
+@torch.no_grad()
+def restrict_to_draft_vocab(
+    target,  # HeadRows: the target's rows [N, H] and lm_head [V, H]
+    draft_ids: torch.Tensor,  # [Vd] target id of each draft id
+    temperatures: tuple[float, ...],
+    weight_rows: tuple | None = None,  # (weight[draft_ids], bias[draft_ids]) already gathered (heads share them)
+) -> tuple:  # (HeadRows over [Vd, H], [len(temperatures), N] fp32 lse)
+    """The target side a truncated draft vocabulary needs: p on the draft ids is exp(z / T - lse)
+    with lse over the full vocabulary. One pass of full-vocabulary matmuls gives lse at every
+    temperature; the loss's forward and backward then compute only the [N, Vd] columns (at 128k
+    target and 32k draft tokens, a quarter of the target-side matmuls and softmax traffic)."""
+    x, weight, bias, dtype = _parts(target)
+    side = _Side(x, weight, bias, dtype)
+    n = x.shape[0]
+    lse = torch.empty(len(temperatures), n, dtype=torch.float32, device=x.device)
+    rows = max(MIN_ROWS_PER_CHUNK, CHUNK_ELEMENTS // weight.shape[0])
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, n, rows):
+            z = side.chunk(start, start + rows)  # [rows, V] fp32
+            for i, temperature in enumerate(temperatures):
+                lse[i, start:start + rows] = torch.logsumexp(_scaled(z, temperature), dim=-1)
+    if weight_rows is None:
+        weight_rows = (weight[draft_ids], None if bias is None else bias[draft_ids])
+    return type(target)(x, weight_rows[0], weight_rows[1], dtype), lse
 
 
 def head_weights(num_heads: int, gamma: float = 0.8) -> list[float]:
@@ -225,15 +275,25 @@ def multi_head_loss(
     *,
     gamma: float = 0.8,
     temperatures: tuple[float, ...] = (1.0,),
+    draft_ids: torch.Tensor | None = None,
+    restrict_target: bool = True,  # a HeadRows target with draft_ids: restrict_to_draft_vocab (False: the full-V path)
     **kwargs,
 ) -> tuple[torch.Tensor, list[float]]:  # (scalar loss, mean alpha per head at the first temperature)
     """sum_k gamma^(k-1) L_k, each L_k averaged over the training temperatures."""
     weights = head_weights(len(draft_logits), gamma)
     total = 0.0
     alphas = []
+    gathered = {}  # id(target weight) -> its draft rows, gathered once for every head
     for weight, draft, target in zip(weights, draft_logits, target_logits):
+        lse, ids = None, draft_ids
+        if draft_ids is not None and restrict_target and hasattr(target, "hidden"):
+            key = id(target.weight)
+            target, lse = restrict_to_draft_vocab(target, draft_ids, temperatures, gathered.get(key))
+            gathered[key] = (target.weight, target.bias)
+            ids = None
         for i, temperature in enumerate(temperatures):
-            loss, alpha, _ = draft_loss(draft, target, kind, temperature=temperature, **kwargs)
+            loss, alpha, _ = draft_loss(draft, target, kind, temperature=temperature, draft_ids=ids,
+                                        target_lse=None if lse is None else lse[i], **kwargs)
             total = total + weight * loss / len(temperatures)
             if i == 0:
                 alphas.append(float(alpha.mean()) if alpha.numel() else math.nan)

@@ -186,6 +186,38 @@ def test_draft_rows_give_the_materialised_loss_and_gradients(kind, truncated, ta
         torch.testing.assert_close(rows, whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["kl", "lk-hybrid", "lk-alpha"])
+def test_target_restricted_to_the_draft_vocab_gives_the_full_vocab_loss(kind):
+    """A truncated draft vocabulary: the target side as its draft-vocabulary columns plus the full
+    vocabulary's logsumexp (restrict_to_draft_vocab, two heads sharing the target's lm_head, two
+    temperatures, a target bias) gives the loss, per-head alpha and draft gradients of the full-V
+    path (fp32, 1e-5: exp(z - lse) against a softmax, summation order only). The lse is also
+    checked against the target's softmax outright: p on the draft ids sums to less than 1 here,
+    the mass outside counting as rejected (on average here)."""
+    from training.drafters.base import HeadRows
+
+    gen = torch.Generator().manual_seed(7)
+    n, h, v, width = 21, 16, 41, 17
+    draft_ids = torch.tensor(sorted(torch.randperm(v, generator=gen)[:width].tolist()))
+    t_weight, t_bias = torch.randn(v, h, generator=gen), torch.randn(v, generator=gen)
+    targets = [HeadRows(torch.randn(n - k, h, generator=gen), t_weight, t_bias) for k in range(2)]
+    leaves = [torch.randn(n - k, h, generator=gen) for k in range(2)] + [torch.randn(width, h, generator=gen) * 0.5]
+    results = []
+    for restrict in (False, True):
+        *hidden, weight = (t.clone().requires_grad_() for t in leaves)
+        drafts = [HeadRows(x, weight) for x in hidden]
+        loss, alphas = losses.multi_head_loss(drafts, targets, kind, temperatures=(1.0, 0.6), draft_ids=draft_ids,
+                                              restrict_target=restrict, chunk_size=5)
+        loss.backward()
+        results.append((loss.detach(), torch.tensor(alphas), *(x.grad for x in hidden), weight.grad))
+    for full, restricted in zip(*results):
+        torch.testing.assert_close(restricted, full, atol=1e-5, rtol=1e-5)
+    restricted, lse = losses.restrict_to_draft_vocab(targets[0], draft_ids, (0.6,))
+    p = torch.softmax(targets[0].logits() / 0.6, dim=-1)[:, draft_ids]
+    torch.testing.assert_close(torch.exp(restricted.logits() / 0.6 - lse[0, :, None]), p, atol=1e-6, rtol=1e-5)
+    assert float(p.sum(-1).mean()) < 0.9
+
+
 def test_draft_rows_run_in_the_autocast_dtype_the_head_would():
     """HeadRows.of under bf16 autocast records bf16: the chunked logits then equal the head's own
     autocast output (what the materialised path trains on), and gradients reach the fp32 leaves
