@@ -17,6 +17,7 @@ from training.bench.reproduce import (
     load_config,
     pending_combos,
     recorded_seconds,
+    train_pair,
 )
 
 
@@ -112,6 +113,44 @@ def test_tau_standard_error_from_per_position_counts():
     """Steps accepting (0, 1, 2, 2) drafts: per-position counts (3, 2); N has mean 1.25, variance 0.6875."""
     assert rep.tau_standard_error([3, 2], 4) == pytest.approx(math.sqrt(0.6875 / 4))
     assert math.isnan(rep.tau_standard_error([0, 0], 0))
+
+
+def test_finetuned_rows_gain_over_the_head_finetuned_with_kl():
+    """Rows "kl+B" (the KL head fine-tuned with B, same extra steps) compare with "kl+kl", not with
+    the from-scratch KL row; "kl+kl" itself shows no gain."""
+    records = [record("eagle3", "kl", 0, "code", 1.0, 2.0, 2.0), record("eagle3", "kl+kl", 0, "code", 1.0, 2.2, 2.2),
+               record("eagle3", "kl+lk-hybrid", 0, "code", 1.0, 2.31, 2.42), record("eagle3", "lk-hybrid", 0, "code", 1.0, 2.1, 2.1)]
+    rows = {r["loss"]: r for r in rep.table(records, order={"loss": ["kl", "lk-hybrid", "kl+kl", "kl+lk-hybrid"]})}
+    assert list(rows) == ["kl", "lk-hybrid", "kl+kl", "kl+lk-hybrid"]
+    assert rows["kl+lk-hybrid"]["served_gain_over_kl"] == pytest.approx(2.31 / 2.2 - 1)
+    assert rows["kl+lk-hybrid"]["predicted_gain_over_kl"] == pytest.approx(2.42 / 2.2 - 1)
+    assert rows["kl+kl"]["served_gain_over_kl"] == pytest.approx(0.0)
+    assert rows["lk-hybrid"]["served_gain_over_kl"] == pytest.approx(0.05)
+    assert set(rep.gain_summary(list(rows.values()), 1.0)["eagle3"]) == {"lk-hybrid", "kl+lk-hybrid"}
+
+
+def test_finetune_config_starts_from_the_kl_export_for_the_extra_steps():
+    config = ReproduceConfig(finetune_steps=40, warmup_steps=10)
+    scratch = config.train_config("medusa", "lk-hybrid", 1)
+    tuned = config.finetune_config("medusa", "lk-hybrid", 1, "/runs/medusa-kl-s1/drafter")
+    assert (tuned.init_from, tuned.steps, tuned.loss, tuned.seed) == ("/runs/medusa-kl-s1/drafter", 40, "lk-hybrid", 1)
+    assert tuned.model_copy(update={"init_from": None, "steps": scratch.steps, "checkpoint_every": scratch.checkpoint_every,
+                                    "log_every": scratch.log_every}) == scratch
+    assert ReproduceConfig.quick().finetune_steps == 0 and ReproduceConfig().finetune_steps == 100
+
+
+def test_a_finetuning_pair_trains_from_the_kl_runs_export(tiny_target, tiny_train_data, tmp_path):
+    """What reproduce runs for a "kl+lk-hybrid" row, on the tiny target: the KL run, then a run
+    initialised from its export with the fine-tuning loss and step count, recorded in lk_metadata."""
+    from pathlib import Path
+
+    config = ReproduceConfig(drafters=["medusa"], num_speculative_tokens=2, steps=1, finetune_steps=3, batch_size=2, seq_len=64,
+                             warmup_steps=0, eval_sequences=2)
+    kl = train_pair(config, tiny_target, tiny_train_data, tmp_path / "kl", "medusa", "kl", 0)
+    tuned = train_pair(config, tiny_target, tiny_train_data, tmp_path / "tuned", "medusa", "kl+lk-hybrid", 0, init_from=kl["drafter_dir"])
+    trained = json.loads((Path(tuned["drafter_dir"]) / "lk_metadata.json").read_text())["train_config"]
+    assert trained["init_from"] == str(Path(kl["drafter_dir"]).resolve())
+    assert (trained["loss"], trained["steps"], trained["drafter"]) == ("lk-hybrid", 3, "medusa")
 
 
 def test_config_precedence_quick_then_yaml_then_flags(tmp_path):

@@ -49,6 +49,11 @@ class ReproduceConfig(EngineFields):
     drafters: list[DrafterKind] = Field(["eagle3", "medusa", "mlp", "draft-model"], min_length=1, description="drafter kinds to train")
     losses: list[Loss] = Field(["kl", "tv", "lk-hybrid", "lk-alpha"], min_length=1, description="losses (gains are reported over kl when present)")
     seeds: list[int] = Field([0], min_length=1, description="training seeds (each drafter x loss trains once per seed)")
+    finetune_steps: int = Field(100, ge=0, description="then each drafter's KL-trained head (per seed) is fine-tuned this many "
+                                "more steps from its export (--init-from) with each of finetune_losses, as the paper fine-tunes "
+                                "an existing MTP head with LK: rows 'kl+kl' and 'kl+lk-hybrid'; gains of those rows are over "
+                                "'kl+kl' (same extra steps). 0: skip; needs 'kl' in losses")
+    finetune_losses: list[Loss] = Field(["kl", "lk-hybrid"], min_length=1, description="losses of the fine-tuning rows")
     num_speculative_tokens: int = Field(5, ge=1, le=16, description="K: heads / TTT steps trained and drafts served per step")
     steps: int = Field(200, ge=1, description="optimizer steps per training run")
     batch_size: int = Field(8, ge=1, description="sequences per step")
@@ -81,7 +86,7 @@ class ReproduceConfig(EngineFields):
         values = {
             "drafters": ["medusa", "eagle3"], "losses": ["kl", "lk-hybrid"], "steps": 30, "batch_size": 4, "warmup_steps": 3,
             "eval_sequences": 8, "train_code_prompts": 48, "train_docstring_prompts": 16, "train_max_tokens": 128,
-            "heldout_prompts": 8, "eval_max_tokens": 64, "throughput_prompts": 4,
+            "heldout_prompts": 8, "eval_max_tokens": 64, "throughput_prompts": 4, "finetune_steps": 0,
         }
         return cls(**{**values, **overrides})
 
@@ -93,6 +98,13 @@ class ReproduceConfig(EngineFields):
             draft_hidden_size=self.draft_hidden_size, draft_num_layers=self.draft_num_layers, mlp_inner_dim=self.mlp_inner_dim,
             checkpoint_every=max(self.steps // 2, 1), keep_checkpoints=1, log_every=max(self.steps // 10, 1),
         )
+
+    def finetune_config(self, drafter: str, loss: str, seed: int, init_from: str) -> TrainConfig:
+        """``loss`` fine-tuning of the KL run's export for finetune_steps (a fresh schedule: short warm-up)."""
+        steps = self.finetune_steps
+        return self.train_config(drafter, loss, seed).model_copy(update={
+            "steps": steps, "init_from": init_from, "warmup_steps": min(self.warmup_steps, steps), "checkpoint_every": max(steps // 2, 1),
+            "log_every": max(steps // 10, 1)})
 
     def heldout_spec(self, kind: str, count: int | None = None) -> str:
         return f"builtin:{kind}:heldout:{count or self.heldout_prompts}:{self.seed}"
@@ -208,10 +220,18 @@ def _engine(config: ReproduceConfig) -> dict:
     return {k: getattr(config, k) for k in EngineFields.model_fields}
 
 
-def train_pair(config: ReproduceConfig, target: Path, data: Path, run_dir: Path, drafter: str, loss: str, seed: int) -> dict:
+def finetune_label(base: str, loss: str) -> str:
+    return f"{base}+{loss}"
+
+
+def train_pair(config: ReproduceConfig, target: Path, data: Path, run_dir: Path, drafter: str, loss: str, seed: int,
+               init_from: str | None = None) -> dict:
     from training.trainer import train
 
-    train_config = config.train_config(drafter, loss, seed)
+    if init_from is None:
+        train_config = config.train_config(drafter, loss, seed)
+    else:
+        train_config = config.finetune_config(drafter, loss.split("+")[-1], seed, init_from)
     if (result := finished_training(run_dir, train_config)) is not None:
         logger.info("%s: finished earlier, reused", run_dir)
         return result
@@ -338,13 +358,17 @@ def reproduce(config: ReproduceConfig, out: str | Path = "results") -> dict:
     data = prepare_data(config, target, out)
     timings["data"] = time.perf_counter() - started
     pairs = [(d, loss, s) for d in config.drafters for loss in config.losses for s in config.seeds]
+    if config.finetune_steps and report_lib.BASELINE_LOSS in config.losses:  # after every from-scratch run they start from
+        pairs += [(d, finetune_label(report_lib.BASELINE_LOSS, loss), s)
+                  for d in config.drafters for loss in config.finetune_losses for s in config.seeds]
     runs, evaluations = {}, {}
     with tqdm(total=2 * len(pairs) + 1, desc="reproduce", unit="stage") as bar:
         mark = time.perf_counter()
         for drafter, loss, seed in pairs:
             name = pair_name(drafter, loss, seed)
             bar.set_postfix_str(f"train {name}")
-            result = train_pair(config, target, Path(data["path"]), out / "runs" / name, drafter, loss, seed)
+            base = runs[pair_name(drafter, loss.split("+")[0], seed)]["drafter_dir"] if "+" in loss else None
+            result = train_pair(config, target, Path(data["path"]), out / "runs" / name, drafter, loss, seed, init_from=base)
             runs[name] = {"drafter": drafter, "loss": loss, "seed": seed, **{k: result.get(k) for k in (
                 "run_dir", "drafter_dir", "offline_alpha", "predicted_tau", "train_tokens_per_s", "seconds")}}
             bar.update(1)
@@ -364,7 +388,7 @@ def reproduce(config: ReproduceConfig, out: str | Path = "results") -> dict:
         timings["throughput"] = time.perf_counter() - mark
         bar.update(1)
     timings["total"] = time.perf_counter() - started
-    order = {"drafter": list(config.drafters), "loss": list(config.losses), "set": list(config.heldout_sets)}
+    order = {"drafter": list(config.drafters), "loss": list(dict.fromkeys(loss for _, loss, _ in pairs)), "set": list(config.heldout_sets)}
     report = {
         "format": "vllm-lk-reproduction/1", "out": str(out), "config": config.model_dump(mode="json"), "config_digest": config.digest(),
         "target": {"path": str(target), "identity": _target_identity(target)}, "data": data, "runs": runs,

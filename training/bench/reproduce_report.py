@@ -69,9 +69,15 @@ def _within(diff: float, tolerance: float) -> bool:
     return bool(abs(diff) <= tolerance) if not math.isnan(diff) else False
 
 
+def baseline_of(loss: str) -> str:
+    """The row a loss's gain is measured over: KL from scratch, or for a fine-tuning row "A+B"
+    (head trained with A, then fine-tuned with B) the same head fine-tuned with KL, "A+kl"."""
+    return f"{loss.split('+')[0]}+{BASELINE_LOSS}" if "+" in loss else BASELINE_LOSS
+
+
 def table(records: list[dict], order: dict[str, list] | None = None) -> list[dict]:
     """One row per (drafter, loss, temperature, set): seed means of served and predicted tau, and
-    their relative gain over the KL row with the same drafter, temperature and set."""
+    their relative gain over the row baseline_of(loss) with the same drafter, temperature and set."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r[k] for k in KEY), []).append(r)
@@ -89,7 +95,7 @@ def table(records: list[dict], order: dict[str, list] | None = None) -> list[dic
             "sources": [r["source"] for r in seeds],
         }
     for row in rows.values():
-        base = rows.get((row["drafter"], BASELINE_LOSS, row["temperature"], row["set"]))
+        base = rows.get((row["drafter"], baseline_of(row["loss"]), row["temperature"], row["set"]))
         row["served_gain_over_kl"] = relative(row["served_tau"], base["served_tau"]) if base else math.nan
         row["predicted_gain_over_kl"] = relative(row["predicted_tau"], base["predicted_tau"]) if base else math.nan
     return sorted(rows.values(), key=lambda row: _sort_key(row, order or {}))
@@ -107,7 +113,7 @@ def gain_summary(rows: list[dict], temperature: float = 1.0) -> dict[str, dict[s
     """drafter -> loss -> served gain over KL at ``temperature``, averaged over the held-out sets."""
     out: dict[str, dict[str, float]] = {}
     for row in rows:
-        if row["temperature"] == temperature and row["loss"] != BASELINE_LOSS:
+        if row["temperature"] == temperature and row["loss"] != baseline_of(row["loss"]):
             out.setdefault(row["drafter"], {}).setdefault(row["loss"], []).append(row["served_gain_over_kl"])
     return {d: {loss: _mean(v) for loss, v in losses.items()} for d, losses in out.items()}
 
@@ -150,7 +156,7 @@ def pivot_markdown(rows: list[dict], config: dict) -> list[str]:
                 if row is None:
                     shown.append("–")
                 else:
-                    gain = "" if loss == BASELINE_LOSS else f" ({percent(row['served_gain_over_kl'])})"
+                    gain = "" if loss == baseline_of(loss) else f" ({percent(row['served_gain_over_kl'])})"
                     shown.append(_num(row["served_tau"]) + gain)
             lines.append(f"| {drafter} | {loss} | " + " | ".join(shown) + " |")
     return lines
@@ -167,7 +173,8 @@ def markdown(report: dict) -> str:
         f"{report['data']['examples']} examples); {config['steps']} steps × batch {config['batch_size']} per run; "
         f"seeds {config['seeds']}; K = {config['num_speculative_tokens']}; {config['heldout_prompts']} prompts × "
         f"{config['eval_max_tokens']} tokens per held-out set. τ = mean acceptance length incl. the bonus token; "
-        "gain = τ / τ(KL) − 1 for the same drafter, T and set (seed means). Per-run files: "
+        "gain = τ / τ(KL) − 1 for the same drafter, T and set (seed means); a row `kl+B` is the KL head fine-tuned "
+        f"{config.get('finetune_steps', 0)} more steps with B from its export, its gain over `kl+kl`. Per-run files: "
         f"`{report['out']}/runs/`, `{report['out']}/evals/`."),
         "",
         *pivot_markdown(rows, config),
