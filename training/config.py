@@ -64,11 +64,19 @@ def add_config_args(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
             kwargs["choices"] = list(typing.get_args(annotation))
         elif annotation in (int, float, str, Path):
             kwargs["type"] = annotation
+        elif _optional_text(annotation):  # a path or id as typed: YAML would turn "2024" into an int, "a: b" into a mapping
+            kwargs["type"] = next(t for t in typing.get_args(annotation) if t is not type(None))
         else:  # lists, optionals and other shapes: parsed as YAML, validated by pydantic
             kwargs["type"] = yaml.safe_load
         default = field.get_default(call_default_factory=True)
         kwargs["help"] = f"{field.description or ''} (default: {default})"
         group.add_argument(_flag(name), **kwargs)
+
+
+def _optional_text(annotation) -> bool:
+    """``str | None`` or ``Path | None``."""
+    args = typing.get_args(annotation)
+    return len(args) == 2 and type(None) in args and any(t in (str, Path) for t in args)
 
 
 def resolve_config(model: type[C], args: argparse.Namespace) -> C:

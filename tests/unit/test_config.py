@@ -15,6 +15,8 @@ class Demo(FrozenConfig):
     loss: Literal["kl", "tv"] = Field("kl", description="loss")
     shuffle: bool = Field(True, description="shuffle")
     data: Path | None = Field(None, description="data file")
+    init_from: str | None = Field(None, description="a directory or a hub id")
+    vocab: int | None = Field(64, description="optional number")
 
 
 def parse(argv):
@@ -33,6 +35,15 @@ def test_defaults_then_yaml_then_cli(tmp_path):
 
 def test_optional_path_field_parses():
     assert parse(["--data", "x.jsonl"]).data == Path("x.jsonl")
+
+
+def test_optional_text_is_taken_as_typed_and_optional_numbers_as_yaml():
+    """A path or id flag is the text given (YAML would read "2024" as an int, "on" as true, "a: b"
+    as a mapping); an optional number is still parsed as YAML."""
+    for text in ("2024", "on", "runs/a: b", "org/name@v1"):
+        assert parse(["--init-from", text]).init_from == text
+    assert parse(["--data", "null"]).data == Path("null")
+    assert parse(["--vocab", "32"]).vocab == 32
 
 
 def test_bad_values_are_reported_with_the_source(tmp_path):
