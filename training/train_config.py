@@ -67,7 +67,8 @@ class TrainConfig(FrozenConfig):
     )
     medusa_num_layers: int = Field(1, ge=1, description="MEDUSA: residual blocks per head")
     init_from: str | None = Field(
-        None, description="start the drafter from this checkpoint directory: an export of ours or a public layout "
+        None, description="start the drafter from this checkpoint directory (or a Hugging Face id ORG/NAME[@REVISION] in the "
+        "local HF cache): an export of ours or a public layout "
         "(EAGLE-3 original/SpecForge/EAGLE or speculators, MEDUSA vLLM or FasterDecoding, IBM fms-extras MLP "
         "speculator, a causal LM as draft model; see training.formats). Its architecture wins: fields left unset "
         "take its values, contradicting ones are refused. A resumed run takes its weights from its own checkpoint")

@@ -19,7 +19,7 @@ from training.formats import detect, resolve_init_from
 from training.formats import load_checkpoint as read_drafter
 from training.target import load_target
 from training.train_config import TrainConfig
-from vllm_lk.errors import InvalidInput
+from vllm_lk.errors import InvalidInput, MissingInput
 
 QUICK = dict(steps=3, batch_size=4, seq_len=96, warmup_steps=0, checkpoint_every=3, log_every=1, eval_sequences=4)
 DRAFT_IDS = list(range(5, 300))
@@ -45,6 +45,22 @@ def test_unset_fields_take_the_checkpoints_architecture(heads):
     eagle = resolve_init_from(TrainConfig(init_from=str(heads["eagle3"])))
     assert (eagle.drafter, eagle.draft_vocab_size, eagle.aux_layers, eagle.num_heads) == ("eagle3", 295, [1, 3, 4], 3)
     assert resolve_init_from(eagle) == eagle  # idempotent: a resumed run resolves to the saved config
+
+
+def test_init_from_takes_a_hugging_face_id_from_the_local_cache(heads, tmp_path, monkeypatch):
+    """ORG/NAME[@REV] resolves to its snapshot in the local HF cache (offline); the resolved config
+    records the snapshot directory; an id that is not cached is refused naming the cache."""
+    from tests.hf_cache import add_to_hf_cache
+
+    cache = tmp_path / "hub"
+    snapshot = add_to_hf_cache(cache, "lk-tests/medusa-head", heads["medusa"], refs=("main", "v2"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = resolve_init_from(TrainConfig(init_from="lk-tests/medusa-head@v2"))
+    assert resolved.init_from == str(snapshot.resolve()) and resolved.drafter == "medusa"
+    assert resolve_init_from(resolved) == resolved
+    with pytest.raises(MissingInput, match=f"lk-tests/nothing.*{cache}"):
+        resolve_init_from(TrainConfig(init_from="lk-tests/nothing"))
 
 
 def test_a_contradicting_field_is_refused_naming_both_values(heads):

@@ -81,10 +81,11 @@ def resolve_init_from(config):
     values. Idempotent (a resolved config resolves to itself), so a resumed run, which resolves
     its command line again, compares equal to the checkpoint's saved config."""
     from training.train_config import TrainConfig
+    from vllm_lk.hub import resolve_model_path
 
     if config.init_from is None:
         return config
-    checkpoint = detect(config.init_from)
+    checkpoint = detect(resolve_model_path(config.init_from, kind="init_from"))  # a directory, or an id in the local HF cache
     fixed, suggested = architecture(checkpoint)
     for name, theirs in fixed.items():
         ours = getattr(config, name)
