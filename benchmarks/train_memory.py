@@ -13,7 +13,10 @@ T = 512, 1024, 2048, in two versions:
   logits materialised, EAGLE-3 attention with [B, h, T, T] fp32 scores (``ttt_attention_eager``),
   everything else equal. The target is bf16 in both: the old trainer's fp32 target (2 more bytes
   per target parameter, 3.8 GB here) would not leave the baseline room in 24 GiB;
-- ``checkpointed`` (``--checkpointed``): ``new`` with ``--activation-checkpointing true``.
+- ``checkpointed`` (``--checkpointed``): ``new`` with ``--activation-checkpointing true``;
+- ``full-vocab-target`` (``--full-vocab-target``): ``new`` with the target side of a truncated draft
+  vocabulary computed over the whole vocabulary in the loss's forward and backward (the path before
+  ``training.losses.restrict_to_draft_vocab``; LK-hybrid and KL, for the time side by side).
 
 Drafter sizes are scaled to a 24 GiB machine (fp32 AdamW state is 16 bytes a parameter): EAGLE-3
 and MEDUSA with a 32000-token draft vocabulary (what public Llama-3 EAGLE-3 heads use), the MLP
@@ -64,6 +67,7 @@ VERSIONS = {
     "new": {"target_dtype": "bf16"},
     "baseline": {"target_dtype": "bf16", "materialise_target_logits": True, "materialise_draft_logits": True},
     "checkpointed": {"target_dtype": "bf16", "activation_checkpointing": True},
+    "full-vocab-target": {"target_dtype": "bf16"},
 }
 MIB = 1 << 20
 
@@ -117,6 +121,10 @@ def worker(case: dict) -> None:
     version = VERSIONS[case["version"]]
     if case["version"] == "baseline":  # the [B, h, T, T] fp32-score attention the trainer had
         eagle3.ttt_attention = eagle3.ttt_attention_eager
+    if case["version"] == "full-vocab-target":  # what the trainer's multi_head_loss call then defaults to
+        from training import losses
+
+        losses.multi_head_loss.__kwdefaults__["restrict_target"] = False
     shape = {**(TINY if case["tiny"] else LLAMA_8B), "vocab_size": case["vocab"]}
     if case["drafter"] == "eagle3":  # three distinct aux layers need four decoder layers (ids 1, 2, 3)
         shape["num_hidden_layers"] = max(shape["num_hidden_layers"], 4)
@@ -175,6 +183,9 @@ def cases(args) -> list[dict]:
         out.append({**common, "drafter": drafter, "version": "baseline", "vocab": big, "losses": ["lk-hybrid"], "steps": 1})
         if args.checkpointed:
             out.append({**common, "drafter": drafter, "version": "checkpointed", "vocab": big, "losses": ["lk-hybrid"], "steps": 1})
+        if args.full_vocab_target and drafter in ("eagle3", "medusa"):  # the truncated draft vocabularies
+            out.append({**common, "drafter": drafter, "version": "full-vocab-target", "vocab": big, "losses": ["lk-hybrid", "kl"],
+                        "steps": args.steps})
         for vocab in args.small_vocab:
             out.append({**common, "drafter": drafter, "version": "new", "vocab": vocab, "losses": ["lk-hybrid"], "steps": 1})
     return out
@@ -219,6 +230,7 @@ def main() -> None:
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[512, 1024, 2048])
     parser.add_argument("--small-vocab", nargs="*", type=int, default=[32000], help="extra target vocabularies (new version) for the slope's V term")
     parser.add_argument("--checkpointed", action="store_true", help="also the new version with --activation-checkpointing")
+    parser.add_argument("--full-vocab-target", action="store_true", help="also EAGLE-3 and MEDUSA with the loss's full-vocabulary target side")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2, help="measured steps per length and loss (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)

@@ -14,14 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_train_memory_writes_rows_and_fits(tmp_path):
     out = tmp_path / "memory.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_memory.py"), "--tiny", "--drafters", "eagle3",
-           "--seq-lens", "32", "64", "--small-vocab", "--steps", "1", "--threads", "1", "--json", str(out)]
+           "--seq-lens", "32", "64", "--small-vocab", "--full-vocab-target", "--steps", "1", "--threads", "1", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert {(r["version"], r["loss"]) for r in rows} == {("new", "lk-hybrid"), ("new", "kl"), ("baseline", "lk-hybrid")}
+    versions = {("new", "lk-hybrid"), ("new", "kl"), ("baseline", "lk-hybrid"), ("full-vocab-target", "lk-hybrid"), ("full-vocab-target", "kl")}
+    assert {(r["version"], r["loss"]) for r in rows} == versions
     for row in rows:
         assert {"drafter", "seq_len", "peak_mib", "tokens_per_s", "version"} <= row.keys()
         assert row["peak_mib"] > row["step_mib"] >= 0 and row["tokens_per_s"] > 0
-    assert {(f["version"], f["loss"]) for f in result["fits"]} == {("new", "lk-hybrid"), ("new", "kl"), ("baseline", "lk-hybrid")}
+    assert {(f["version"], f["loss"]) for f in result["fits"]} == versions
     assert "| eagle3 | baseline |" in out.with_suffix(".md").read_text()
