@@ -183,16 +183,20 @@ def test_a_bf16_target_trains_every_drafter(tiny_target, tiny_train_data, tmp_pa
     assert (tmp_path / "bf16" / "drafter" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("drafter", ["eagle3", "medusa", "mlp", "draft-model"])
+@pytest.mark.parametrize("drafter", ["eagle3", "medusa", "mlp", "draft-model", "eagle3-vocab", "medusa-vocab"])
 def test_chunked_draft_logits_and_activation_checkpointing_take_the_same_steps(tiny_target, tiny_train_data, tmp_path, drafter):
-    """The default path (draft logits computed per chunk from the heads' input rows) and
-    activation checkpointing must train the weights the materialised, fully stored path trains
-    (atol 1e-5 after 2 AdamW steps: only the order of floating-point sums differs)."""
-    base = {**QUICK, "drafter": drafter, "steps": 2, "checkpoint_every": 2, "loss": "lk-hybrid"}
+    """The default path (draft and target logits computed per chunk from the heads' input rows;
+    with a truncated draft vocabulary ("-vocab", 300 of 512 ids) the target side restricted to it
+    plus the full vocabulary's logsumexp) and activation checkpointing must train the weights the
+    materialised, fully stored path trains (atol 1e-5 after 2 AdamW steps: only the order of
+    floating-point sums differs)."""
+    drafter, truncated, _ = drafter.partition("-vocab")
+    base = {**QUICK, "drafter": drafter, "steps": 2, "checkpoint_every": 2, "loss": "lk-hybrid",
+            **({"draft_vocab_size": 300} if truncated else {})}
     if drafter == "eagle3":
         base["num_heads"] = 2
     runs = {
-        "materialised": {"materialise_draft_logits": True},
+        "materialised": {"materialise_draft_logits": True, "materialise_target_logits": True},
         "chunked": {},
         "checkpointed": {"activation_checkpointing": True},
     }
