@@ -21,8 +21,9 @@ forward and again in backward, and never exist for all rows at once; for the dra
 backward pushes each chunk's logit gradient through the head (rows: g W; weight: g^T x), so
 neither [N, V] logits nor their gradient is ever whole: memory is O(N x H), not O(N x V). With a
 truncated draft vocabulary, multi_head_loss hands the target side over as its draft-vocabulary
-columns plus the full vocabulary's logsumexp (restrict_to_draft_vocab): one full-V pass instead of
-one in forward and one in backward, and [N, Vd] softmax work after it. Gradients with
+columns plus the full vocabulary's logsumexp (restrict_to_draft_vocab; the logsumexp comes from
+one full-V pass per batch position that all heads share, TargetOutputs.position_lse) instead of a
+full-V pass in forward and another in backward per head, and [N, Vd] softmax work after it. Gradients with
 respect to the draft logits z (q = softmax(z / T)), per token, restated for the tests:
 
     dKL/dz       = (q - p~) / T
@@ -237,6 +238,23 @@ def draft_loss(
 
 
 @torch.no_grad()
+def head_lse(rows, temperatures: tuple[float, ...]) -> torch.Tensor:  # [len(temperatures), N] fp32
+    """logsumexp(logits / T) of a HeadRows side over its whole vocabulary, at each temperature, in
+    one pass of chunked matmuls (no gradient)."""
+    x, weight, bias, dtype = _parts(rows)
+    side = _Side(x, weight, bias, dtype)
+    n = x.shape[0]
+    lse = torch.empty(len(temperatures), n, dtype=torch.float32, device=x.device)
+    step = max(MIN_ROWS_PER_CHUNK, CHUNK_ELEMENTS // weight.shape[0])
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, n, step):
+            z = side.chunk(start, start + step)  # [step, V] fp32
+            for i, temperature in enumerate(temperatures):
+                lse[i, start:start + step] = torch.logsumexp(_scaled(z, temperature), dim=-1)
+    return lse
+
+
+@torch.no_grad()
 def restrict_to_draft_vocab(
     target,  # HeadRows: the target's rows [N, H] and lm_head [V, H]
     draft_ids: torch.Tensor,  # [Vd] target id of each draft id
@@ -244,19 +262,13 @@ def restrict_to_draft_vocab(
     weight_rows: tuple | None = None,  # (weight[draft_ids], bias[draft_ids]) already gathered (heads share them)
 ) -> tuple:  # (HeadRows over [Vd, H], [len(temperatures), N] fp32 lse)
     """The target side a truncated draft vocabulary needs: p on the draft ids is exp(z / T - lse)
-    with lse over the full vocabulary. One pass of full-vocabulary matmuls gives lse at every
-    temperature; the loss's forward and backward then compute only the [N, Vd] columns (at 128k
-    target and 32k draft tokens, a quarter of the target-side matmuls and softmax traffic)."""
+    with lse over the full vocabulary (``target.row_lse`` when the rows bring it: select_rows
+    shares one computation per batch position across the heads, else head_lse here). The loss's
+    forward and backward then compute only the [N, Vd] columns (at 128k target and 32k draft
+    tokens, a quarter of the target-side matmuls and softmax traffic)."""
     x, weight, bias, dtype = _parts(target)
-    side = _Side(x, weight, bias, dtype)
-    n = x.shape[0]
-    lse = torch.empty(len(temperatures), n, dtype=torch.float32, device=x.device)
-    rows = max(MIN_ROWS_PER_CHUNK, CHUNK_ELEMENTS // weight.shape[0])
-    with torch.autocast(x.device.type, enabled=False):
-        for start in range(0, n, rows):
-            z = side.chunk(start, start + rows)  # [rows, V] fp32
-            for i, temperature in enumerate(temperatures):
-                lse[i, start:start + rows] = torch.logsumexp(_scaled(z, temperature), dim=-1)
+    provider = getattr(target, "row_lse", None)
+    lse = provider(tuple(temperatures)) if provider is not None else head_lse(target, tuple(temperatures))
     if weight_rows is None:
         weight_rows = (weight[draft_ids], None if bias is None else bias[draft_ids])
     return type(target)(x, weight_rows[0], weight_rows[1], dtype), lse

@@ -218,6 +218,24 @@ def test_target_restricted_to_the_draft_vocab_gives_the_full_vocab_loss(kind):
     assert float(p.sum(-1).mean()) < 0.9
 
 
+def test_heads_share_one_logsumexp_per_target_position():
+    """select_rows hands each head's target rows a row_lse drawn from one per-position pass
+    (TargetOutputs.position_lse, cached per temperature set): for every offset it equals head_lse
+    of those rows computed on their own (fp32, 1e-6; chunking differs), and the pass runs once."""
+    from training.drafters.base import HeadRows, TargetOutputs, select_rows
+
+    gen = torch.Generator().manual_seed(8)
+    b, t, h, v = 2, 11, 8, 29
+    head = torch.nn.Linear(h, v)
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    target = TargetOutputs(torch.zeros(b, t, dtype=torch.long), mask, (), head_input=torch.randn(b, t, h, generator=gen), lm_head=head)
+    for offset in range(3):
+        _, side = select_rows(torch.randn(b, t, 4, generator=gen), target, offset)
+        alone = losses.head_lse(HeadRows(side.hidden, side.weight, side.bias), (1.0, 0.6))
+        torch.testing.assert_close(side.row_lse((1.0, 0.6)), alone, atol=1e-6, rtol=1e-6)
+    assert list(target._lse) == [(1.0, 0.6)]
+
+
 def test_draft_rows_run_in_the_autocast_dtype_the_head_would():
     """HeadRows.of under bf16 autocast records bf16: the chunked logits then equal the head's own
     autocast output (what the materialised path trains on), and gradients reach the fp32 leaves

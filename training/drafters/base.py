@@ -13,7 +13,8 @@ Rows whose next token is not a training token (prompt tokens, padding) are left 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -36,6 +37,9 @@ class HeadRows:
     weight: torch.Tensor  # [V, H]
     bias: torch.Tensor | None = None  # [V]
     dtype: torch.dtype | None = None
+    # temperatures -> [len(temperatures), N] fp32 logsumexp of these rows' logits / T over the
+    # whole vocabulary, when it is shared with other heads' rows (select_rows: the target's)
+    row_lse: Callable[[tuple[float, ...]], torch.Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -73,10 +77,22 @@ class TargetOutputs:
     logits: torch.Tensor | None = None
     head_input: torch.Tensor | None = None
     lm_head: nn.Module | None = None
+    _lse: dict = field(default_factory=dict, compare=False, repr=False)  # temperatures -> position_lse
 
     @property
     def length(self) -> int:
         return self.input_ids.shape[1]
+
+    def position_lse(self, temperatures: tuple[float, ...]) -> torch.Tensor:  # [len(temperatures), B, T] fp32
+        """logsumexp(logits / T) at every position, computed once per batch and temperature set:
+        the K heads of EAGLE-3 / MEDUSA / MLP read the same target rows shifted, so a truncated
+        draft vocabulary needs one full-vocabulary pass per batch instead of one per head."""
+        if temperatures not in self._lse:
+            from training.losses import head_lse
+
+            rows = HeadRows(self.head_input.flatten(0, 1), self.lm_head.weight, getattr(self.lm_head, "bias", None))
+            self._lse[temperatures] = head_lse(rows, temperatures).unflatten(1, self.head_input.shape[:2])
+        return self._lse[temperatures]
 
     def all_logits(self) -> torch.Tensor:  # [B, T, V] fp32
         """Every row's logits at once (for tests and small models; training never needs them)."""
@@ -106,7 +122,8 @@ def select_rows(
     if target.logits is not None:
         return draft_side, target.logits[:, offset:][keep]
     lm_head = target.lm_head
-    return draft_side, HeadRows(target.head_input[:, offset:][keep], lm_head.weight, getattr(lm_head, "bias", None))
+    row_lse = lambda temperatures: target.position_lse(temperatures)[:, :, offset:][:, keep]  # noqa: E731
+    return draft_side, HeadRows(target.head_input[:, offset:][keep], lm_head.weight, getattr(lm_head, "bias", None), row_lse=row_lse)
 
 
 class Drafter(nn.Module):
