@@ -12,6 +12,7 @@ a resume must match).
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from dataclasses import dataclass
 
@@ -43,12 +44,21 @@ def init_distributed(device: torch.device, fsdp: bool = False) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), sharded=fsdp, owns_group=owns)
 
 
-def close_distributed(ctx: Dist) -> None:
-    """End the process group ``init_distributed`` created. A rank that exits with a live gloo group
-    can abort in the group's destructor ("terminate called without an active exception", exit -6:
-    seen on CI for the rank that finished while rank 0 still exported), failing the whole run."""
-    if ctx.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+def close_distributed(ctx: Dist, finished: bool) -> None:
+    """End the process group ``init_distributed`` created, on every rank together.
+
+    A rank that leaves while rank 0 still evaluates and exports, or that reaches interpreter exit
+    with gloo work objects still alive, can abort ("terminate called without an active
+    exception", exit -6; seen on CI twice for the rank that finished first, the second time with
+    the group destroyed), failing the whole run. So a run that finished waits for every rank
+    (``finished``; a failed rank skips it, and torchrun stops the others), frees FSDP2's state
+    (its hooks keep gloo work objects in reference cycles) and only then destroys the group."""
+    if not (ctx.owns_group and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def all_reduce(tensor: torch.Tensor, ctx: Dist) -> torch.Tensor:

@@ -219,10 +219,13 @@ def train(config: TrainConfig, target_dir: str | Path, data_path: str | Path, ou
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun rank
     ctx = init_distributed(device, config.fsdp)
+    finished = False
     try:
-        return _train(config, ctx, device, Path(out), Path(target_dir), Path(data_path), resume)
+        result = _train(config, ctx, device, Path(out), Path(target_dir), Path(data_path), resume)
+        finished = True
+        return result
     finally:
-        close_distributed(ctx)
+        close_distributed(ctx, finished)
 
 
 def _train(config: TrainConfig, ctx, device, run_dir: Path, target_dir: Path, data_path: Path, resume: bool) -> dict:
