@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,10 +21,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.config import ServerConfig
-from server.engine import SpecSetup, resolve_spec
+from server.engine import SpecSetup, build_engine, resolve_spec
 from server.errors import install_error_handlers
-from server.routes import chat, completions, health, models, observability, tokenize
+from server.routes import admin, chat, completions, health, models, observability, tokenize
 from server.state import ServerState
+from server.swap import Swapper
 from vllm_lk import __version__
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ async def _build(state: ServerState, factory: Callable[[], Any]) -> None:
         logger.exception("the engine failed to start")
         state.failed = err
         return
+    state.owned_engines.append(engine)
     state.attach(engine)
     logger.info("engine started in %.1f s", time.monotonic() - started)
 
@@ -74,10 +77,14 @@ async def _drain(state: ServerState) -> None:
     deadline = time.monotonic() + state.config.drain_timeout_s
     while state.admission.in_flight and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    if state.active_requests and state.engine is not None:
+    if state.active_requests:
         logger.warning("drain timeout: aborting %d engine requests", len(state.active_requests))
-        with contextlib.suppress(Exception):
-            await state.engine.abort(list(state.active_requests))
+        by_engine: dict[int, tuple[Any, list[str]]] = {}
+        for request_id, engine in state.active_requests.items():
+            by_engine.setdefault(id(engine), (engine, []))[1].append(request_id)
+        for engine, request_ids in by_engine.values():
+            with contextlib.suppress(Exception):
+                await engine.abort(request_ids)
 
 
 def _openapi_as_served(app: FastAPI):
@@ -99,10 +106,13 @@ def _openapi_as_served(app: FastAPI):
     return openapi
 
 
-def create_app(config: ServerConfig, engine: Any, *, spec: SpecSetup | None = None) -> FastAPI:
-    """The app over ``engine`` (a started AsyncLLM, or a callable that builds one)."""
+def create_app(config: ServerConfig, engine: Any, *, spec: SpecSetup | None = None,
+               engine_factory: Callable[[SpecSetup], Any] | None = None) -> FastAPI:
+    """The app over ``engine`` (a started AsyncLLM, or a callable that builds one).
+    ``engine_factory(spec)`` builds the engines of drafter swaps (default: ``build_engine``)."""
     state = ServerState(config, spec if spec is not None else resolve_spec(config))
     owns_engine = callable(engine)
+    swapper = Swapper(state, engine_factory or functools.partial(build_engine, config))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -114,9 +124,11 @@ def create_app(config: ServerConfig, engine: Any, *, spec: SpecSetup | None = No
             yield
         finally:
             await _drain(state)
-            if owns_engine and state.engine is not None:
+            if swapper.retiring is not None:
+                swapper.retiring.cancel()
+            for owned in state.owned_engines:  # built here, at start or by drafter swaps
                 logger.info("shutting the engine down")
-                state.engine.shutdown()
+                owned.shutdown()
 
     app = FastAPI(
         title="vllm-lk", version=__version__, lifespan=lifespan,
@@ -125,9 +137,12 @@ def create_app(config: ServerConfig, engine: Any, *, spec: SpecSetup | None = No
         "per-position acceptance).",
     )
     app.state.server = state
+    app.state.swapper = swapper
     install_error_handlers(app)
     for module in (completions, chat, models, tokenize, health, observability):
         app.include_router(module.router)
+    if state.admin_key is not None:
+        app.include_router(admin.router)
     app.add_middleware(RequestCounter, state=state)
     app.openapi = _openapi_as_served(app)
     return app

@@ -168,6 +168,12 @@ def _populate_serve(serve: argparse.ArgumentParser) -> None:
     keys = serve.add_mutually_exclusive_group()
     keys.add_argument("--api-key", dest="api_key", default=None, help="require 'Authorization: Bearer KEY'")
     keys.add_argument("--api-key-file", dest="api_key_file", type=Path, default=None, help="file holding the API key")
+    serve.add_argument("--admin-key", dest="admin_key", default=None,
+                       help="key of the admin routes (POST /admin/drafter swaps the drafter live); default: "
+                       "$VLLM_LK_ADMIN_KEY; without either there are no admin routes")
+    serve.add_argument("--swap-strategy", dest="swap_strategy", choices=["beside", "restart"], default=None,
+                       help="a swap to a drafter of another shape: beside (default; a new engine next to the old) "
+                       "or restart (drain, stop, start: for when memory holds one engine)")
     serve.add_argument("--served-model-name", dest="served_model_name", default=None,
                        help="model id clients send (default: the target's Hugging Face id, else its directory name)")
     serve.add_argument("--max-queue", dest="max_queue", type=int, default=None,
@@ -176,8 +182,6 @@ def _populate_serve(serve: argparse.ArgumentParser) -> None:
                        help="seconds in-flight requests may finish on shutdown (default: 30)")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then any vLLM engine arguments")
     serve.set_defaults(func=_serve)
-
-
 
 
 def _populate_toy_target(toy: argparse.ArgumentParser) -> None:

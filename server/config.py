@@ -8,12 +8,15 @@ unchanged (``engine_args``), so parallelism, context length, dtype and memory ar
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vllm_lk.errors import InvalidInput
+
+ADMIN_KEY_ENV = "VLLM_LK_ADMIN_KEY"
 
 
 class ServerConfig(BaseModel):
@@ -43,6 +46,13 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     api_key: str | None = Field(None, description="Bearer key clients must send (None: no authentication)")
     api_key_file: Path | None = Field(None, description="file whose first line is the API key (instead of --api-key)")
+    admin_key: str | None = Field(
+        None, description="Bearer key of the admin routes (POST /admin/drafter); None: the environment's "
+        "VLLM_LK_ADMIN_KEY, and without either the server has no admin routes. Must differ from api_key")
+    swap_strategy: Literal["beside", "restart"] = Field(
+        "beside", description="a drafter swap that needs a new engine: beside (start it next to the serving one, "
+        "switch traffic, drain the old; needs memory for both) or restart (drain, stop, start the new one; requests "
+        "arriving meanwhile wait for it)")
     served_model_name: str | None = Field(
         None, description="model id clients send (default: the target's Hugging Face id when given as one, else its directory name)")
     open_metrics: bool = Field(True, description="serve /metrics and /dashboard without the API key")
@@ -67,6 +77,8 @@ class ServerConfig(BaseModel):
             raise ValueError("give api_key or api_key_file, not both")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.admin_key is not None and not self.admin_key:
+            raise ValueError("admin_key must not be empty")
         for key in ("model", "speculative_config", "per_request_spec_decode_metrics", "served_model_name"):
             if key in self.engine_args:
                 raise ValueError(f"engine_args may not set {key!r}: it is set from the server config")
@@ -81,6 +93,13 @@ class ServerConfig(BaseModel):
         key = lines[0].strip() if lines else ""
         if not key:
             raise InvalidInput(f"{self.api_key_file}: empty API key file")
+        return key
+
+    def resolved_admin_key(self) -> str | None:
+        """``admin_key``, else the environment's ``VLLM_LK_ADMIN_KEY`` (None: no admin routes)."""
+        key = self.admin_key if self.admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
+        if key is not None and key == self.resolved_api_key():
+            raise InvalidInput("the admin key must differ from the API key: every client holds the API key")
         return key
 
     def model_name(self) -> str:

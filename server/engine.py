@@ -50,17 +50,24 @@ def resolve_spec(config: ServerConfig) -> SpecSetup:
     """Method and K from the config, else from the drafter's LK metadata (what it was trained for)."""
     if config.drafter is None:
         return SpecSetup()
+    return drafter_spec(config.drafter, config.method, config.num_speculative_tokens)
+
+
+def drafter_spec(drafter: str | Path, method: str | None = None, k: int | None = None,
+                 fallback_k: int | None = None) -> SpecSetup:
+    """The setup that serves ``drafter`` (a drafter directory or a training run holding one in
+    ``drafter/``): ``method`` and ``k`` when given, else its LK metadata's, else ``fallback_k`` / the defaults."""
     from vllm_lk.checkpoint import read_lk_metadata
 
-    drafter = Path(config.drafter)
+    drafter = Path(drafter)
     if not (drafter / "config.json").is_file() and (drafter / "drafter" / "config.json").is_file():
         logger.info("%s is a training run directory: serving its exported drafter %s", drafter, drafter / "drafter")
         drafter = drafter / "drafter"  # `vllm-lk train --out RUN_DIR` exports to RUN_DIR/drafter
     if not (drafter / "config.json").is_file():
         raise MissingInput(f"{drafter} is not a drafter directory (no config.json, and no {drafter / 'drafter'} either)")
     metadata = read_lk_metadata(drafter)
-    method = config.method or (metadata or {}).get("vllm_method") or DEFAULT_METHOD
-    k = config.num_speculative_tokens or _trained_k(metadata) or DEFAULT_K
+    method = method or (metadata or {}).get("vllm_method") or DEFAULT_METHOD
+    k = k or _trained_k(metadata) or fallback_k or DEFAULT_K
     return SpecSetup(drafter=str(drafter.resolve()), method=method, num_speculative_tokens=k, lk_metadata=metadata)
 
 

@@ -151,6 +151,9 @@ class EngineRun:
     def __post_init__(self) -> None:
         self.id = new_request_id(self.prefix)
         self.n = self.params.n
+        # the engine and drafter serving now: a drafter swap during the request does not move it
+        self.engine, self.spec_setup = self.state.engine, self.state.spec
+        self.state.hold(self.engine)
         self.state.metrics.waiting.inc()
         self.state.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in self.prompts))
 
@@ -165,7 +168,7 @@ class EngineRun:
     def spec(self) -> SpecStats | None:
         """All choices' speculative stats together (None without a drafter); not a copy when
         there is one choice, so treat it as read-only."""
-        k = self.state.spec.num_speculative_tokens
+        k = self.spec_setup.num_speculative_tokens
         if not k:
             return None
         if len(self.choices) == 1:
@@ -196,12 +199,12 @@ class EngineRun:
     async def _outputs(self):
         from vllm.inputs.engine import tokens_input
 
-        engine = self.state.engine
+        engine = self.engine
         streams = []
         for i, prompt in enumerate(self.prompts):
             request_id = f"{self.id}-{i}"
             self._engine_ids.append(request_id)
-            self.state.active_requests.add(request_id)
+            self.state.active_requests[request_id] = engine
             inputs = tokens_input(prompt.token_ids, prompt=prompt.text)
             streams.append(engine.generate(inputs, self.params, request_id))
         if len(streams) == 1:
@@ -217,7 +220,7 @@ class EngineRun:
         index = prompt_index * self.n + out.index
         choice = self.choices.get(index)
         if choice is None:
-            choice = self.choices[index] = ChoiceState(ChoiceTracker(self.state.spec.num_speculative_tokens))
+            choice = self.choices[index] = ChoiceState(ChoiceTracker(self.spec_setup.num_speculative_tokens))
         new_tokens = len(out.token_ids)
         if new_tokens:
             if self.first_token is None:
@@ -227,7 +230,7 @@ class EngineRun:
                 self.state.metrics.running.inc()
             self.last_token = now
             choice.tokens += new_tokens
-        delta = choice.spec.update(out.spec_decode_metrics) if self.state.spec.num_speculative_tokens else None
+        delta = choice.spec.update(out.spec_decode_metrics) if self.spec_setup.num_speculative_tokens else None
         if new_tokens or delta is not None:
             self.state.metrics.add_output(new_tokens, delta)
             self.state.window.add(new_tokens, delta)
@@ -243,8 +246,10 @@ class EngineRun:
         metrics = self.state.metrics
         (metrics.running if self.first_token is not None else metrics.waiting).dec()
         unfinished = [rid for rid in self._engine_ids if rid not in self._finished_ids]
-        self.state.active_requests.difference_update(self._engine_ids)
-        self.state.abort_soon(unfinished)
+        for rid in self._engine_ids:
+            self.state.active_requests.pop(rid, None)
+        self.state.abort_soon(unfinished, self.engine)
+        self.state.release(self.engine)
         self.ticket.release()
         spec = self.spec()
         length = spec.acceptance_length if spec is not None else None

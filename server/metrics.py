@@ -143,9 +143,18 @@ class ServerMetrics:
         for endpoint in API_ENDPOINTS:
             for status in ALERTED_STATUSES:
                 self.requests.labels(endpoint, status)
+        self.drafter_swaps = Counter(
+            "vllm_lk_drafter_swaps", "Drafters swapped into the running server (POST /admin/drafter)", registry=r)
         self.registry.register(WindowCollector(window, window_s))
         self.engine_stats = EngineStatsCollector()
         self.registry.register(self.engine_stats)
+
+    def ensure_positions(self, num_positions: int) -> None:
+        """Count draft positions up to ``num_positions`` (a swapped-in drafter with a larger K)."""
+        for position in range(self.num_positions, num_positions):
+            self._drafted.append(self.drafted.labels(str(position)))
+            self._accepted.append(self.accepted.labels(str(position)))
+        self.num_positions = max(self.num_positions, num_positions)
 
     def set_info(self, **labels: str) -> None:
         self.info.info({key: str(value) for key, value in labels.items()})

@@ -335,6 +335,21 @@ class ModelCard(BaseModel):
         None, description="drafter, method, num_speculative_tokens and the drafter's LK metadata")
 
 
+class DrafterSwapRequest(BaseModel):
+    """``POST /admin/drafter``: the drafter to serve from now on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., min_length=1, description="drafter directory on the server's disk (an export of "
+                      "`vllm-lk train`, a training run directory holding one in drafter/, or any vLLM draft)")
+    mode: Literal["auto", "in_place", "new_engine"] = Field(
+        "auto", description="auto: in place when the drafter has the served one's shape, else a new engine; "
+        "in_place: refuse unless it can be loaded in place; new_engine: always a new engine")
+    method: str | None = Field(None, description="vLLM speculative method (default: the drafter's LK metadata)")
+    num_speculative_tokens: int | None = Field(
+        None, ge=1, le=16, description="K (default: the drafter's trained K, else the served K)")
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

@@ -1,4 +1,4 @@
-"""What one running app knows: config, engine, readiness, admission, metrics.
+"""What one running app knows: config, engine, readiness, admission, metrics, the drafter.
 
 Kept on ``app.state.server`` rather than in module globals, so several apps can live in one
 process (tests run two over one engine) and nothing leaks between them.
@@ -12,12 +12,26 @@ import time
 from typing import Any
 
 from server.config import ServerConfig
+from server.drafters import DrafterDir, check_drafter_dir
 from server.engine import SpecSetup
 from server.errors import APIError
 from server.metrics import ServerMetrics
 from server.window import SpecWindow
+from vllm_lk.errors import InvalidInput, MissingInput
 
 logger = logging.getLogger(__name__)
+
+
+def _checked(drafter: str | None) -> DrafterDir | None:
+    """The served drafter's checked directory (None without one, or when it cannot be read as
+    one: vLLM is the judge of what it serves; only swaps need the check)."""
+    if drafter is None:
+        return None
+    try:
+        return check_drafter_dir(drafter)
+    except (InvalidInput, MissingInput) as err:
+        logger.warning("drafter %s: %s (it cannot be swapped in place)", drafter, err)
+        return None
 
 
 class Ticket:
@@ -58,15 +72,11 @@ class ServerState:
         self.config = config
         self.spec = spec
         self.api_key = config.resolved_api_key()
+        self.admin_key = config.resolved_admin_key()
         self.model_name = config.model_name()
         self.created = int(time.time())
         self.window = SpecWindow(spec.num_speculative_tokens, config.dashboard_bucket_s, config.dashboard_horizon_s)
         self.metrics = ServerMetrics(spec.num_speculative_tokens, self.window, config.window_s)
-        self.metrics.set_info(
-            served_model_name=self.model_name, target=str(config.target), drafter=str(spec.drafter or ""),
-            method=str(spec.method or "none"), num_speculative_tokens=str(spec.num_speculative_tokens), loss=spec.loss,
-            speculation=config.speculation if spec.drafter else "none",
-        )
         self.admission = Admission(config.max_queue, config.retry_after_s)
         self.engine: Any = None
         self.tokenizer: Any = None
@@ -76,7 +86,17 @@ class ServerState:
         self.draining = False
         self.failed: BaseException | None = None
         self.background: set[asyncio.Task] = set()  # keeps fire-and-forget tasks (aborts) alive
-        self.active_requests: set[str] = set()  # engine request ids, aborted if a drain times out
+        # engine request id -> the engine running it (a drafter swap leaves old requests on the
+        # old engine), aborted if a drain times out
+        self.active_requests: dict[str, Any] = {}
+        self._held: dict[int, int] = {}  # id(engine) -> client requests running on it
+        self.owned_engines: list[Any] = []  # engines this app built and must shut down
+        self.drafter_dir: DrafterDir | None = _checked(spec.drafter)  # the served drafter, as checked
+        self.swaps = 0  # drafters swapped in since start
+        self.swap_status: dict[str, Any] = {"state": "idle"}  # what GET /admin/drafter reports
+        self._serving = asyncio.Event()  # cleared while a restart swaps the engine
+        self._serving.set()
+        self.publish_info()
 
     def attach(self, engine) -> None:
         """Take a started engine: read what request validation needs from it, then turn ready."""
@@ -97,7 +117,29 @@ class ServerState:
 
     @property
     def engine_dead(self) -> bool:
-        return self.failed is not None or (self.engine is not None and bool(getattr(self.engine, "errored", False)))
+        if self.failed is not None:
+            return True
+        return not self.paused and self.engine is not None and bool(getattr(self.engine, "errored", False))
+
+    @property
+    def paused(self) -> bool:
+        """A drafter swap is restarting the engine: requests wait (:meth:`until_serving`)."""
+        return not self._serving.is_set()
+
+    def pause(self) -> None:
+        self._serving.clear()
+
+    def resume(self) -> None:
+        self._serving.set()
+
+    async def until_serving(self) -> None:
+        """Wait out an engine restart (a drafter swap), then like :meth:`require_ready`."""
+        if self.paused:
+            try:
+                await asyncio.wait_for(self._serving.wait(), self.config.request_timeout_s)
+            except TimeoutError:
+                pass  # require_ready says why
+        self.require_ready()
 
     def require_ready(self) -> None:
         """503 unless requests can be served now."""
@@ -105,6 +147,9 @@ class ServerState:
             raise APIError(503, "the engine has failed; the server cannot serve requests", code="engine_dead")
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
+        if self.paused:
+            raise APIError(503, "the engine is restarting with a new drafter; requests wait for it",
+                           code="swapping_drafter", headers={"Retry-After": "5"})
         if self.engine is None:
             raise APIError(503, "the engine is still starting; retry when GET /ready returns 200",
                            code="not_ready", headers={"Retry-After": "5"})
@@ -127,13 +172,56 @@ class ServerState:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    def abort_soon(self, request_ids: list[str]) -> None:
-        """Abort engine requests from a fresh task: a cancelled request's own task cannot await."""
-        if request_ids and self.engine is not None:
-            self.spawn(self._abort(list(request_ids)))
+    def hold(self, engine) -> None:
+        """A client request starts on ``engine`` (the one serving now)."""
+        self._held[id(engine)] = self._held.get(id(engine), 0) + 1
 
-    async def _abort(self, request_ids: list[str]) -> None:
+    def release(self, engine) -> None:
+        """A client request that :meth:`hold` counted has ended."""
+        self._held[id(engine)] -= 1
+        if not self._held[id(engine)]:
+            del self._held[id(engine)]
+
+    def in_flight_on(self, engine) -> int:
+        """Client requests still running on ``engine`` (a swapped-out engine drains to 0)."""
+        return self._held.get(id(engine), 0)
+
+    @property
+    def drafter_identity(self) -> str | None:
+        return self.drafter_dir.identity if self.drafter_dir is not None else None
+
+    def switch(self, engine, spec: SpecSetup, drafter: DrafterDir | None) -> None:
+        """Serve new requests with ``engine`` and ``spec`` from now on (a drafter swap); requests
+        already running stay where they are."""
+        self.engine, self.spec, self.drafter_dir = engine, spec, drafter
+        if spec.num_speculative_tokens and self.default_sampling.pop("min_p", 0):
+            logger.warning("the model's generation_config sets min_p, which speculative decoding cannot honour: "
+                           "requests run without it from now on")
+        self.swaps += 1
+        self.metrics.ensure_positions(spec.num_speculative_tokens)
+        self.window.num_positions = max(self.window.num_positions, spec.num_speculative_tokens)
+        self.metrics.drafter_swaps.inc()
+        self.publish_info()
+
+    def publish_info(self) -> None:
+        """``vllm_lk_info``: what is served now."""
+        spec = self.spec
+        self.metrics.set_info(
+            served_model_name=self.model_name, target=str(self.config.target), drafter=str(spec.drafter or ""),
+            drafter_id=self.drafter_identity or "", swaps=str(self.swaps),
+            method=str(spec.method or "none"), num_speculative_tokens=str(spec.num_speculative_tokens), loss=spec.loss,
+            speculation=self.config.speculation if spec.drafter else "none",
+        )
+
+    def abort_soon(self, request_ids: list[str], engine=None) -> None:
+        """Abort engine requests (on ``engine``, default the serving one) from a fresh task: a
+        cancelled request's own task cannot await."""
+        engine = engine if engine is not None else self.engine
+        if request_ids and engine is not None:
+            self.spawn(self._abort(engine, list(request_ids)))
+
+    async def _abort(self, engine, request_ids: list[str]) -> None:
         try:
-            await self.engine.abort(request_ids)
+            await engine.abort(request_ids)
         except Exception:  # the engine may be shutting down; nothing left to free then
             logger.debug("abort of %s failed", request_ids, exc_info=True)

@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from vllm_lk import request_metrics, sampling, speculation
+from vllm_lk import reload, request_metrics, sampling, speculation
 from vllm_lk.proposers import (
     LKMLPProposer,
     draft_sample,
@@ -373,6 +373,7 @@ def apply() -> bool:
     WorkerBase.lk_set_speculation = speculation.set_speculation  # LLM.collective_rpc("lk_set_speculation", ...)
     WorkerBase.lk_speculation_state = speculation.policy_snapshot
     WorkerBase.lk_speculation_stats = speculation.speculation_stats  # polled by the server for /metrics
+    WorkerBase.lk_load_drafter_weights = reload.load_drafter_weights  # the server's in-place drafter swap
 
     request_metrics.install()
     _applied = True

@@ -93,7 +93,7 @@ def _response(state: ServerState, body: ChatCompletionRequest, run: EngineRun, c
              summary="Create a chat completion (streams as server-sent events with stream: true)")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
-    state.require_ready()
+    await state.until_serving()
     check_model(state, body.model)
     check_supported(body)
     prompt = await render_chat(state, body)

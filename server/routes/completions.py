@@ -101,7 +101,7 @@ def _response(state: ServerState, body: CompletionRequest, run: EngineRun, choic
              summary="Create a completion (streams as server-sent events with stream: true)")
 async def create_completion(body: CompletionRequest, request: Request):
     state = server_state(request)
-    state.require_ready()
+    await state.until_serving()
     check_model(state, body.model)
     check_supported(body)
     prompts = await _prompts(state, body)

@@ -19,7 +19,7 @@ def model_card(state: ServerState) -> ModelCard:
     if spec.drafter is not None:
         speculative = {
             "drafter": spec.drafter, "method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens,
-            "lk_metadata": spec.lk_metadata,
+            "lk_metadata": spec.lk_metadata, "identity": state.drafter_identity, "swaps": state.swaps,
         }
     return ModelCard(id=state.model_name, created=state.created, root=str(state.config.target),
                      max_model_len=state.max_model_len, speculative=speculative)
