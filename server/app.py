@@ -107,9 +107,11 @@ def _openapi_as_served(app: FastAPI):
 
 
 def create_app(config: ServerConfig, engine: Any, *, spec: SpecSetup | None = None,
-               engine_factory: Callable[[SpecSetup], Any] | None = None) -> FastAPI:
+               engine_factory: Callable[[SpecSetup], Any] | None = None, drafter_build: Any = None) -> FastAPI:
     """The app over ``engine`` (a started AsyncLLM, or a callable that builds one).
-    ``engine_factory(spec)`` builds the engines of drafter swaps (default: ``build_engine``)."""
+    ``engine_factory(spec)`` builds the engines of drafter swaps (default: ``build_engine``);
+    ``drafter_build`` (server.drafter_build.DefaultDrafterBuild) builds a drafter in the
+    background once the engine serves, and swaps it in."""
     state = ServerState(config, spec if spec is not None else resolve_spec(config))
     owns_engine = callable(engine)
     swapper = Swapper(state, engine_factory or functools.partial(build_engine, config))
@@ -120,9 +122,13 @@ def create_app(config: ServerConfig, engine: Any, *, spec: SpecSetup | None = No
             state.spawn(_build(state, engine))
         else:
             state.attach(engine)
+        if drafter_build is not None:
+            state.spawn(drafter_build.run(state, swapper))
         try:
             yield
         finally:
+            if drafter_build is not None:
+                drafter_build.stop()
             await _drain(state)
             if swapper.retiring is not None:
                 swapper.retiring.cancel()

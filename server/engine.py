@@ -88,7 +88,8 @@ def engine_kwargs(config: ServerConfig, spec: SpecSetup) -> dict[str, Any]:
     kwargs.update(config.engine_args)
     kwargs["model"] = str(config.target)
     kwargs["served_model_name"] = config.model_name()
-    kwargs["per_request_spec_decode_metrics"] = "detailed"
+    if spec.drafter is not None:  # vLLM refuses it without speculation
+        kwargs["per_request_spec_decode_metrics"] = "detailed"
     kwargs.setdefault("disable_log_stats", False)  # vLLM's vllm:* Prometheus metrics need stat logging
     if spec.drafter is not None and config.speculation == "adaptive":
         kwargs.setdefault("async_scheduling", False)  # a per-step K needs it (vllm_lk.speculation)

@@ -1,8 +1,8 @@
 """Run the server: resolve the embedded defaults, build the app, serve it with uvicorn.
 
 Without a target this serves the toy target (built on first use, cached); without a drafter, the
-default LK-trained drafter for the toy target from ``training.toy.default_drafter`` (also built on
-first use, cached). Any other target without a drafter is served without speculation (the default
+default LK-trained drafter for the toy target from ``training.toy.default_drafter`` (built on
+first use in the background while the target already serves, then swapped in; cached). Any other target without a drafter is served without speculation (the default
 drafter's recipe is for the toy target only), as it is when ``default_drafter`` is off.
 """
 
@@ -37,8 +37,16 @@ def _resolve_given(config: ServerConfig) -> dict:
 
 def resolve_defaults(config: ServerConfig) -> ServerConfig:
     """Fill in target and drafter (resolving Hugging Face ids, building the embedded defaults if needed)."""
+    return _resolve(config, serve_first=False)[0]
+
+
+def _resolve(config: ServerConfig, serve_first: bool) -> tuple[ServerConfig, Path | None]:
+    """:func:`resolve_defaults`; with ``serve_first`` a default drafter that is not built yet is
+    not built here: the config serves without it and the target it is for is returned (the
+    server builds it in the background, server.drafter_build)."""
     updates = _resolve_given(config)
     target = updates.get("target", config.target)
+    pending = None
     if target is None:
         from training.toy.target import SERVED_NAME, ToyTargetConfig, build_toy_target
 
@@ -54,7 +62,7 @@ def resolve_defaults(config: ServerConfig) -> ServerConfig:
             from training.toy.target import METADATA_FILE
         except ImportError:
             logger.warning("no default drafter available (training.toy.default_drafter missing): serving without speculation")
-            return config.model_copy(update=updates) if updates else config
+            return (config.model_copy(update=updates) if updates else config), None
         if not (Path(target) / METADATA_FILE).is_file():
             # the default drafter is trained on stdlib prompts, on this machine's CPU: right for the toy
             # target, wrong for a served model (hours in fp32, and the wrong data)
@@ -63,10 +71,14 @@ def resolve_defaults(config: ServerConfig) -> ServerConfig:
                 "(docs/training.md: `vllm-lk generate` then `vllm-lk train`, on the GPU) and pass --drafter RUN_DIR",
                 target)
         else:
-            updates["drafter"] = Path(default_drafter.ensure_default_drafter(Path(target)))
+            cached = default_drafter.cached_default_drafter(Path(target)) if serve_first else None
+            if serve_first and cached is None:
+                pending = Path(target)
+            else:
+                updates["drafter"] = cached or Path(default_drafter.ensure_default_drafter(Path(target)))
             if config.num_speculative_tokens is None:
                 updates["num_speculative_tokens"] = getattr(default_drafter, "SERVED_K", None)
-    return config.model_copy(update=updates) if updates else config
+    return (config.model_copy(update=updates) if updates else config), pending
 
 
 async def _watch(server, state) -> None:
@@ -95,9 +107,14 @@ def serve(config: ServerConfig) -> int:
     from server.app import create_app
     from server.engine import build_engine, resolve_spec
 
-    config = resolve_defaults(config)
+    config, pending = _resolve(config, serve_first=True)
     spec = resolve_spec(config)
-    app = create_app(config, partial(build_engine, config, spec), spec=spec)
+    build = None
+    if pending is not None:
+        from server.drafter_build import DefaultDrafterBuild
+
+        build = DefaultDrafterBuild(pending, num_speculative_tokens=config.num_speculative_tokens)
+    app = create_app(config, partial(build_engine, config, spec), spec=spec, drafter_build=build)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.access_log,
         timeout_graceful_shutdown=config.drain_timeout_s,

@@ -333,6 +333,8 @@ class ModelCard(BaseModel):
     max_model_len: int
     speculative: dict[str, Any] | None = Field(
         None, description="drafter, method, num_speculative_tokens and the drafter's LK metadata")
+    drafter_build: dict[str, Any] | None = Field(
+        None, description="the background build of the default drafter (state, stage, fraction), when there is one")
 
 
 class DrafterSwapRequest(BaseModel):

@@ -94,6 +94,7 @@ class ServerState:
         self.drafter_dir: DrafterDir | None = _checked(spec.drafter)  # the served drafter, as checked
         self.swaps = 0  # drafters swapped in since start
         self.swap_status: dict[str, Any] = {"state": "idle"}  # what GET /admin/drafter reports
+        self.drafter_build: dict[str, Any] | None = None  # a background build of the default drafter
         self._serving = asyncio.Event()  # cleared while a restart swaps the engine
         self._serving.set()
         self.publish_info()

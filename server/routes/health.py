@@ -33,7 +33,10 @@ async def ready(request: Request):
         state.require_ready()
     except APIError as err:
         return error_response(err)
-    return JSONResponse({"status": "ready", "model": state.model_name})
+    body = {"status": "ready", "model": state.model_name}
+    if state.drafter_build is not None:
+        body["drafter_build"] = state.drafter_build  # serving without speculation until it is swapped in
+    return JSONResponse(body)
 
 
 @router.get("/version", summary="vLLM's version (as vLLM's server reports it) and vllm-lk's")

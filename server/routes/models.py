@@ -22,7 +22,7 @@ def model_card(state: ServerState) -> ModelCard:
             "lk_metadata": spec.lk_metadata, "identity": state.drafter_identity, "swaps": state.swaps,
         }
     return ModelCard(id=state.model_name, created=state.created, root=str(state.config.target),
-                     max_model_len=state.max_model_len, speculative=speculative)
+                     max_model_len=state.max_model_len, speculative=speculative, drafter_build=state.drafter_build)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, summary="List the served model")

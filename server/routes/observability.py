@@ -59,7 +59,7 @@ async def dashboard_data(request: Request) -> dict:
         "info": {
             "model": state.model_name, "drafter": state.spec.drafter, "method": state.spec.method,
             "num_speculative_tokens": k, "loss": state.spec.loss, "drafter_id": state.drafter_identity,
-            "swaps": state.swaps, "swap": state.swap_status,
+            "swaps": state.swaps, "swap": state.swap_status, "drafter_build": state.drafter_build,
             **served_prediction(metadata, k), "offline_alpha": metadata.get("offline_alpha"),
         },
         "window": {

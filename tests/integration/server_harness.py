@@ -40,19 +40,19 @@ def tiny_config(target: Path, drafter: Path | None, **overrides) -> ServerConfig
 class LiveEngine:
     """The shared engine plus the background event loop that serves apps over it."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, start_engine: bool = True):
         self.config = config
         self.spec = resolve_spec(config)
-        self.engine = build_engine(config, self.spec)
+        self.engine = build_engine(config, self.spec) if start_engine else None  # None: apps build their own
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="uvicorn-loop", daemon=True)
         self.thread.start()
         self.servers: list[tuple[uvicorn.Server, object]] = []
 
-    def serve(self, config: ServerConfig | None = None, engine=None):
+    def serve(self, config: ServerConfig | None = None, engine=None, **app_kwargs):
         """Start an app (default: the engine's own config) on a free port; returns (base_url, app)."""
         config = config or self.config
-        app = create_app(config, engine if engine is not None else self.engine, spec=self.spec)
+        app = create_app(config, engine if engine is not None else self.engine, spec=self.spec, **app_kwargs)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -88,7 +88,8 @@ class LiveEngine:
 
 
     async def _shutdown_engine(self) -> None:
-        self.engine.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
 
 
 class EngineWrapper:

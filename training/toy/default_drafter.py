@@ -107,6 +107,50 @@ def ensure_default_data(target: Path, config: DefaultDrafterConfig) -> Path:
     return data
 
 
+def cached_default_drafter(target_dir: Path, config: DefaultDrafterConfig | None = None) -> Path | None:
+    """The finished default drafter for ``target_dir`` if the cache holds one, else None."""
+    drafter_dir = default_drafter_dir(Path(target_dir), config or DefaultDrafterConfig()) / "run" / "drafter"
+    return drafter_dir if (drafter_dir / "lk_metadata.json").is_file() else None
+
+
+def _lines(path: Path) -> int:
+    try:
+        with path.open("rb") as handle:
+            return sum(1 for _ in handle)
+    except FileNotFoundError:
+        return 0
+
+
+def _last_step(metrics: Path) -> int:
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+            continue  # a line being written
+    return 0
+
+
+def build_progress(target_dir: Path, config: DefaultDrafterConfig | None = None) -> dict:
+    """How far a build of the default drafter is, read from its files (so any process can ask):
+    ``{"stage": "data"|"training"|"done", "done", "total", "fraction"}``, fraction over the whole
+    build (data ~ 20 %, training the rest: the measured split of a first `make serve`)."""
+    config = config or DefaultDrafterConfig()
+    target_dir = Path(target_dir)
+    if cached_default_drafter(target_dir, config) is not None:
+        return {"stage": "done", "done": config.steps, "total": config.steps, "fraction": 1.0}
+    data = default_data_dir(target_dir, config)
+    if not (data / "train.jsonl").is_file():
+        total = config.code_prompts + config.docstring_prompts
+        done = min(total, _lines(data / "code.jsonl") + _lines(data / "docstring.jsonl"))
+        return {"stage": "data", "done": done, "total": total, "fraction": round(0.2 * done / total, 4)}
+    step = min(config.steps, _last_step(default_drafter_dir(target_dir, config) / "run" / "metrics.jsonl"))
+    return {"stage": "training", "done": step, "total": config.steps, "fraction": round(0.2 + 0.8 * step / config.steps, 4)}
+
+
 def ensure_default_drafter(target_dir: str | Path | None = None, config: DefaultDrafterConfig | None = None) -> Path:
     """Directory of the default drafter for ``target_dir`` (default: the toy target), building it
     (generate, then train) if the cache does not hold a finished one."""
@@ -125,3 +169,23 @@ def ensure_default_drafter(target_dir: str | Path | None = None, config: Default
     run_dir = work / "run"
     train(config.train_config(), target, data, run_dir, resume=(run_dir / "checkpoints").is_dir())
     return drafter_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.toy.default_drafter --target DIR [--config JSON]``: build (or find) the
+    default drafter and print its directory; what the server runs in the background (a process
+    of its own, so training never competes with the server's event loop)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m training.toy.default_drafter")
+    parser.add_argument("--target", type=Path, required=True, help="target directory")
+    parser.add_argument("--config", default=None, help="DefaultDrafterConfig fields as JSON (default: the defaults)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = DefaultDrafterConfig(**json.loads(args.config)) if args.config else DefaultDrafterConfig()
+    print(ensure_default_drafter(args.target, config), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
