@@ -135,6 +135,8 @@ def create_app(config: ServerConfig, engine: Any, *, spec: SpecSetup | None = No
             for owned in state.owned_engines:  # built here, at start or by drafter swaps
                 logger.info("shutting the engine down")
                 owned.shutdown()
+            if state.capture is not None:
+                state.capture.close()
 
     app = FastAPI(
         title="vllm-lk", version=__version__, lifespan=lifespan,

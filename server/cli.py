@@ -174,6 +174,12 @@ def _populate_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--swap-strategy", dest="swap_strategy", choices=["beside", "restart"], default=None,
                        help="a swap to a drafter of another shape: beside (default; a new engine next to the old) "
                        "or restart (drain, stop, start: for when memory holds one engine)")
+    serve.add_argument("--capture", dest="capture_dir", type=Path, default=None,
+                       help="store served requests (PROMPTS AND COMPLETIONS) as rotating 0600 JSONL in DIR for retraining")
+    serve.add_argument("--capture-rate", dest="capture_rate", type=float, default=None,
+                       help="share of requests captured (default: 1)")
+    serve.add_argument("--capture-max-mib", dest="capture_max_mib", type=float, default=None,
+                       help="size cap of the capture directory in MiB (default: 256)")
     serve.add_argument("--served-model-name", dest="served_model_name", default=None,
                        help="model id clients send (default: the target's Hugging Face id, else its directory name)")
     serve.add_argument("--max-queue", dest="max_queue", type=int, default=None,

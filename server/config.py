@@ -53,6 +53,11 @@ class ServerConfig(BaseModel):
         "beside", description="a drafter swap that needs a new engine: beside (start it next to the serving one, "
         "switch traffic, drain the old; needs memory for both) or restart (drain, stop, start the new one; requests "
         "arriving meanwhile wait for it)")
+    capture_dir: Path | None = Field(
+        None, description="capture served requests (prompts and completions: they are stored on disk, 0600) to "
+        "rotating JSONL in this directory, for `vllm-lk adapt` / `vllm-lk train --data`; None: no capture")
+    capture_rate: float = Field(1.0, gt=0, le=1, description="share of requests captured (sampled per request)")
+    capture_max_mib: float = Field(256.0, gt=0, description="most MiB the capture directory holds (oldest files deleted)")
     served_model_name: str | None = Field(
         None, description="model id clients send (default: the target's Hugging Face id when given as one, else its directory name)")
     open_metrics: bool = Field(True, description="serve /metrics and /dashboard without the API key")

@@ -129,6 +129,11 @@ class ChoiceState:
     spec: ChoiceTracker
     tokens: int = 0
     finished: bool = False
+    # kept only when the request is captured (server.capture)
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    record: object = None  # vLLM's cumulative RequestSpecDecodeMetrics
 
 
 @dataclass
@@ -153,7 +158,9 @@ class EngineRun:
         self.n = self.params.n
         # the engine and drafter serving now: a drafter swap during the request does not move it
         self.engine, self.spec_setup = self.state.engine, self.state.spec
+        self.spec_drafter_id = self.state.drafter_identity
         self.state.hold(self.engine)
+        self.captured = self.state.capture is not None and self.state.capture.sampled()
         self.state.metrics.waiting.inc()
         self.state.metrics.prompt_tokens.inc(sum(len(p.token_ids) for p in self.prompts))
 
@@ -236,6 +243,11 @@ class EngineRun:
             self.state.window.add(new_tokens, delta)
         if out.finish_reason is not None:
             choice.finished = True
+        if self.captured:
+            choice.text.append(out.text)
+            choice.token_ids.extend(out.token_ids)
+            choice.finish_reason = out.finish_reason or choice.finish_reason
+            choice.record = out.spec_decode_metrics or choice.record
         return ChoiceDelta(index, out.text, list(out.token_ids), out.logprobs, out.finish_reason)
 
     def close(self) -> None:
@@ -260,6 +272,29 @@ class EngineRun:
             if longest > 1 and self.first_token is not None and self.last_token is not None:
                 metrics.tpot.observe((self.last_token - self.first_token) / (longest - 1))
             self.state.window.add_finished(length)
+            if self.captured:
+                self.state.capture.offer(self._capture_records())
+
+    def _capture_records(self) -> list[dict]:
+        """One record per choice in `vllm-lk generate`'s format, plus what serving saw."""
+        from server.capture import sampling_record
+
+        sampling, created = sampling_record(self.params), time.time()
+        records = []
+        for index, choice in sorted(self.choices.items()):
+            if not choice.token_ids:
+                continue  # nothing to train on
+            prompt = self.prompts[index // self.n]
+            record = choice.record
+            records.append({
+                "id": f"{self.id}-{index}", "prompt": prompt.text, "completion": "".join(choice.text),
+                "prompt_token_ids": prompt.token_ids, "completion_token_ids": choice.token_ids,
+                "finish_reason": choice.finish_reason, "sampling": sampling, "created": created,
+                "model": self.state.model_name, "drafter_id": self.spec_drafter_id,
+                "speculative": None if record is None else {
+                    "per_step_drafted": list(record.per_step_drafted), "per_step_accepted": list(record.per_step_accepted)},
+            })
+        return records
 
 
 async def _merge(streams):

@@ -100,6 +100,23 @@ class EngineStatsCollector:
         return families
 
 
+class CaptureCollector:
+    """The traffic capture's counters (``--capture``), read at scrape time."""
+
+    def __init__(self, capture) -> None:
+        self.capture = capture
+
+    def collect(self):
+        written = CounterMetricFamily("vllm_lk_capture_records", "Served choices written to the capture directory")
+        written.add_metric([], self.capture.written)
+        dropped = CounterMetricFamily(
+            "vllm_lk_capture_dropped_records", "Captured choices dropped (writer queue full or a write failed)")
+        dropped.add_metric([], self.capture.dropped)
+        deleted = CounterMetricFamily("vllm_lk_capture_deleted_files", "Capture files deleted to stay under the size cap")
+        deleted.add_metric([], self.capture.deleted_files)
+        return [written, dropped, deleted]
+
+
 API_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 ALERTED_STATUSES = ("200", "429", "500", "503", "504")
 

@@ -11,11 +11,12 @@ import logging
 import time
 from typing import Any
 
+from server.capture import Capture
 from server.config import ServerConfig
 from server.drafters import DrafterDir, check_drafter_dir
 from server.engine import SpecSetup
 from server.errors import APIError
-from server.metrics import ServerMetrics
+from server.metrics import CaptureCollector, ServerMetrics
 from server.window import SpecWindow
 from vllm_lk.errors import InvalidInput, MissingInput
 
@@ -95,6 +96,10 @@ class ServerState:
         self.swaps = 0  # drafters swapped in since start
         self.swap_status: dict[str, Any] = {"state": "idle"}  # what GET /admin/drafter reports
         self.drafter_build: dict[str, Any] | None = None  # a background build of the default drafter
+        self.capture: Capture | None = None  # server.capture, with --capture
+        if config.capture_dir is not None:
+            self.capture = Capture(config.capture_dir, config.capture_rate, config.capture_max_mib)
+            self.metrics.registry.register(CaptureCollector(self.capture))
         self._serving = asyncio.Event()  # cleared while a restart swaps the engine
         self._serving.set()
         self.publish_info()
@@ -109,6 +114,8 @@ class ServerState:
             logger.warning("the model's generation_config sets min_p, which speculative decoding cannot honour "
                            "(vLLM 0.32 does not apply it when verifying drafts): requests run without it")
         self.engine = engine
+        if self.capture is not None:
+            self.capture.tokenizer = self.tokenizer
         logger.info("engine ready: %s (max_model_len %d, drafter %s, method %s, K %d)", self.model_name,
                     self.max_model_len, self.spec.drafter, self.spec.method, self.spec.num_speculative_tokens)
 
