@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,14 @@ def _generate(args: argparse.Namespace) -> int:
     from training.config import resolve_config
     from training.generate import GenerateConfig, generate
 
-    summary = generate(resolve_config(GenerateConfig, args), args.out)
+    config = resolve_config(GenerateConfig, args)
+    if args.endpoint:
+        from training.generate_endpoint import generate_via_endpoint
+
+        api_key = args.api_key or os.environ.get("VLLM_LK_ENDPOINT_API_KEY")
+        summary = generate_via_endpoint(config, args.out, args.endpoint, api_key, args.concurrency, args.served_model)
+    else:
+        summary = generate(config, args.out)
     print(json.dumps(summary))
     return 0
 
@@ -212,6 +220,15 @@ def _populate_generate(gen: argparse.ArgumentParser) -> None:
                        "SPLIT train|heldout). Writes one line per record {id, prompt|messages, completion, "
                        "prompt_token_ids, completion_token_ids, finish_reason}; a rerun skips ids already in OUT.")
     gen.add_argument("--out", type=Path, required=True, help="output JSONL (appended to; settings kept in OUT.config.json)")
+    gen.add_argument("--endpoint", default=None,
+                     help="generate through this running OpenAI-compatible server (ours or vLLM's), e.g. "
+                     "http://127.0.0.1:8000, instead of starting an engine; --target still names the served model's "
+                     "directory (its tokenizer)")
+    gen.add_argument("--api-key", dest="api_key", default=None,
+                     help="the endpoint's API key (default: $VLLM_LK_ENDPOINT_API_KEY; never written to OUT.config.json)")
+    gen.add_argument("--concurrency", type=int, default=8, help="requests in flight to the endpoint (default: 8)")
+    gen.add_argument("--served-model", dest="served_model", default=None,
+                     help="model id to request (default: the first the endpoint lists)")
     add_config_args(gen, GenerateConfig)
     gen.set_defaults(func=_generate)
 

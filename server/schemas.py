@@ -99,6 +99,9 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = Field(None, description="not supported (400 when set)")
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
     add_special_tokens: bool = Field(True, description="vLLM extension: let the tokenizer add BOS etc. to text prompts")
+    return_token_ids: bool = Field(
+        False, description="vLLM extension: each choice carries prompt_token_ids and token_ids (streamed: the "
+        "chunk's new tokens, prompt_token_ids on a choice's first chunk)")
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
@@ -278,6 +281,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
+    token_ids: list[int] | None = Field(None, description="with return_token_ids: the generated token ids")
+    prompt_token_ids: list[int] | None = Field(None, description="with return_token_ids: the prompt's token ids")
 
 
 class CompletionResponse(BaseModel):

@@ -63,6 +63,7 @@ def _token_text(tokenizer, token_id: int, logprob) -> str:
 
 def _renderer(state: ServerState, body: CompletionRequest, run: EngineRun, created: int):
     echoed: set[int] = set()
+    ids_sent: set[int] = set()  # choices whose prompt_token_ids went out (return_token_ids)
     offsets: dict[int, _Logprobs] = {}
 
     def render(deltas: list[ChoiceDelta]) -> list[dict]:
@@ -77,9 +78,14 @@ def _renderer(state: ServerState, body: CompletionRequest, run: EngineRun, creat
             logprobs = None
             if body.logprobs is not None:
                 logprobs = offsets.setdefault(delta.index, _Logprobs(state.tokenizer)).render(delta.token_ids, delta.logprobs)
+            choice = {"index": delta.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+            if body.return_token_ids:
+                choice["token_ids"] = list(delta.token_ids)
+                if delta.index not in ids_sent:
+                    ids_sent.add(delta.index)
+                    choice["prompt_token_ids"] = run.prompts[delta.index // body.n].token_ids
             chunks.append({"id": run.id, "object": "text_completion", "created": created, "model": state.model_name,
-                           "choices": [{"index": delta.index, "text": text, "logprobs": logprobs,
-                                        "finish_reason": delta.finish_reason}]})
+                           "choices": [choice]})
         return chunks
 
     return render
@@ -94,6 +100,8 @@ def _response(state: ServerState, body: CompletionRequest, run: EngineRun, choic
             text = (run.prompts[index // body.n].text or "") + text
         logprobs = _Logprobs(state.tokenizer).render(choice.token_ids, choice.logprobs) if body.logprobs is not None else None
         out.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason})
+        if body.return_token_ids:
+            out[-1].update(token_ids=choice.token_ids, prompt_token_ids=run.prompts[index // body.n].token_ids)
     return CompletionResponse(id=run.id, created=created, model=state.model_name, choices=out, usage=run.usage())
 
 
