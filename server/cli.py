@@ -244,6 +244,37 @@ def _populate_eval(ev: argparse.ArgumentParser) -> None:
     ev.set_defaults(func=_eval)
 
 
+def _adapt(args: argparse.Namespace) -> int:
+    from training.adapt import AdaptConfig, Endpoint, adapt, summary_line
+    from training.config import resolve_config
+
+    config = resolve_config(AdaptConfig, args)
+    endpoint = None
+    if args.endpoint:
+        admin_key = args.admin_key or os.environ.get("VLLM_LK_ADMIN_KEY")
+        if not admin_key:
+            raise UserError("--endpoint needs the server's admin key: --admin-key KEY or $VLLM_LK_ADMIN_KEY")
+        endpoint = Endpoint(args.endpoint, admin_key)
+    for record in adapt(config, args.out, endpoint):
+        print(f"round {record['round']}: {summary_line(record)}")
+    return 0
+
+
+def _populate_adapt(ad: argparse.ArgumentParser) -> None:
+    from training.adapt import AdaptConfig
+    from training.config import add_config_args
+
+    ad.description = ("Fine-tune the served drafter with LK on the traffic the server captured (`vllm-lk serve "
+                      "--capture DIR`), compare offline alpha on held-out captured records, and swap it into the "
+                      "server (POST /admin/drafter) when the predicted tau improves by the margin. Resumable: rerun "
+                      "with the same --out. Writes OUT/round-N/record.json and OUT/rounds.jsonl.")
+    ad.add_argument("--out", type=Path, required=True, help="work directory (rounds, fine-tunes, records)")
+    ad.add_argument("--endpoint", default=None, help="the serving server (e.g. http://127.0.0.1:8000): where to swap")
+    ad.add_argument("--admin-key", dest="admin_key", default=None, help="its admin key (default: $VLLM_LK_ADMIN_KEY)")
+    add_config_args(ad, AdaptConfig)
+    ad.set_defaults(func=_adapt)
+
+
 def _populate_doctor(doctor: argparse.ArgumentParser) -> None:
     doctor.set_defaults(func=_doctor)
 
@@ -258,6 +289,7 @@ COMMANDS = {
     "train": ("train a draft head for a target with KL, TV or an LK loss, and export it for vLLM", _populate_train),
     "export": ("export the latest checkpoint of a training run as a vLLM drafter directory", _populate_export),
     "eval": ("serve target + drafter in vLLM: measured acceptance and tau beside the offline prediction", _populate_eval),
+    "adapt": ("fine-tune the served drafter on captured traffic with LK, swap it in when it predicts better", _populate_adapt),
     "bench": ("benchmarks that reproduce published results with this pipeline", _populate_bench),
     "doctor": ("check that vLLM, transformers and the vllm_lk plugin work in this environment", _populate_doctor),
 }
