@@ -64,13 +64,11 @@ def _heldout(rid: str, share: float) -> bool:
 
 def snapshot(config: AdaptConfig, round_dir: Path) -> dict:
     """Split the captured records into round_dir/train.jsonl and heldout.jsonl (once per round)."""
-    from server.capture import capture_files
-
     counts_file = round_dir / "data.json"
     if counts_file.is_file():
         return json.loads(counts_file.read_text())
     seen: dict[str, str] = {}
-    for path in capture_files(config.capture):
+    for path in sorted(Path(config.capture).glob("capture-*.jsonl")):  # server.capture's files, oldest first
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
             try:
                 rid = json.loads(line)["id"]
