@@ -13,6 +13,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from vllm_lk.checkpoint import read_lk_metadata
@@ -32,7 +33,7 @@ class DrafterDir:
     tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name -> (dtype, shape)
     metadata: dict | None = None
 
-    @property
+    @cached_property  # read once per checked directory, not per request that records it
     def identity(self) -> str:
         """A short digest of config and tensor layout plus the weight files' sizes and times:
         what /v1/models and ``vllm_lk_info`` show to tell drafters apart."""

@@ -200,14 +200,9 @@ def make_llm(target: Path, config: EngineFields, **extra):
     return LLM(model=str(target), **engine_kwargs(config), **extra)
 
 
-def generate(config: GenerateConfig, out: str | Path, llm=None) -> dict:
-    """Write the target's responses for every prompt not yet in ``out``; returns counts.
-
-    Everything is validated (prompts, ids, lengths, the settings of an existing ``out``) before
-    an engine starts. ``llm``: an already running ``vllm.LLM`` on the same target (tests share
-    one); otherwise one is started and shut down here.
-    """
-    out = Path(out)
+def plan_run(config: GenerateConfig, out: Path) -> tuple[GenerateConfig, list, dict]:
+    """(config with the target resolved, the (record, prompt ids) not yet in ``out``, the summary
+    so far), everything validated; what every way of generating does before it generates."""
     target = resolve_target(config.target)
     config = config.model_copy(update={"target": target})
     records, token_ids = prepare_prompts(config.prompts, target, config, config.max_tokens)
@@ -220,12 +215,25 @@ def generate(config: GenerateConfig, out: str | Path, llm=None) -> dict:
         logger.warning("%s holds %d ids that are not in %s", out, len(stray), config.prompts)
     if not pending:
         logger.info("%s: all %d records already generated", out, len(records))
+    return config, pending, summary
+
+
+def generate(config: GenerateConfig, out: str | Path, llm=None) -> dict:
+    """Write the target's responses for every prompt not yet in ``out``; returns counts.
+
+    Everything is validated (prompts, ids, lengths, the settings of an existing ``out``) before
+    an engine starts. ``llm``: an already running ``vllm.LLM`` on the same target (tests share
+    one); otherwise one is started and shut down here.
+    """
+    out = Path(out)
+    config, pending, summary = plan_run(config, out)
+    if not pending:
         return summary
     own_llm = llm is None
     if own_llm:
-        llm = make_llm(target, config, seed=config.seed)
+        llm = make_llm(config.target, config, seed=config.seed)
     try:
-        summary["written"] = _run(llm, config, pending, out, len(records) - len(pending), len(records))
+        summary["written"] = _run(llm, config, pending, out, summary["skipped"], summary["records"])
     finally:
         if own_llm:
             llm.llm_engine.engine_core.shutdown()
@@ -264,17 +272,22 @@ def _run(llm, config: GenerateConfig, pending, out: Path, initial: int, total: i
 
 
 def output_record(record: Record, output) -> dict:
-    """The line the trainer reads (exactly these keys)."""
+    """The line of a finished vLLM request."""
     completion = output.outputs[0]
+    return record_line(record, output.prompt_token_ids, completion.text, completion.token_ids, completion.finish_reason)
+
+
+def record_line(record: Record, prompt_token_ids, completion: str, completion_token_ids, finish_reason) -> dict:
+    """The line the trainer reads (exactly these keys)."""
     line = {"id": record_id(record)}
     if record.prompt is not None:
         line["prompt"] = record.prompt
     else:
         line["messages"] = [dict(m) for m in record.messages]
     line.update(
-        completion=completion.text,
-        prompt_token_ids=list(output.prompt_token_ids),
-        completion_token_ids=list(completion.token_ids),
-        finish_reason=completion.finish_reason,
+        completion=completion,
+        prompt_token_ids=list(prompt_token_ids),
+        completion_token_ids=list(completion_token_ids),
+        finish_reason=finish_reason,
     )
     return line

@@ -20,16 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from training.generate import (
-    GenerateConfig,
-    append_line,
-    check_run_config,
-    prepare_prompts,
-    read_done,
-    record_id,
-    record_seed,
-    resolve_target,
-)
+from training.generate import GenerateConfig, append_line, plan_run, record_id, record_line, record_seed
 from vllm_lk.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -66,17 +57,9 @@ async def _complete(client, body: dict, rid) -> dict:
 
 
 def _line(record, ids: list[int], choice: dict) -> dict:
-    """The line the trainer reads: the in-process path's keys, in its order."""
-    line = {"id": record_id(record)}
-    if record.prompt is not None:
-        line["prompt"] = record.prompt
-    else:
-        line["messages"] = [dict(m) for m in record.messages]
     if choice.get("token_ids") is None:
         raise InvalidInput("the endpoint did not return token ids (return_token_ids): it is not vLLM's server or ours")
-    line.update(completion=choice["text"], prompt_token_ids=list(ids), completion_token_ids=list(choice["token_ids"]),
-                finish_reason=choice["finish_reason"])
-    return line
+    return record_line(record, ids, choice["text"], choice["token_ids"], choice["finish_reason"])
 
 
 async def _run(config: GenerateConfig, pending, out: Path, endpoint: str, api_key: str | None, concurrency: int,
@@ -116,16 +99,9 @@ def generate_via_endpoint(config: GenerateConfig, out: str | Path, endpoint: str
     if concurrency < 1:
         raise InvalidInput(f"concurrency must be at least 1 (got {concurrency})")
     out = Path(out)
-    target = resolve_target(config.target)
-    config = config.model_copy(update={"target": target})
-    records, token_ids = prepare_prompts(config.prompts, target, config, config.max_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_run_config(out, config)
-    done = read_done(out)
-    pending = [(r, ids) for r, ids in zip(records, token_ids) if record_id(r) not in done]
-    summary = {"out": str(out), "records": len(records), "skipped": len(records) - len(pending), "written": 0,
-               "endpoint": endpoint}
+    config, pending, summary = plan_run(config, out)
+    summary["endpoint"] = endpoint
     if pending:
         summary["written"] = asyncio.run(_run(config, pending, out, endpoint, api_key, concurrency, model,
-                                              len(records) - len(pending), len(records)))
+                                              summary["skipped"], summary["records"]))
     return summary

@@ -137,6 +137,18 @@ async def under_load(base: str, action, settle_s: float = 1.0) -> tuple[dict, ob
     return stats, results[0]
 
 
+def swap_under_load(base: str, how: str, **body) -> dict:
+    """POST /admin/drafter under load: it must succeed the way ``how`` says, with no client
+    failing and some requests in flight across it; returns the swap's record."""
+    stats, response = asyncio.run(under_load(base, lambda: admin(base, **body)))
+    assert response.status_code == 200, response.text
+    record = response.json()["swap"]
+    print(f"\n{how} swap: {stats['requests']} requests ({stats['spanning']} spanning it), {record['seconds']} s")
+    assert record["how"] == how and not stats["errors"], stats["errors"][:5]
+    assert stats["spanning"] > 0
+    return record
+
+
 def test_admin_routes_need_the_admin_key(live, server, tiny_target, tiny_draft):
     base, _ = server
     assert admin(base, key=None, path="x").status_code == 401
@@ -164,24 +176,14 @@ def test_a_broken_drafter_is_refused_and_the_served_one_keeps_serving(server, dr
 def test_in_place_and_new_engine_swaps_under_load_fail_nothing_and_agree(server, drafters):
     base, app = server
     a_greedy = greedy(base)
-    stats, response = asyncio.run(under_load(base, lambda: admin(base, path=str(drafters["b"]))))
-    assert response.status_code == 200, response.text
-    record = response.json()["swap"]
-    print(f"\nin-place swap: {stats['requests']} requests ({stats['spanning']} spanning it), {record['seconds']} s")
-    assert record["how"] == "in_place" and not stats["errors"], stats["errors"][:5]
-    assert stats["spanning"] > 0
+    swap_under_load(base, "in_place", path=str(drafters["b"]))
     card = served(base)
     assert card["drafter"] == str(drafters["b"].resolve()) and card["swaps"] == 1
     in_place = greedy(base)
     assert in_place["speculative"] != a_greedy["speculative"]  # B drafts otherwise than A
 
     # the same drafter B, now in an engine built with it: the target's greedy text and B's drafts again
-    stats, response = asyncio.run(under_load(base, lambda: admin(base, path=str(drafters["b"]), mode="new_engine")))
-    assert response.status_code == 200, response.text
-    record = response.json()["swap"]
-    print(f"new-engine swap: {stats['requests']} requests ({stats['spanning']} spanning it), {record['seconds']} s")
-    assert record["how"] == "beside" and not stats["errors"], stats["errors"][:5]
-    assert stats["spanning"] > 0
+    swap_under_load(base, "beside", path=str(drafters["b"]), mode="new_engine")
     fresh = greedy(base)
     assert fresh == in_place and fresh["text"] == a_greedy["text"]
     state = app.state.server
