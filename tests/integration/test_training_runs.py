@@ -47,9 +47,13 @@ def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path
     so 2 ranks take the single-process step, replicated (all-reduce) or sharded (FSDP2
     reduce-scatter, full state gathered for checkpoints), and with the frozen target's layers
     sharded (each layer all-gathered for its forward; every rank evaluates the held-out alpha
-    together). Tolerance 1e-5 on weights after 3 AdamW steps: only the summation order differs
-    (all-reduce, smaller per-rank GEMMs), ~1e-7 relative per op. (LK-hybrid's lambda uses each
-    rank's own batch-mean alpha, so it is not compared exactly.)"""
+    together). Only the summation order differs (all-reduce, smaller per-rank GEMMs), ~1e-7
+    relative per op, but AdamW divides each gradient by its own magnitude, so an element whose
+    gradient is ~0 can move by a visible part of a step (CI once saw 7e-5 on one element of 43 k
+    at lr 1e-3; here the worst is ~5e-7). So: the RMS difference over all weights is < 1e-6 (a
+    wrong row split or gradient scale moves every element by ~lr = 1e-3), at most 0.1 % of
+    elements differ by > 1e-5, and none by half a step. (LK-hybrid's lambda uses each rank's own
+    batch-mean alpha, so it is not compared exactly.)"""
     steps = ["--steps", "3", "--loss", loss, "--checkpoint-every", "3"]
     run(train_cmd(tiny_target, tiny_train_data, tmp_path / "one", *steps), clean_env)
     torchrun = [str(venv_bin / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "training"]
@@ -57,8 +61,9 @@ def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path
     run(torchrun + cmd[4:], clean_env)  # `python -m training ARGS` = `vllm-lk train ARGS`
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert one.keys() == two.keys()
-    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
-    assert worst < 1e-5, worst
+    diff = torch.cat([(one[k].float() - two[k].float()).flatten() for k in one]).abs()
+    rms, worst, far = float(diff.pow(2).mean().sqrt()), float(diff.max()), int((diff > 1e-5).sum())
+    assert rms < 1e-6 and worst < 5e-4 and far <= diff.numel() // 1000, (rms, worst, far, diff.numel())
     alphas = [json.loads((tmp_path / name / "result.json").read_text())["offline_alpha"] for name in ("one", "two")]
     assert alphas[1] == pytest.approx(alphas[0], abs=1e-5)
     assert load_checkpoint(latest_checkpoint(tmp_path / "two"))["step"] == 3
