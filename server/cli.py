@@ -99,7 +99,19 @@ def _bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_adapt(args: argparse.Namespace) -> int:
+    from training.bench.adapt import AdaptBenchConfig, bench_adapt, markdown
+    from training.config import resolve_config
+
+    config = resolve_config(AdaptBenchConfig, args)
+    if args.quick:
+        config = AdaptBenchConfig.quick(**{k: v for k, v in config.model_dump().items() if k in config.model_fields_set})
+    print(markdown(bench_adapt(config, args.out, json_path=args.json)))
+    return 0
+
+
 def _populate_bench(bench: argparse.ArgumentParser) -> None:
+    from training.bench.adapt import AdaptBenchConfig
     from training.bench.reproduce import ReproduceConfig
     from training.bench.speed import SpeedConfig
     from training.config import add_config_args
@@ -133,6 +145,21 @@ def _populate_bench(bench: argparse.ArgumentParser) -> None:
     speed.add_argument("--json", type=Path, default=None, help="write the report here (and .md / .png beside it)")
     add_config_args(speed, SpeedConfig)
     speed.set_defaults(func=_bench_speed)
+
+    ad = bench_sub.add_parser(
+        "adapt",
+        help="the closed loop on shifted traffic: served tau before and after each capture -> LK fine-tune -> swap round",
+        description="Serve a drafter trained on code prompts only (built and cached, or --drafter) with capture on, "
+        "send docstring -> function chat traffic it never saw, and alternate measured periods with `vllm-lk adapt` "
+        "rounds (fine-tune on the captured traffic, swap live when the predicted tau improves). Reports served tau "
+        "per period from the server's own counters (with standard errors), each round's seconds and the failed "
+        "requests; writes OUT/adapt.json and adapt.md (or --json FILE and FILE.md).",
+    )
+    ad.add_argument("--quick", action="store_true", help="96 requests per period, 150 fine-tuning steps: <= 15 min once the start drafter is cached")
+    ad.add_argument("--out", type=Path, default=Path("results/bench-adapt"), help="work directory (capture, rounds, server log); must be new")
+    ad.add_argument("--json", type=Path, default=None, help="write the report here (and .md beside it; default OUT/adapt.json)")
+    add_config_args(ad, AdaptBenchConfig)
+    ad.set_defaults(func=_bench_adapt)
 
 
 def _populate_train(train: argparse.ArgumentParser) -> None:

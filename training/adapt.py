@@ -2,8 +2,9 @@
 
 One round:
 1. **data** — every record the server captured (`vllm-lk serve --capture DIR`), deduplicated by
-   id, split by a hash of the id into training and held-out records (a record stays on its side
-   from round to round), snapshot into the round's directory. Too few records: the round is
+   id, split by a hash of its prompt into training and held-out records (a record stays on its
+   side from round to round, and so does every answer to a repeated prompt), snapshot into the
+   round's directory. Too few records: the round is
    refused with the reason, nothing else happens.
 2. **fine-tune** — `vllm-lk train --init-from CURRENT` with the LK loss, a few hundred steps
    (the trainer's checkpoints make it resumable).
@@ -48,7 +49,7 @@ class AdaptConfig(FrozenConfig):
     lr: float = Field(1e-3, gt=0, description="peak learning rate of the fine-tune")
     batch_size: int = Field(8, ge=1, description="sequences per step")
     seq_len: int = Field(256, ge=8, description="tokens per training sequence")
-    heldout_share: float = Field(0.15, gt=0, lt=1, description="share of records (by id hash) held out for the swap decision")
+    heldout_share: float = Field(0.15, gt=0, lt=1, description="share of prompts (by a hash of the prompt) held out for the swap decision")
     min_records: int = Field(64, ge=2, description="fewest captured records a round trains on (else it is refused)")
     temperature: float = Field(1.0, ge=0, description="temperature of the offline alpha (the traffic's)")
     num_speculative_tokens: int | None = Field(None, ge=1, description="served K (default: the drafter's LK metadata)")
@@ -58,8 +59,15 @@ class AdaptConfig(FrozenConfig):
     seed: int = Field(0, description="seed of the split and the fine-tune")
 
 
-def _heldout(rid: str, share: float) -> bool:
-    return int.from_bytes(hashlib.sha256(rid.encode()).digest()[:4], "little") / 2**32 < share
+def _heldout(key: str, share: float) -> bool:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") / 2**32 < share
+
+
+def _split_key(record: dict) -> str:
+    """The prompt a record answers: requests repeating a prompt fall on one side of the split (split
+    by request id, a repeated prompt's answers on both sides made the held-out alpha optimistic)."""
+    ids = record.get("prompt_token_ids")
+    return json.dumps(ids) if ids else str(record.get("prompt", record.get("id")))
 
 
 def snapshot(config: AdaptConfig, round_dir: Path) -> dict:
@@ -67,17 +75,18 @@ def snapshot(config: AdaptConfig, round_dir: Path) -> dict:
     counts_file = round_dir / "data.json"
     if counts_file.is_file():
         return json.loads(counts_file.read_text())
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, bool]] = {}  # id -> (line, held out)
     for path in sorted(Path(config.capture).glob("capture-*.jsonl")):  # server.capture's files, oldest first
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
             try:
-                rid = json.loads(line)["id"]
+                record = json.loads(line)
+                rid = record["id"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 logger.warning("%s:%d: not a capture record; skipped", path, number)  # a line being written
                 continue
-            seen[str(rid)] = line
-    train = [line for rid, line in seen.items() if not _heldout(rid, config.heldout_share)]
-    heldout = [line for rid, line in seen.items() if _heldout(rid, config.heldout_share)]
+            seen[str(rid)] = (line, _heldout(_split_key(record), config.heldout_share))
+    train = [line for line, held in seen.values() if not held]
+    heldout = [line for line, held in seen.values() if held]
     round_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(round_dir / "train.jsonl", "".join(line + "\n" for line in train))
     write_text_atomic(round_dir / "heldout.jsonl", "".join(line + "\n" for line in heldout))

@@ -15,7 +15,9 @@ from training.adapt import AdaptConfig, Endpoint, adapt
 
 pytestmark = pytest.mark.integration
 ADMIN_KEY = "adapt-admin-key-5678"
-PROMPTS = ["def add(a, b):\n", '"""Return the sum."""\n', "class Queue:\n    def ", "import sys\n\n", "for key in "]
+# 40 distinct prompts: adapt splits train / held-out by prompt, so a few prompts would give a held-out set of one or two
+PROMPTS = [template.format(i) for i in range(8) for template in
+           ("def add_{}(a, b):\n", '"""Return item {}."""\n', "class Queue{}:\n    def ", "import sys  # {}\n\n", "for key{} in ")]
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def ensure_default_data(target: Path, config: DefaultDrafterConfig) -> Path:
         return data
     logger.info("default drafter: regenerating training data with the target in %s", work)
     work.mkdir(parents=True, exist_ok=True)
-    sets = {"code": config.code_prompts, "docstring": config.docstring_prompts}
+    sets = {kind: count for kind, count in (("code", config.code_prompts), ("docstring", config.docstring_prompts)) if count}
     gen = GenerateConfig(target=target, prompts="builtin:code:train:1", max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed)
     llm = make_llm(target, gen, seed=config.seed)
     try:
