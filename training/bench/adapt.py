@@ -37,10 +37,10 @@ from pathlib import Path
 from pydantic import Field
 
 from training.config import FrozenConfig
+from vllm_lk.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 MODEL = "bench-adapt"
-ADMIN_KEY_ENV = "VLLM_LK_BENCH_ADAPT_ADMIN_KEY"
 
 
 class AdaptBenchConfig(FrozenConfig):
@@ -255,7 +255,7 @@ def measure_period(server: Server, requests: list[dict], concurrency: int) -> di
 
 
 class Background:
-    """``clients`` sending requests from ``requests`` (round and round) until stopped."""
+    """``clients`` sending ``requests`` (each once) until stopped or done."""
 
     def __init__(self, base: str, requests: list[dict], clients: int):
         self.stop = threading.Event()
@@ -292,8 +292,8 @@ def bench_adapt(config: AdaptBenchConfig, out: str | Path, json_path: str | Path
     background_pool = requests[(config.rounds + 1) * per:]
     capture = out / "capture"
     if capture.exists() and any(capture.iterdir()):
-        raise FileExistsError(f"{capture} holds an earlier run's traffic: use a new --out")
-    admin_key = os.environ.get(ADMIN_KEY_ENV) or os.urandom(16).hex()
+        raise InvalidInput(f"{capture} holds an earlier run's traffic: use a new --out")
+    admin_key = os.urandom(16).hex()  # the server's admin routes, for this run only
     split = split_cores()
     server = Server(target, drafter, capture, admin_key, config, out / "server.log", cores=split[0] if split else None)
     own_cores, own_threads = os.sched_getaffinity(0), torch.get_num_threads()
