@@ -88,25 +88,27 @@ def _bench_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_speed(args: argparse.Namespace) -> int:
-    from training.bench.speed import SpeedConfig, bench_speed, markdown
+def _preset_config(model, args: argparse.Namespace):
+    """The bench's config from flags and --config; with --quick, the quick preset under what was set."""
     from training.config import resolve_config
 
-    config = resolve_config(SpeedConfig, args)
+    config = resolve_config(model, args)
     if args.quick:
-        config = SpeedConfig.quick(**{k: v for k, v in config.model_dump().items() if k in config.model_fields_set})
-    print(markdown(bench_speed(config, json_path=args.json)))
+        config = model.quick(**{k: v for k, v in config.model_dump().items() if k in config.model_fields_set})
+    return config
+
+
+def _bench_speed(args: argparse.Namespace) -> int:
+    from training.bench.speed import SpeedConfig, bench_speed, markdown
+
+    print(markdown(bench_speed(_preset_config(SpeedConfig, args), json_path=args.json)))
     return 0
 
 
 def _bench_adapt(args: argparse.Namespace) -> int:
     from training.bench.adapt import AdaptBenchConfig, bench_adapt, markdown
-    from training.config import resolve_config
 
-    config = resolve_config(AdaptBenchConfig, args)
-    if args.quick:
-        config = AdaptBenchConfig.quick(**{k: v for k, v in config.model_dump().items() if k in config.model_fields_set})
-    print(markdown(bench_adapt(config, args.out, json_path=args.json)))
+    print(markdown(bench_adapt(_preset_config(AdaptBenchConfig, args), args.out, json_path=args.json)))
     return 0
 
 
