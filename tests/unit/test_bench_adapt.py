@@ -18,12 +18,15 @@ vllm_lk_spec_accepted_tokens_total{position="1"} 60.0
 vllm_lk_spec_accepted_tokens_created{position="0"} 1.7e9
 vllm_lk_spec_drafted_tokens_total{position="0"} 120.0
 vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 999.0
+# HELP vllm_lk_capture_records_total Served choices written to the capture directory
+# TYPE vllm_lk_capture_records_total counter
+vllm_lk_capture_records_total 42.0
 """
 
 
-def test_counters_read_our_steps_and_the_sum_over_positions():
-    assert counters(METRICS) == {"steps": 120.0, "accepted": 150.0}
-    assert counters("") == {"steps": 0.0, "accepted": 0.0}
+def test_counters_read_our_steps_the_sum_over_positions_and_the_captured_records():
+    assert counters(METRICS) == {"steps": 120.0, "accepted": 150.0, "captured": 42.0}
+    assert counters("") == {"steps": 0.0, "accepted": 0.0, "captured": 0.0}
 
 
 def test_ratio_tau_is_one_plus_accepted_over_steps_with_the_ratio_estimator_error():

@@ -73,19 +73,24 @@ class AdaptBenchConfig(FrozenConfig):
 
 
 def counters(metrics_text: str) -> dict[str, float]:
-    """Verification steps and accepted draft tokens (all positions) from a /metrics page."""
-    steps = accepted = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith("vllm_lk_spec_verification_steps_total "):
-            steps = float(line.split()[-1])
-        elif line.startswith("vllm_lk_spec_accepted_tokens_total{"):
-            accepted += float(line.split()[-1])
-    return {"steps": steps, "accepted": accepted}
+    """Verification steps, accepted draft tokens (all positions) and captured records from a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {"vllm_lk_spec_verification_steps_total": "steps", "vllm_lk_spec_accepted_tokens_total": "accepted",
+             "vllm_lk_capture_records_total": "captured"}
+    totals = dict.fromkeys(names.values(), 0.0)
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in names:
+                totals[names[sample.name]] += sample.value
+    return totals
 
 
 def ratio_tau(per_request: list[tuple[int, int]]) -> tuple[float, float]:
     """tau = 1 + sum(accepted) / sum(steps) over requests (steps_i, accepted_i), and its standard
-    error as a ratio estimator over requests: sqrt(sum (a_i - r s_i)^2 / (n (n - 1))) / mean(s)."""
+    error as a ratio estimator over requests: sqrt(sum (a_i - r s_i)^2 / (n (n - 1))) / mean(s).
+    (Not reproduce_report.tau_standard_error, which treats steps as independent: here the steps of
+    one request share its prompt, and periods differ in their prompts.)"""
     rows = [(s, a) for s, a in per_request if s > 0]
     if not rows:
         return float("nan"), float("nan")
@@ -202,16 +207,11 @@ def chat_requests(config: AdaptBenchConfig, target: Path) -> list[dict]:
              "temperature": config.temperature, "seed": config.seed * 100_000 + i} for i, r in enumerate(records)]
 
 
-def captured_records(capture: Path) -> int:
-    return sum(path.read_text(errors="replace").count("\n") for path in capture.glob("capture-*.jsonl"))
-
-
-def wait_captured(capture: Path, expected: int, timeout: float = 120) -> int:
-    """Records reach the disk through the server's writer thread: wait until ``expected`` are there."""
+def wait_captured(server: Server, expected: int, timeout: float = 120) -> None:
+    """Records reach the disk through the server's writer thread: wait until it has written ``expected``."""
     deadline = time.monotonic() + timeout
-    while (have := captured_records(capture)) < expected and time.monotonic() < deadline:
+    while server.counters()["captured"] < expected and time.monotonic() < deadline:
         time.sleep(0.2)
-    return have
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,8 +301,7 @@ def bench_adapt(config: AdaptBenchConfig, out: str | Path, json_path: str | Path
         os.sched_setaffinity(0, split[1])
         torch.set_num_threads(len(split[1]))
     rounds: list[dict] = []
-    failed = 0
-    sent = 0
+    answered = failed = 0
     adapt_config = AdaptConfig(capture=capture, target=target, steps=config.fine_tune_steps, loss=config.loss, lr=config.lr,
                                batch_size=config.batch_size, temperature=config.temperature, seed=config.seed,
                                num_speculative_tokens=config.num_speculative_tokens, margin=config.margin,
@@ -311,11 +310,11 @@ def bench_adapt(config: AdaptBenchConfig, out: str | Path, json_path: str | Path
         server.wait_ready()
         bar = tqdm(total=2 * config.rounds + 1, desc="bench adapt", unit="stage")
         period = measure_period(server, periods[0], config.concurrency)
-        failed, sent = failed + period["failed"], sent + period["requests"] + period["failed"]
+        answered, failed = answered + period["requests"], failed + period["failed"]
         rounds.append({"round": 0, "swapped": False, "seconds": 0.0, **period})
         bar.update()
         for number in range(1, config.rounds + 1):
-            wait_captured(capture, sent)
+            wait_captured(server, answered)  # what this round's snapshot should hold
             pool = background_pool[(number - 1) * config.background_prompts:number * config.background_prompts]
             background = Background(server.base, pool, config.background_clients)
             started = time.monotonic()
@@ -324,10 +323,10 @@ def bench_adapt(config: AdaptBenchConfig, out: str | Path, json_path: str | Path
             finally:
                 side = background.finish()
             seconds = time.monotonic() - started
-            failed, sent = failed + side["failed"], sent + len(side["per_request"]) + side["failed"]
+            answered, failed = answered + len(side["per_request"]), failed + side["failed"]
             bar.update()
             period = measure_period(server, periods[number], config.concurrency)
-            failed, sent = failed + period["failed"], sent + period["requests"] + period["failed"]
+            answered, failed = answered + period["requests"], failed + period["failed"]
             rounds.append({"round": number, "swapped": bool(record.get("swapped")), "seconds": round(seconds, 1), **period,
                            "predicted_tau_before": (record.get("before") or {}).get("tau"),
                            "predicted_tau_after": (record.get("after") or {}).get("tau"),
@@ -340,7 +339,7 @@ def bench_adapt(config: AdaptBenchConfig, out: str | Path, json_path: str | Path
         server.close()
         os.sched_setaffinity(0, own_cores)
         torch.set_num_threads(own_threads)
-    report = {"rounds": rounds, "failed_requests": failed, "requests": sent, "start_drafter": str(drafter),
+    report = {"rounds": rounds, "failed_requests": failed, "requests": answered + failed, "start_drafter": str(drafter),
               "cores": {"server": split[0], "fine_tune": split[1]} if split else None,
               "target": str(target), "config": json.loads(config.model_dump_json())}
     first, last = rounds[0]["served_tau"], rounds[-1]["served_tau"]
