@@ -51,8 +51,9 @@ def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path
     relative per op, but AdamW divides each gradient by its own magnitude, so an element whose
     gradient is ~0 can move by a visible part of a step (CI once saw 7e-5 on one element of 43 k
     at lr 1e-3; here the worst is ~5e-7). So: the RMS difference over all weights is < 1e-6 (a
-    wrong row split or gradient scale moves every element by ~lr = 1e-3), at most 0.1 % of
-    elements differ by > 1e-5, and none by half a step. (LK-hybrid's lambda uses each rank's own
+    wrong row split or rank weighting moves every element by ~lr = 1e-3; a uniform gradient scale
+    AdamW does not see, here or with any weight tolerance), at most 0.1 % of elements differ by
+    > 1e-5, and none by half a step. (LK-hybrid's lambda uses each rank's own
     batch-mean alpha, so it is not compared exactly.)"""
     steps = ["--steps", "3", "--loss", loss, "--checkpoint-every", "3"]
     run(train_cmd(tiny_target, tiny_train_data, tmp_path / "one", *steps), clean_env)
