@@ -38,7 +38,7 @@ import os
 
 import torch
 
-from vllm_lk import reload, request_metrics, sampling, speculation
+from vllm_lk import cpu_kernels, reload, request_metrics, sampling, speculation
 from vllm_lk.proposers import (
     LKMLPProposer,
     draft_sample,
@@ -295,11 +295,13 @@ def _wrap_sample_tokens(original):
 def _wrap_runner_init(original, runner_module):
     """Build vllm_lk's proposer for method="mlp_speculator" (stock 0.32 raises "Unknown
     speculative decoding method"): route it through the runner's pluggable custom-class branch.
-    Then attach adaptive speculation's policy (vllm_lk.speculation) when it is on."""
+    Then attach adaptive speculation's policy (vllm_lk.speculation) when it is on. On CPU, RMSNorm
+    first goes to vLLM-CPU's C++ kernels (vllm_lk.cpu_kernels)."""
     stock_factory = runner_module.create_custom_proposer
 
     @functools.wraps(original)
     def __init__(self, vllm_config, *args, **kwargs):
+        cpu_kernels.install()  # after the worker set vLLM's IR op priorities, before the model is built
         spec = vllm_config.speculative_config
         if spec is None or spec.method != "mlp_speculator":
             original(self, vllm_config, *args, **kwargs)
@@ -376,5 +378,6 @@ def apply() -> bool:
     WorkerBase.lk_load_drafter_weights = reload.load_drafter_weights  # the server's in-place drafter swap
 
     request_metrics.install()
+    cpu_kernels.register()  # before a worker sets IR op priorities (vLLM warns about later providers)
     _applied = True
     return True
