@@ -242,12 +242,13 @@ def markdown(report: dict) -> str:
         names = ("target_forward", "draft_forward", "drafting", "verification", "sampling", "scheduler", "other_engine", "front_end", "step")
         lines += ["", "Where a step's time goes (ms per engine step, concurrency 1; training.bench.speed_profile; "
                   "drafting includes draft_forward; adaptive: K is the cap):", "",
-                  "| drafter | mode | K | T | tok/s | tokens/step | " + " | ".join(names) + " | target forward by query tokens |",
-                  "|---" * (len(names) + 7) + "|"]
+                  "| drafter | mode | K | T | tok/s | tokens/step | " + " | ".join(names) + " | target forward by query tokens | drafting's parts |",
+                  "|---" * (len(names) + 8) + "|"]
         for b in report["breakdown"]:
             by_tokens = ", ".join(f"{n}: {v:.2f}" for n, v in sorted(b["target_forward_ms_by_query_tokens"].items(), key=lambda kv: int(kv[0])) if int(n) <= 16)
+            parts = ", ".join(f"{n}: {v:.2f}" for n, v in sorted(b.get("drafting_ms_per_step", {}).items()))
             lines.append(f"| {b['drafter']} | {b.get('mode', 'fixed')} | {b['K']} | {b['temperature']:g} | {b['tokens_per_s']:.0f} | {b['tokens_per_step']:.2f} | "
-                         + " | ".join(f"{b['ms_per_step'][n]:.2f}" for n in names) + f" | {by_tokens} |")
+                         + " | ".join(f"{b['ms_per_step'][n]:.2f}" for n in names) + f" | {by_tokens} | {parts} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,9 @@ it per drafter) because it needs vLLM's engine core in-process (VLLM_ENABLE_V1_M
 to reach the scheduler and model runner. Sections of an engine step, in milliseconds per step:
 
 - ``target_forward``: the target model's forward, also split by the number of query tokens;
-- ``drafting``: the drafter's proposal (its forward passes, ``draft_forward``, and sampling);
+- ``drafting``: the drafter's proposal (its forward passes, ``draft_forward``, and sampling), with
+  its parts in ``drafting_ms_per_step`` (draft logits; logits and sampling; vLLM's per-pass
+  metadata updates; input preparation);
 - ``verification``: the rejection sampler (vllm_lk.sampling via vLLM's RejectionSampler);
 - ``sampling``: the rest of the runner's sampling (bonus tokens, penalties, logprobs);
 - ``scheduler``: scheduling and turning the runner's output into request updates;
@@ -87,7 +89,23 @@ def instrument(llm) -> Timers:
         for name in ("forward", "step"):  # EAGLE / draft model / MEDUSA forward; MLP stage
             if hasattr(model, name):
                 timers.wrap(model, name, "draft_forward")
+        if hasattr(model, "compute_logits"):
+            timers.wrap(model, "compute_logits", "draft.logits")
+    for name, section in DRAFT_LOOP_PARTS.items():  # vLLM's draft loop (EAGLE / draft model)
+        if hasattr(drafter, name):
+            timers.wrap(drafter, name, section)
     return timers
+
+
+# drafting's parts inside vLLM's EAGLE / draft-model loop (llm_base_proposer.py): method -> section
+DRAFT_LOOP_PARTS = {
+    "_sample_draft_tokens": "draft.logits_and_sampling",  # draft logits, q, the sampled drafts
+    "_update_positions_dependent_metadata": "draft.metadata",  # per pass: positions, slot mapping
+    "build_per_group_and_layer_attn_metadata": "draft.metadata",  # per pass: attention metadata
+    "set_inputs_first_pass": "draft.inputs",
+    "prepare_next_token_ids_padded": "draft.inputs",
+    "prepare_inputs_padded": "draft.inputs",
+}
 
 
 def breakdown(timers: Timers) -> dict:
@@ -109,7 +127,9 @@ def breakdown(timers: Timers) -> dict:
         name[len("target_forward["):-1]: 1000 * timers.seconds[name] / timers.calls[name]
         for name in timers.seconds if name.startswith("target_forward[")
     }
-    return {"ms_per_step": sections, "target_forward_ms_by_query_tokens": forward_by_tokens, "engine_steps": steps}
+    drafting = {name[len("draft."):]: value for name, value in ms.items() if name.startswith("draft.")}
+    return {"ms_per_step": sections, "target_forward_ms_by_query_tokens": forward_by_tokens,
+            "drafting_ms_per_step": drafting, "engine_steps": steps}
 
 
 def profile(target: str, method: str | None, drafter: str | None, k: int, runs: list[tuple[str, float]],
