@@ -38,7 +38,7 @@ def child(spec: dict) -> dict:
     engines = {"none": start_engine(config, target, None, None),
                "eagle3": start_engine(config, target, "eagle3", Path(spec["drafter"]))}
     result = {}
-    for name, llm in engines.items():
+    for llm in engines.values():
         run_cell(llm, prompts[:2], 0.0, 1, config)  # warm-up
     for temperature in spec["temperatures"]:
         for name, llm in engines.items():
