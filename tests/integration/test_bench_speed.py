@@ -31,5 +31,7 @@ def test_bench_speed_writes_every_cell(tiny_target, tiny_mlp, tmp_path):
     breakdown = {(b["drafter"], b["mode"], b["temperature"]): b for b in written["breakdown"]}
     assert set(breakdown) == {(d, m, t) for d, m in [("none", "none"), ("mlp", "fixed"), ("mlp", "adaptive")] for t in (0.0, 1.0)}
     assert breakdown[("mlp", "fixed", 1.0)]["ms_per_step"]["draft_forward"] > 0
-    assert breakdown[("mlp", "fixed", 1.0)]["drafting_ms_per_step"]["logits"] > 0  # drafting's parts (the draft heads' logits)
+    # drafting's parts are timed inside vLLM's EAGLE / draft-model loop; the MLP speculator runs
+    # its own stages (their logits inside each stage's draft_forward), so it reports none
+    assert breakdown[("mlp", "fixed", 1.0)]["drafting_ms_per_step"] == {}
     assert breakdown[("none", "none", 1.0)]["ms_per_step"]["draft_forward"] == 0
