@@ -55,6 +55,7 @@ class Capture:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._handle = None
         self._size = 0
+        self._last_ns = 0
         self._thread = threading.Thread(target=self._run, name="vllm-lk-capture", daemon=True)
         self._thread.start()
         logger.warning("capturing served requests (prompts and completions) to %s: rate %.3g, at most %.0f MiB",
@@ -104,7 +105,12 @@ class Capture:
     def _rotate(self) -> None:
         if self._handle is not None:
             self._handle.close()
-        name = f"{FILE_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.jsonl"
+        # Names sort in creation order (adapt and the trim read them oldest first): one clock reading
+        # for the seconds and the nanoseconds (two readings disagree when a second ticks between
+        # them), UTC, and never earlier than this writer's previous file.
+        self._last_ns = max(time.time_ns(), self._last_ns + 1)
+        seconds, nanos = divmod(self._last_ns, 10**9)
+        name = f"{FILE_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(seconds))}-{nanos:09d}.jsonl"
         fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._handle = os.fdopen(fd, "ab")
         self._size = 0

@@ -28,6 +28,23 @@ def test_files_are_private_and_the_directory_stays_under_its_cap(tmp_path):
     assert lines[-1]["id"] == "r199" and [r["id"] for r in lines] == sorted((r["id"] for r in lines), key=lambda i: int(i[1:]))
 
 
+def test_file_names_sort_in_creation_order_when_the_clock_steps_back(tmp_path, monkeypatch):
+    """Readers take the files oldest first by name. Names once came from two clock readings, and
+    a second that ticked between them named a newer file before an older one (CI saw the newest
+    records deleted by the trim). Here the wall clock runs backwards, one second a file."""
+    import server.capture as capture_module
+
+    clock = iter(range(2 * 10**18, 0, -(10**9)))
+    monkeypatch.setattr(capture_module.time, "time_ns", lambda: next(clock))
+    capture = Capture(tmp_path / "cap", max_mib=8)  # files of 2 MiB: one 1 MiB record each, no trim
+    for i in range(4):
+        capture._write(json.dumps(record(i, size=2**20)) + "\n")
+    capture.close()
+    names = [f.name for f in capture_files(tmp_path / "cap")]
+    assert len(names) == 4
+    assert [json.loads((tmp_path / "cap" / n).read_text())["id"] for n in names] == ["r0", "r1", "r2", "r3"]
+
+
 def test_a_full_queue_drops_and_never_blocks(tmp_path):
     release = threading.Event()
 
