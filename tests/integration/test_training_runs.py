@@ -54,7 +54,15 @@ def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path
     wrong row split or rank weighting moves every element by ~lr = 1e-3; a uniform gradient scale
     AdamW does not see, here or with any weight tolerance), at most 0.1 % of elements differ by
     > 1e-5, and none by half a step. (LK-hybrid's lambda uses each rank's own
-    batch-mean alpha, so it is not compared exactly.)"""
+    batch-mean alpha, so it is not compared exactly.)
+
+    alpha = sum_v min(p_v, q_v) is not smooth: its gradient in q_v jumps from 1 to 0 where q_v
+    crosses p_v, so a near-tie that the summation order flips changes the gradient by a finite
+    amount and AdamW carries it into every later step. CI once saw, for lk-alpha with FSDP, RMS
+    2.8e-5, worst 2.9e-3 and 1156 of 43104 elements beyond 1e-5 (locally, over seeds 0-8, the
+    worst is 6e-6). For lk-alpha the test checks the bulk instead: the median difference < 2e-7
+    and the 90th percentile < 1e-5. Dropping one of 96 tokens a row from the loss (a subtler
+    error than a wrong split) gives a median of 6e-6 and a 90th percentile of 7.5e-5."""
     steps = ["--steps", "3", "--loss", loss, "--checkpoint-every", "3"]
     run(train_cmd(tiny_target, tiny_train_data, tmp_path / "one", *steps), clean_env)
     torchrun = [str(venv_bin / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "training"]
@@ -64,7 +72,12 @@ def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path
     assert one.keys() == two.keys()
     diff = torch.cat([(one[k].float() - two[k].float()).flatten() for k in one]).abs()
     rms, worst, far = float(diff.pow(2).mean().sqrt()), float(diff.max()), int((diff > 1e-5).sum())
-    assert rms < 1e-6 and worst < 5e-4 and far <= diff.numel() // 1000, (rms, worst, far, diff.numel())
+    median, q90 = float(diff.median()), float(diff.quantile(0.9))
+    figures = dict(rms=rms, worst=worst, far=far, elements=diff.numel(), median=median, q90=q90)
+    if loss == "kl":
+        assert rms < 1e-6 and worst < 5e-4 and far <= diff.numel() // 1000, figures
+    else:  # min(p, q) has a kink at p = q: see the docstring
+        assert median < 2e-7 and q90 < 1e-5, figures
     alphas = [json.loads((tmp_path / name / "result.json").read_text())["offline_alpha"] for name in ("one", "two")]
     assert alphas[1] == pytest.approx(alphas[0], abs=1e-5)
     assert load_checkpoint(latest_checkpoint(tmp_path / "two"))["step"] == 3
