@@ -40,6 +40,24 @@ def run(cmd, env, timeout=600) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def assert_same_training(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor], smooth: bool) -> None:
+    """Two runs took the same steps, up to floating-point summation order. ``smooth`` (KL): the
+    RMS difference < 1e-6, at most 0.1 % of elements beyond 1e-5 and none beyond half a step.
+    Otherwise (a loss with min(p, q), whose kink lets a flipped near-tie move isolated elements
+    by whole steps; see test_two_gloo_ranks_match_one_process): the median difference < 2e-7 and
+    the 90th percentile < 1e-5. A wrong step moves the bulk: dropping one of 96 tokens a row from
+    the loss gives a median of 6e-6 and a 90th percentile of 7.5e-5."""
+    assert one.keys() == two.keys()
+    diff = torch.cat([(one[k].float() - two[k].float()).flatten() for k in one]).abs()
+    rms, worst, far = float(diff.pow(2).mean().sqrt()), float(diff.max()), int((diff > 1e-5).sum())
+    median, q90 = float(diff.median()), float(diff.quantile(0.9))
+    figures = dict(rms=rms, worst=worst, far=far, elements=diff.numel(), median=median, q90=q90)
+    if smooth:
+        assert rms < 1e-6 and worst < 5e-4 and far <= diff.numel() // 1000, figures
+    else:
+        assert median < 2e-7 and q90 < 1e-5, figures
+
+
 @pytest.mark.parametrize("loss,fsdp,fsdp_target", [("kl", "false", "false"), ("lk-alpha", "false", "false"),
                                                    ("lk-alpha", "true", "false"), ("kl", "false", "true")])
 def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path, clean_env, venv_bin, loss, fsdp, fsdp_target):
@@ -68,16 +86,7 @@ def test_two_gloo_ranks_match_one_process(tiny_target, tiny_train_data, tmp_path
     torchrun = [str(venv_bin / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "training"]
     cmd = train_cmd(tiny_target, tiny_train_data, tmp_path / "two", *steps, "--fsdp", fsdp, "--fsdp-target", fsdp_target)
     run(torchrun + cmd[4:], clean_env)  # `python -m training ARGS` = `vllm-lk train ARGS`
-    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
-    assert one.keys() == two.keys()
-    diff = torch.cat([(one[k].float() - two[k].float()).flatten() for k in one]).abs()
-    rms, worst, far = float(diff.pow(2).mean().sqrt()), float(diff.max()), int((diff > 1e-5).sum())
-    median, q90 = float(diff.median()), float(diff.quantile(0.9))
-    figures = dict(rms=rms, worst=worst, far=far, elements=diff.numel(), median=median, q90=q90)
-    if loss == "kl":
-        assert rms < 1e-6 and worst < 5e-4 and far <= diff.numel() // 1000, figures
-    else:  # min(p, q) has a kink at p = q: see the docstring
-        assert median < 2e-7 and q90 < 1e-5, figures
+    assert_same_training(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), smooth=loss == "kl")
     alphas = [json.loads((tmp_path / name / "result.json").read_text())["offline_alpha"] for name in ("one", "two")]
     assert alphas[1] == pytest.approx(alphas[0], abs=1e-5)
     assert load_checkpoint(latest_checkpoint(tmp_path / "two"))["step"] == 3
@@ -103,8 +112,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_target, tiny_train
 
     run(train_cmd(tiny_target, tiny_train_data, killed, *steps, "--resume"), clean_env)
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(killed)
-    for name in straight:
-        # same batches (a function of seed and step), same optimizer state: identical up to
-        # nondeterminism of threaded CPU kernels, which we have not observed (atol 1e-6)
-        assert torch.allclose(straight[name], resumed[name], atol=1e-6, rtol=0), name
+    # same batches (a function of seed and step), same optimizer state: the same steps. Not
+    # bit-identical: CI once saw embed_tokens differ beyond 1e-6 (run-to-run noise of threaded
+    # CPU kernels, carried by LK-hybrid's TV kink), so the bulk is compared
+    assert_same_training(straight, resumed, smooth=False)
     assert (killed / "drafter" / "lk_metadata.json").is_file()
