@@ -100,11 +100,15 @@ class AcceptanceModel:
         hits = slots < accepted[:, None]  # [B, W], within reached
         mode = np.broadcast_to(np.asarray(greedy, dtype=bool).astype(np.int64)[:, None], conf.shape)
         b = buckets(conf)
-        rates = self.bucket_rates()[mode, b]  # [B, W], before this step's counts
-        m, bk, pos, h = mode[reached], b[reached], np.broadcast_to(slots, conf.shape)[reached], hits[reached].astype(np.float64)
+        positions = np.broadcast_to(np.minimum(slots, self.num_positions - 1), conf.shape)
+        known_all = conf == conf  # a draft whose confidence was not read (NaN) has no bucket
+        # predicted before this step's counts: by confidence where known, else by position
+        rates = np.where(known_all, self.bucket_rates()[mode, b], self.position_rates()[mode, positions])  # [B, W]
+        m, bk, pos, h = mode[reached], b[reached], positions[reached], hits[reached].astype(np.float64)
         by_bucket, by_pos = m * NUM_BUCKETS + bk, m * self.num_positions + pos  # flat [2 * n] indices
-        self.tried += np.bincount(by_bucket, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
-        self.accepted += np.bincount(by_bucket, weights=h, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
+        known = known_all[reached].astype(np.float64)
+        self.tried += np.bincount(by_bucket, weights=known, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
+        self.accepted += np.bincount(by_bucket, weights=h * known, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
         self.pos_tried += np.bincount(by_pos, minlength=2 * self.num_positions).reshape(2, self.num_positions)
         self.pos_accepted += np.bincount(by_pos, weights=h, minlength=2 * self.num_positions).reshape(2, self.num_positions)
         got, predicted = (hits & reached).sum(axis=1), np.where(reached, rates, 0.0).sum(axis=1)
@@ -213,7 +217,7 @@ class Policy:
     kind: str = "sequential"  # "kv" (EAGLE, draft model), "parallel" (MEDUSA), "sequential" (MLP)
     warmup_steps: int = 24  # per batch bucket, the start-up measurement: K cycles through 0..max_k, random lengths
     explore_every: int = 64  # afterwards one step in this many explores k* +- 1 with random lengths
-    trim: bool = True  # per-step early stop and per-request lengths from confidence (False: the cap k* only)
+    trim: bool = False  # per-step early stop and per-request lengths from confidence (False: the cap k* only)
     explore_all: bool = False  # exploration cycles K through 0..max_k instead of trying k* +- 1
     acceptance: AcceptanceModel = field(init=False)
     costs: dict[int, CostModel] = field(default_factory=dict)  # batch bucket -> its cost model
@@ -301,10 +305,16 @@ class Policy:
         return max(self.cost.predict(batch, passes_for(self.kind, k), drafted), 1e-9)
 
     # -- while drafting -----------------------------------------------------------------------
-    def add_pass(self, confidence: np.ndarray, decide: bool = True) -> bool:
-        """After draft pass j: its [B] confidences; whether pass j + 1 pays (``decide=False``:
-        record only, for heads computed in one pass)."""
-        conf = np.asarray(confidence, dtype=np.float64)
+    def needs_confidence(self) -> bool:
+        """Whether this step's passes must report their confidences: only the trimming rules read
+        them (an exploring step's lengths are random; the cap alone counts passes), and reading
+        one costs a softmax and a device-to-host copy per pass."""
+        return self.trim and self.last_plan is not None and not self.last_plan.explore
+
+    def add_pass(self, confidence: np.ndarray | None, decide: bool = True) -> bool:
+        """After draft pass j: its [B] confidences (None: not read, see needs_confidence);
+        whether pass j + 1 pays (``decide=False``: record only, for heads computed in one pass)."""
+        conf = np.full(len(self._factors), np.nan) if confidence is None else np.asarray(confidence, dtype=np.float64)
         rate = np.minimum(1.0, self._bucket_rates[self._mode, buckets(conf)] * self._factors)
         previous = self._survival[-1] if self._survival else 1.0
         self._survival.append(previous * rate)

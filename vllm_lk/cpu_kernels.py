@@ -13,7 +13,7 @@ they are a visible share of a draft pass.
 the IR provider ``lk_cpu`` and puts it first where vLLM's priority for the op is its platform
 default (native only; an explicit ``--ir-op-priority native`` looks the same, so the switch is
 ``VLLM_LK_CPU_KERNELS=0``, which keeps vLLM's native norms: the old path, for side-by-side
-benchmarks in ``benchmarks/cpu_norm_cost.py``). Inputs the kernels do not take (non-contiguous, a
+benchmarks in ``benchmarks/cpu_ab.py``). Inputs the kernels do not take (non-contiguous, a
 width not a multiple of 32, mixed dtypes) fall through to native. On other platforms it does
 nothing. ``tests/unit/test_cpu_kernels.py`` checks the kernels against the
 native versions.

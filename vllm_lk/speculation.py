@@ -217,10 +217,13 @@ def record_pass(proposer, logits: torch.Tensor, probs: torch.Tensor | None, ids:
     policy = proposer.__dict__.get("_lk_policy")
     if policy is None:
         return True
-    source = probs if probs is not None else logits.float().softmax(dim=-1)
     proposer._lk_ids.append(ids)
     proposer._lk_probs.append(probs)
-    keep = policy.add_pass(source.max(dim=-1).values.cpu().numpy(), decide=decide)
+    confidence = None
+    if policy.needs_confidence():
+        source = probs if probs is not None else logits.float().softmax(dim=-1)
+        confidence = source.max(dim=-1).values.cpu().numpy()
+    keep = policy.add_pass(confidence, decide=decide)
     if not keep and stop:
         raise StopDrafting
     return keep

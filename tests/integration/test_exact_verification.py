@@ -42,7 +42,7 @@ def set_mode(llm, adaptive: bool) -> None:
 # probability is below ~0.05 is not verified; the draft loop stops once no next draft pays).
 # The live policy would settle on whatever this tiny engine's timings favour, often every draft
 # or none.
-DECISIVE = {"warmup_steps": 0, "explore_every": 2, "explore_all": True, "cost": [0.004, 0.0, 0.0001, 0.00001]}
+DECISIVE = {"warmup_steps": 0, "trim": True, "explore_every": 2, "explore_all": True, "cost": [0.004, 0.0, 0.0001, 0.00001]}
 
 
 def drafts_per_step(outputs) -> set[int]:

@@ -56,7 +56,7 @@ def adaptive_step_distribution(target, draft, vocab, k_max, transform, keep):
 
 def trained_policy(k_max: int, rate: float) -> adaptive.Policy:
     """A policy whose acceptance estimate rises steeply with confidence (as drafts' do)."""
-    policy = adaptive.Policy(max_k=k_max)
+    policy = adaptive.Policy(max_k=k_max, trim=True)
     rng = np.random.default_rng(0)
     for _ in range(400):
         conf = rng.uniform(0, 1, size=k_max)
@@ -217,3 +217,21 @@ def test_explore_all_cycles_every_k_after_warm_up():
         if plan.explore:
             explored.append(plan.k)
     assert explored == [1, 2, 3, 0, 1, 2, 3, 0]
+
+
+def test_the_cap_alone_reads_no_confidence_and_counts_positions_only():
+    """The default (trim off) stops the draft loop at k* without reading a confidence (each read is
+    a softmax and a device-to-host copy a pass); its verifications count by position, never into a
+    confidence bucket."""
+    policy = adaptive.Policy(max_k=4, warmup_steps=0, explore_every=10**9)
+    policy.pin_cost([0.004, 0.0, 0.0001, 0.00001])
+    plan = policy.plan(["a", "b"])
+    assert not policy.needs_confidence() and plan.k == 4
+    assert [policy.add_pass(None) for _ in range(plan.k)] == [True, True, True, False]
+    assert list(policy.lengths()) == [4, 4]
+    policy.observe_verifications(["a", "b"], np.full((2, 4), np.nan), np.array([4, 4]), np.array([1, 4]), np.array([False, False]))
+    assert policy.acceptance.tried.sum() == 0 and policy.acceptance.accepted.sum() == 0
+    assert list(policy.acceptance.pos_tried[0]) == [2, 2, 1, 1] and list(policy.acceptance.pos_accepted[0]) == [2, 1, 1, 1]
+    policy.trim = True
+    policy.plan(["a", "b"])
+    assert policy.needs_confidence()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from training.bench.speed import SpeedConfig, cells, markdown, plot, summarize
+from training.bench.speed import SpeedConfig, cells, markdown, plot, policy_settings, summarize
 
 
 def record(round_index, drafter, mode, k, temperature, concurrency, tokens_per_s, tau=None, drafts=None):
@@ -41,7 +41,21 @@ def test_each_round_visits_no_speculation_twice_and_every_setting():
     config = SpeedConfig(drafters=["mlp", "eagle3"], ks=[1, 3], temperatures=[0.0, 1.0], concurrency=[1, 8])
     visits = cells(config, "mlp")
     assert len(visits) == (2 + 2 + 1) * 4
-    assert sum(1 for (kind, _, _), _, _ in visits if kind is None) == 2 * 4
+    assert sum(1 for (kind, _, _, _), _, _ in visits if kind is None) == 2 * 4
+
+
+def test_adaptive_variants_are_cells_rows_and_full_settings():
+    config = SpeedConfig(drafters=["mlp"], ks=[1, 3], temperatures=[0.0], concurrency=[1], rounds=1,
+                         adaptive_variants={"trim": {"trim": True}})
+    assert [(mode, variant) for (_, mode, _, variant), _, _ in cells(config, "mlp") if mode == "adaptive"] == [("adaptive", None), ("adaptive", "trim")]
+    assert policy_settings(config, None) == {"warmup_steps": 24, "explore_every": 64, "trim": False, "explore_all": False}
+    assert policy_settings(config, "trim")["trim"] is True and policy_settings(config, "trim")["warmup_steps"] == 24
+    records = [record(0, None, "none", 0, 0.0, 1, 100.0)]
+    records += [{**record(0, "mlp", "adaptive", 3, 0.0, 1, rate, 2.0, 2), "policy": label} for label, rate in (("default", 150.0), ("trim", 120.0))]
+    rows = {r.get("policy"): r for r in summarize(records, config)}
+    assert rows["default"]["speedup"] == pytest.approx(1.5) and rows["trim"]["speedup"] == pytest.approx(1.2)
+    text = markdown({"config": json.loads(config.model_dump_json()), "rows": list(rows.values()), "environment": {"platform": "test", "cpus": 2}})
+    assert "| mlp | adaptive | – | 150 |" in text and "| mlp | adaptive (trim) | – | 120 |" in text
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -46,6 +46,7 @@ class SpeedConfig(FrozenConfig):
     num_heads: int = Field(5, ge=1, description="heads / stages / TTT steps the drafters are trained with (the largest K served)")
     ks: list[int] = Field([1, 2, 3, 4, 5], min_length=1, description="fixed K values to measure (each <= num_heads)")
     adaptive: bool = Field(True, description="also measure adaptive speculation (vllm_lk.adaptive)")
+    adaptive_variants: dict[str, dict] = Field(default_factory=dict, description="more adaptive policies measured beside the default one: label -> policy settings for lk_set_speculation (e.g. '{\"trim\": {\"trim\": true}}'); rows carry the label as policy")
     temperatures: list[float] = Field([0.0, 1.0], min_length=1, description="sampling temperatures")
     concurrency: list[int] = Field([1, 8], min_length=1, description="requests in flight at once")
     prompts: int = Field(8, ge=1, description="held-out code prompts per cell")
@@ -97,8 +98,19 @@ def start_engine(config: SpeedConfig, target: Path, kind: str | None, drafter: P
     return make_llm(target, engine, seed=config.seed, disable_log_stats=False, async_scheduling=False, **extra)
 
 
-def set_mode(llm, mode: str, k: int | None) -> None:
-    llm.collective_rpc("lk_set_speculation", args=(mode, k))
+def policy_settings(config: SpeedConfig, label: str | None) -> dict:
+    """The adaptive policy settings of a variant (None: the default), every setting spelt out: the
+    engine's policy keeps its settings across switches, so each cell sets them all."""
+    from dataclasses import fields
+
+    from vllm_lk.adaptive import Policy
+
+    defaults = {f.name: f.default for f in fields(Policy) if f.name in ("warmup_steps", "explore_every", "trim", "explore_all")}
+    return {**defaults, **(config.adaptive_variants[label] if label else {})}
+
+
+def set_mode(llm, mode: str, k: int | None, settings: dict | None = None) -> None:
+    llm.collective_rpc("lk_set_speculation", args=(mode, k, settings) if settings else (mode, k))
 
 
 def run_cell(llm, prompts: list[list[int]], temperature: float, concurrency: int, config: SpeedConfig) -> dict:
@@ -126,11 +138,11 @@ def run_cell(llm, prompts: list[list[int]], temperature: float, concurrency: int
 
 
 def cells(config: SpeedConfig, kind: str) -> list[tuple]:
-    """(drafter or None, mode, K) x (T, concurrency): what one round of a drafter's block visits,
-    no speculation twice among them."""
-    settings = [(None, "none", 0)] * 2 + [(kind, "fixed", k) for k in config.ks]
+    """(drafter or None, mode, K, adaptive variant) x (T, concurrency): what one round of a
+    drafter's block visits, no speculation twice among them."""
+    settings = [(None, "none", 0, None)] * 2 + [(kind, "fixed", k, None) for k in config.ks]
     if config.adaptive:
-        settings.append((kind, "adaptive", max(config.ks)))
+        settings += [(kind, "adaptive", max(config.ks), label) for label in (None, *config.adaptive_variants)]
     return [(s, t, c) for s in settings for t in config.temperatures for c in config.concurrency]
 
 
@@ -150,12 +162,15 @@ def measure(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompt
                 for round_index in range(config.rounds):
                     order = cells(config, kind)
                     random.Random(f"{config.seed}:{kind}:{round_index}").shuffle(order)
-                    for (cell_kind, mode, k), temperature, concurrency in order:
+                    for (cell_kind, mode, k, variant), temperature, concurrency in order:
                         engine = llm if cell_kind is not None else none
-                        if cell_kind is not None:
-                            set_mode(engine, mode, None if mode == "adaptive" else k)
+                        if mode == "adaptive":
+                            set_mode(engine, mode, None, policy_settings(config, variant))
+                        elif cell_kind is not None:
+                            set_mode(engine, mode, k)
                         result = run_cell(engine, prompts, temperature, concurrency, config)
                         records.append({"block": kind, "round": round_index, "drafter": cell_kind, "mode": mode, "K": k,
+                                        "policy": (variant or "default") if mode == "adaptive" else None,
                                         "temperature": temperature, "concurrency": concurrency, **result})
                         bar.update()
             finally:
@@ -169,7 +184,7 @@ def measure(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompt
 def warm(llm, kind: str | None, prompts: list[list[int]], config: SpeedConfig) -> None:
     """Caches, and the adaptive policy's start-up measurement, before anything is timed."""
     if kind is not None and config.adaptive:
-        set_mode(llm, "adaptive", None)
+        set_mode(llm, "adaptive", None, policy_settings(config, None))
     for temperature in config.temperatures:
         run_cell(llm, prompts[: config.warmup_requests], temperature, 1, config)
 
@@ -186,23 +201,25 @@ def summarize(records: list[dict], config: SpeedConfig) -> list[dict]:
             baseline.setdefault((r["block"], r["round"], r["temperature"], r["concurrency"]), []).append(r)
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["drafter"], r["mode"], r["K"], r["temperature"], r["concurrency"]), []).append(r)
+        groups.setdefault((r["drafter"], r["mode"], r["K"], r.get("policy"), r["temperature"], r["concurrency"]), []).append(r)
     rows = []
-    for (kind, mode, k, temperature, concurrency), items in groups.items():
+    for (kind, mode, k, variant, temperature, concurrency), items in groups.items():
         per_round = {}
         for r in items:
             per_round.setdefault((r["block"], r["round"]), []).append(r)
         speedups = [rate(rs) / rate(baseline[(block, rnd, temperature, concurrency)]) for (block, rnd), rs in per_round.items()]
         steps = sum(r["steps"] for r in items)
         rows.append({
-            "drafter": kind or "none", "mode": mode, "K": k, "temperature": temperature, "concurrency": concurrency,
+            "drafter": kind or "none", "mode": mode, "K": k, **({"policy": variant} if variant else {}),
+            "temperature": temperature, "concurrency": concurrency,
             "tokens_per_s": rate(items), "speedup": statistics.median(speedups),
             "speedup_min": min(speedups), "speedup_max": max(speedups),
             "tau": 1 + sum(r["accepted"] for r in items) / steps if steps else None,
             "drafts_per_step": sum(r["drafted"] for r in items) / steps if steps else None,
         })
     add_cost_fit(rows)
-    return sorted(rows, key=lambda r: (r["temperature"], r["concurrency"], r["drafter"] != "none", r["drafter"], r["mode"], r["K"]))
+    return sorted(rows, key=lambda r: (r["temperature"], r["concurrency"], r["drafter"] != "none", r["drafter"], r["mode"],
+                                       r["K"], r.get("policy") != "default", r.get("policy") or ""))
 
 
 def add_cost_fit(rows: list[dict]) -> None:
@@ -221,6 +238,12 @@ def add_cost_fit(rows: list[dict]) -> None:
         r["bound"] = r["tau"] / (1 + k * r["c"])
 
 
+def mode_label(row: dict) -> str:
+    """``adaptive`` for the default policy, ``adaptive (LABEL)`` for a variant."""
+    variant = row.get("policy")
+    return f"{row['mode']} ({variant})" if variant and variant != "default" else row["mode"]
+
+
 def markdown(report: dict) -> str:
     config = report["config"]
     lines = [
@@ -235,7 +258,7 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         fmt = lambda v, f="{:.2f}": "–" if v is None else f.format(v)
         lines.append(
-            f"| {r['temperature']:g} | {r['concurrency']} | {r['drafter']} | {r['mode']} | {r['K'] if r['mode'] == 'fixed' else '–'} | "
+            f"| {r['temperature']:g} | {r['concurrency']} | {r['drafter']} | {mode_label(r)} | {r['K'] if r['mode'] == 'fixed' else '–'} | "
             f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}× [{r['speedup_min']:.2f}–{r['speedup_max']:.2f}] | {fmt(r['tau'])} | "
             f"{fmt(r['drafts_per_step'])} | {fmt(r.get('c'))} | {fmt(r.get('bound'))} |")
     if report.get("breakdown"):
@@ -270,8 +293,9 @@ def plot(report: dict, path: Path) -> None:
                                marker="o", capsize=2, label=f"{kind} fixed K")
             for r in panel:
                 if r["drafter"] == kind and r["mode"] == "adaptive":
-                    ax.scatter([r["drafts_per_step"]], [r["speedup"]], marker="*", s=140, color=line[0].get_color(),
-                               edgecolor="black", zorder=3, label=f"{kind} adaptive (x = drafts/step)")
+                    default = r.get("policy", "default") == "default"
+                    ax.scatter([r["drafts_per_step"]], [r["speedup"]], marker="*" if default else "P", s=140, color=line[0].get_color(),
+                               edgecolor="black", zorder=3, label=f"{kind} {mode_label(r)} (x = drafts/step)")
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_title(f"T={temperature:g}, concurrency {concurrency}")
         ax.set_xlabel("K (drafts per step)")
