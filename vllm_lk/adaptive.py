@@ -133,9 +133,12 @@ class CostModel:
     """Seconds of one engine step ~ theta . (1, requests, draft passes, drafted tokens).
 
     Exponentially weighted least squares (weight ``decay`` per observation) with a ridge of
-    strength ``ridge`` toward ``prior`` (the start-up fit), solved on every update (4 x 4)."""
+    strength ``ridge`` toward ``prior`` (the start-up fit), solved on every update (4 x 4). The
+    ridge is a tenth of the data's weight: the start-up steps run cold (each new query length is a
+    new GEMM shape for oneDNN), and at ridge 1 their fit held half the weight forever (an
+    EAGLE-3 engine's model put a K = 4 step at 13 ms against 9.6 ms measured)."""
 
-    def __init__(self, decay: float = 0.995, ridge: float = 1.0):
+    def __init__(self, decay: float = 0.995, ridge: float = 0.1):
         self.decay = decay
         self.ridge = ridge
         self.xtx = np.zeros((4, 4))
@@ -179,6 +182,34 @@ class CostModel:
         return dict(zip(FEATURES, map(float, self.theta)))
 
 
+class ArmSeconds:
+    """Measured seconds of a step by its cap k, per batch size: an exponentially weighted mean
+    over the steps that drafted exactly k for every request (weight ``decay`` per observation of
+    that arm). Where an arm has been seen, the plan uses its mean rather than the linear model's
+    extrapolation: the linear model is only as good as its four features, these means are what
+    such a step cost."""
+
+    def __init__(self, max_k: int, decay: float = 0.98, min_weight: float = 3.0):
+        self.decay = decay
+        self.min_weight = min_weight
+        self.sums: dict[int, np.ndarray] = {}  # batch -> [K+1] weighted seconds
+        self.weights: dict[int, np.ndarray] = {}  # batch -> [K+1] weights
+        self.max_k = max_k
+
+    def observe(self, batch: int, k: int, seconds: float) -> None:
+        sums = self.sums.setdefault(batch, np.zeros(self.max_k + 1))
+        weights = self.weights.setdefault(batch, np.zeros(self.max_k + 1))
+        sums[k] = self.decay * sums[k] + seconds
+        weights[k] = self.decay * weights[k] + 1.0
+
+    def mean(self, batch: int, k: int) -> float | None:
+        """The arm's mean seconds, or None until it has weight ``min_weight``."""
+        weights = self.weights.get(batch)
+        if weights is None or weights[k] < self.min_weight:
+            return None
+        return float(self.sums[batch][k] / weights[k])
+
+
 def batch_bucket(batch: int) -> int:
     """The cost model a batch of this size uses: 1, 2, 4, 8, ... (sizes 5-8 share bucket 8). A
     step's cost is not linear in the batch size (at 1 request a drafted token rides on a forward
@@ -207,6 +238,10 @@ class Plan:
     rate: float  # expected tokens / s of this plan
     baseline_rate: float  # expected tokens / s without speculation
     explore: bool = False
+    random_lengths: bool = False  # exploring: each request verifies a random prefix (drafted tokens vary apart from passes)
+
+
+SETTINGS = ("warmup_steps", "explore_every", "trim", "explore_all", "measured_arms")  # Policy fields set at runtime
 
 
 @dataclass
@@ -219,7 +254,9 @@ class Policy:
     explore_every: int = 64  # afterwards one step in this many explores k* +- 1 with random lengths
     trim: bool = False  # per-step early stop and per-request lengths from confidence (False: the cap k* only)
     explore_all: bool = False  # exploration cycles K through 0..max_k instead of trying k* +- 1
+    measured_arms: bool = True  # plan with each cap's measured step seconds where seen (False: the linear model only)
     acceptance: AcceptanceModel = field(init=False)
+    arms: ArmSeconds = field(init=False)  # measured seconds of a step by its cap, per batch size
     costs: dict[int, CostModel] = field(default_factory=dict)  # batch bucket -> its cost model
     pinned: np.ndarray | None = None  # cost constants set by the operator (no online fit)
     steps: int = 0  # cost observations so far
@@ -234,6 +271,7 @@ class Policy:
 
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel(self.max_k)
+        self.arms = ArmSeconds(self.max_k)
         self._cost: CostModel | None = None
 
     def cost_for(self, batch: int) -> CostModel:
@@ -272,7 +310,7 @@ class Policy:
         warming = not self._cost.frozen and self._cost.count < self.warmup_steps
         if warming:  # the start-up measurement: every K in turn
             self.explorations += 1
-            plan = Plan(self.explorations % (self.max_k + 1), math.nan, math.nan, explore=True)
+            plan = Plan(self.explorations % (self.max_k + 1), math.nan, math.nan, explore=True, random_lengths=True)
         elif self.plans % self.explore_every == 0:  # afterwards a neighbour of the last choice
             self.explorations += 1
             if self.explore_all:  # every K in turn, as in warm-up
@@ -280,14 +318,15 @@ class Policy:
             else:
                 last = self.last_plan.k if self.last_plan is not None else self.max_k
                 k = int(np.clip(last + self.rng.choice((-1, 1)), 0, self.max_k))
-            plan = Plan(k, math.nan, math.nan, explore=True)
+            # the cap alone (trim off) explores whole arms, whose measured seconds the plan reads
+            plan = Plan(k, math.nan, math.nan, explore=True, random_lengths=self.trim)
         else:
             rates = np.minimum(1.0, self._position_rates[self._mode, :] * self._factors[:, None])
             expected = batch + np.concatenate([[0.0], np.cumsum(np.cumprod(rates, axis=1).sum(axis=0))])  # [K+1]
-            seconds = np.array([self.step_seconds(batch, k, batch * k) for k in range(self.max_k + 1)])
+            seconds = np.array([self.arm_seconds(batch, k) for k in range(self.max_k + 1)])
             rates = expected / seconds
             k = int(np.argmax(rates))
-            plan = Plan(k, float(rates[k]), float(batch / max(self.cost.predict(batch, 0, 0), 1e-9)))
+            plan = Plan(k, float(rates[k]), float(batch / self.arm_seconds(batch, 0)))
         self.skipped += plan.k == 0
         self.last_plan = plan
         return plan
@@ -303,6 +342,12 @@ class Policy:
 
     def step_seconds(self, batch: int, k: int, drafted: int) -> float:
         return max(self.cost.predict(batch, passes_for(self.kind, k), drafted), 1e-9)
+
+    def arm_seconds(self, batch: int, k: int) -> float:
+        """Seconds of a step at cap k with every request drafting k: measured (pinned constants:
+        the model's)."""
+        measured = None if self.pinned is not None or not self.measured_arms else self.arms.mean(batch, k)
+        return measured if measured is not None else self.step_seconds(batch, k, batch * k)
 
     # -- while drafting -----------------------------------------------------------------------
     def needs_confidence(self) -> bool:
@@ -341,7 +386,7 @@ class Policy:
         batch = len(self._factors)
         if plan is None or width == 0:
             return np.full(batch, width, dtype=np.int64)
-        if plan.explore:  # random lengths (draft-side randomness): drafted tokens vary apart from passes
+        if plan.random_lengths:  # draft-side randomness: drafted tokens vary apart from passes
             return self.rng.integers(0, width + 1, size=batch)
         if not self.trim:
             return np.full(batch, width, dtype=np.int64)
@@ -361,16 +406,20 @@ class Policy:
         return self.lengths()
 
     # -- after a step -------------------------------------------------------------------------
-    def observe_step(self, requests: int, passes: int, drafted: int, seconds: float, tokens: int | None = None) -> None:
+    def observe_step(self, requests: int, passes: int, drafted: int, seconds: float, tokens: int | None = None,
+                     k: int | None = None) -> None:
         """One steady step: its batch, draft passes, drafted tokens, measured seconds and the
-        tokens it emitted (for the live speedup estimate)."""
+        tokens it emitted (for the live speedup estimate); ``k``: the cap, when every request
+        drafted exactly k (the step then counts for that arm's measured seconds)."""
         model = self.cost_for(requests)
         model.observe(requests, passes, drafted, seconds)
+        if k is not None and drafted == requests * k and passes == passes_for(self.kind, k):
+            self.arms.observe(requests, k, seconds)
         self.steps += 1
         self.acceptance.step_decay()
         if model.count == self.warmup_steps and not model.frozen:
             model.freeze_prior()
-        none_seconds = model.predict(requests, passes_for(self.kind, 0), 0)
+        none_seconds = self.arm_seconds(requests, 0)
         if tokens and seconds > 0 and none_seconds > 0 and (model.frozen or model.count >= self.warmup_steps):
             ratio = (tokens / seconds) / (requests / none_seconds)
             previous = self.estimated_speedup

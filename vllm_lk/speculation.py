@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from vllm_lk.adaptive import Policy, passes_for
+from vllm_lk.adaptive import SETTINGS, Policy, passes_for
 
 logger = logging.getLogger("vllm.plugins.vllm_lk.speculation")
 
@@ -67,7 +67,7 @@ def install(runner) -> None:
     runner._lk_policy = new_policy(runner) if adaptive else None
     runner._lk_saved_policy = None  # a policy kept (with what it learned) while fixed K runs
     runner._lk_fixed_k = None  # fixed mode at a K below the configured one (set_speculation)
-    runner._lk_last = None  # (req_ids, passes, drafted, time) of the previous step's plan
+    runner._lk_last = None  # (req_ids, passes, drafted, time, k or None) of the previous step's plan
     runner._lk_conf = {}  # req_id -> [k] confidences of its drafts awaiting verification
     runner._lk_counts = np.zeros(runner.num_spec_tokens + 1, dtype=np.int64)  # request-steps by drafts made
     runner._lk_steps = np.zeros(2, dtype=np.int64)  # drafting steps, those of them with no draft at all
@@ -79,8 +79,8 @@ def set_speculation(worker, mode: str, k: int | None = None, policy: dict | None
     """Switch a running engine (registered as the worker method ``lk_set_speculation``):
     ``llm.collective_rpc("lk_set_speculation", args=("adaptive",))``, or ``("fixed", 2)`` for a
     fixed K of 2 (at most the configured K; None: the configured K). A policy keeps what it
-    learned across switches. ``policy`` (adaptive only) sets Policy fields (``warmup_steps``,
-    ``explore_every``, ``trim``, ``explore_all``) and may pin the cost model: ``"cost": [step, per_request, per_pass,
+    learned across switches. ``policy`` (adaptive only) sets Policy fields (vllm_lk.adaptive.SETTINGS)
+    and may pin the cost model: ``"cost": [step, per_request, per_pass,
     per_drafted_token]`` seconds, not updated online."""
     if mode not in MODES:
         raise ValueError(f"speculation mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -104,9 +104,9 @@ def set_speculation(worker, mode: str, k: int | None = None, policy: dict | None
 def _configure(policy: Policy, settings: dict) -> None:
     cost = settings.pop("cost", None)
     for name, value in settings.items():
-        if name not in ("warmup_steps", "explore_every", "trim", "explore_all"):
+        if name not in SETTINGS:
             raise ValueError(f"unknown policy setting {name!r}")
-        setattr(policy, name, bool(value) if name in ("trim", "explore_all") else int(value))
+        setattr(policy, name, type(getattr(policy, name))(value))
     if cost is not None:
         if len(cost) != 4:
             raise ValueError("cost: expected [step, per_request, per_pass, per_drafted_token] seconds")
@@ -202,7 +202,7 @@ def observe(runner, scheduler_output, sampled_token_ids, spec_decode_metadata, g
         and scheduler_output.total_num_scheduled_tokens == len(req_ids) + drafted
     )
     if steady:
-        policy.observe_step(len(req_ids), last[1], last[2], now - last[3], int((accepted + 1).sum()))
+        policy.observe_step(len(req_ids), last[1], last[2], now - last[3], int((accepted + 1).sum()), k=last[4])
     runner._lk_now = now
     if len(policy.acceptance.requests) > 4 * max(len(req_ids), 1) + 64:
         policy.acceptance.forget(set(req_ids))
@@ -251,13 +251,14 @@ def finish(runner, proposer, drafts):
     passes = conf.shape[1]
     width = drafts.shape[1] if isinstance(drafts, torch.Tensor) else 0
     if width == 0 or passes < width:  # nothing drafted, or a drafter that records no confidences
-        runner._lk_last = (tuple(req_ids), passes_for(policy.kind, width), width * len(req_ids), runner._lk_now)
+        runner._lk_last = (tuple(req_ids), passes_for(policy.kind, width), width * len(req_ids), runner._lk_now, width)
         return drafts
     lengths = policy.lengths()
     conf_rows = conf[:, :width]
     for row, req_id in enumerate(req_ids):
         runner._lk_conf[req_id] = conf_rows[row, : lengths[row]]
-    runner._lk_last = (tuple(req_ids), passes_for(policy.kind, passes), int(lengths.sum()), runner._lk_now)
+    uniform = bool((lengths == width).all()) and passes == width
+    runner._lk_last = (tuple(req_ids), passes_for(policy.kind, passes), int(lengths.sum()), runner._lk_now, width if uniform else None)
     if bool((lengths == width).all()):
         return drafts
     return [row[:n] for row, n in zip(drafts.tolist(), lengths.tolist())]

@@ -235,3 +235,35 @@ def test_the_cap_alone_reads_no_confidence_and_counts_positions_only():
     policy.trim = True
     policy.plan(["a", "b"])
     assert policy.needs_confidence()
+
+
+def test_measured_arm_seconds_decide_over_the_linear_model():
+    """A step's cost is not linear in k (here k = 3 crosses into a slower GEMM): the plan reads
+    each arm's measured seconds, not the four-feature fit through them."""
+    policy = adaptive.Policy(max_k=3, warmup_steps=0, explore_every=10**9)
+    seconds = {0: 0.004, 1: 0.005, 2: 0.006, 3: 0.020}
+    for i in range(200):
+        k = i % 4
+        policy.observe_step(1, k, k, seconds[k], k=k)
+    for _ in range(200):
+        policy.observe_verifications(["r"], np.full((1, 3), np.nan), np.array([3]), np.array([3]), np.array([False]))
+    rates = policy.acceptance.position_rates()[0]
+    expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(rates))])  # tokens per step by k
+    want = int(np.argmax(expected / np.array([seconds[k] for k in range(4)])))
+    assert want == 2 and policy.plan(["r"]).k == want
+    assert policy.arm_seconds(1, 3) == pytest.approx(0.020)
+    assert policy.arms.mean(2, 1) is None  # another batch size: not measured, the model answers
+    assert policy.arm_seconds(2, 1) == pytest.approx(policy.step_seconds(2, 1, 2))
+
+
+def test_only_uniform_steps_count_for_an_arm_and_exploration_keeps_them_whole():
+    policy = adaptive.Policy(max_k=3, warmup_steps=4, explore_every=2)
+    policy.observe_step(2, 3, 4, 0.01, k=None)  # per-request lengths 1 and 3: no arm
+    policy.observe_step(2, 3, 5, 0.01, k=3)  # drafted != requests * k: no arm
+    assert not policy.arms.weights or not policy.arms.weights[2].any()
+    warm = [policy.plan(["a", "b"]) for _ in range(4)]
+    assert all(p.explore and p.random_lengths for p in warm)  # the start-up fit needs lengths apart from passes
+    for _ in range(4):
+        policy.observe_step(2, 1, 2, 0.01)
+    later = [policy.plan(["a", "b"]) for _ in range(4)]
+    assert any(p.explore for p in later) and not any(p.random_lengths for p in later)

@@ -103,9 +103,9 @@ def policy_settings(config: SpeedConfig, label: str | None) -> dict:
     engine's policy keeps its settings across switches, so each cell sets them all."""
     from dataclasses import fields
 
-    from vllm_lk.adaptive import Policy
+    from vllm_lk.adaptive import SETTINGS, Policy
 
-    defaults = {f.name: f.default for f in fields(Policy) if f.name in ("warmup_steps", "explore_every", "trim", "explore_all")}
+    defaults = {f.name: f.default for f in fields(Policy) if f.name in SETTINGS}
     return {**defaults, **(config.adaptive_variants[label] if label else {})}
 
 
