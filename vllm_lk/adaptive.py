@@ -6,15 +6,18 @@ draft only pays when it is likely to survive. This module decides, from three li
 - **acceptance**: P(draft i accepted | drafts before it accepted) as a function of the draft's own
   confidence at that position, ``c = max_v q_i(v)`` (bucketed counts shared by all requests: the
   global prior), times a per-request factor (its own accepted / predicted, shrunk toward 1);
-- **cost**: seconds of one engine step as a linear function of (1, requests, draft forward passes,
-  drafted tokens), fitted by exponentially weighted least squares over the steps served, with a
-  ridge toward the start-up fit (the first steps cycle K through 0..K to measure it);
+- **cost**: seconds of one engine step at each cap k, measured (an exponentially weighted mean
+  over the steps of this batch size that drafted exactly k per request); where an arm has not
+  been seen, a linear function of (1, requests, draft forward passes, drafted tokens), fitted by
+  exponentially weighted least squares over the steps served, with a light ridge toward the
+  start-up fit (the first steps cycle K through 0..K to measure it);
 - **rate**: the plan that maximises expected tokens per second for the batch.
 
-At the start of a step :meth:`Policy.plan` picks the cap k* (0 = do not speculate this step);
-while drafting, :meth:`Policy.keep_drafting` stops the draft loop once another pass would cost
-more than it is expected to return; :meth:`Policy.lengths` then gives each request its number of
-drafts to verify (those whose survival probability still pays for their verification).
+At the start of a step :meth:`Policy.plan` picks the cap k* (0 = do not speculate this step) and
+the draft loop stops after k* passes. With ``trim`` (off by default) two more rules read each
+pass's confidence: :meth:`Policy.add_pass` stops the draft loop once another pass would cost more
+than it is expected to return, and :meth:`Policy.lengths` gives each request its number of drafts
+to verify (those whose survival probability still pays for their verification).
 
 Exactness: the decision to verify draft i of a request uses only draft-side information that does
 not depend on draft i's sampled value — confidences ``max q_j`` for j <= i (each a function of the
@@ -99,16 +102,18 @@ class AcceptanceModel:
             return
         hits = slots < accepted[:, None]  # [B, W], within reached
         mode = np.broadcast_to(np.asarray(greedy, dtype=bool).astype(np.int64)[:, None], conf.shape)
-        b = buckets(conf)
         positions = np.broadcast_to(np.minimum(slots, self.num_positions - 1), conf.shape)
         known_all = conf == conf  # a draft whose confidence was not read (NaN) has no bucket
+        m, pos, h = mode[reached], positions[reached], hits[reached].astype(np.float64)
+        by_pos = m * self.num_positions + pos  # flat [2 * n] indices
         # predicted before this step's counts: by confidence where known, else by position
-        rates = np.where(known_all, self.bucket_rates()[mode, b], self.position_rates()[mode, positions])  # [B, W]
-        m, bk, pos, h = mode[reached], b[reached], positions[reached], hits[reached].astype(np.float64)
-        by_bucket, by_pos = m * NUM_BUCKETS + bk, m * self.num_positions + pos  # flat [2 * n] indices
-        known = known_all[reached].astype(np.float64)
-        self.tried += np.bincount(by_bucket, weights=known, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
-        self.accepted += np.bincount(by_bucket, weights=h * known, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
+        rates = self.position_rates()[mode, positions]  # [B, W]
+        if known_all.any():
+            b = buckets(conf)
+            rates = np.where(known_all, self.bucket_rates()[mode, b], rates)
+            by_bucket, known = m * NUM_BUCKETS + b[reached], known_all[reached].astype(np.float64)
+            self.tried += np.bincount(by_bucket, weights=known, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
+            self.accepted += np.bincount(by_bucket, weights=h * known, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
         self.pos_tried += np.bincount(by_pos, minlength=2 * self.num_positions).reshape(2, self.num_positions)
         self.pos_accepted += np.bincount(by_pos, weights=h, minlength=2 * self.num_positions).reshape(2, self.num_positions)
         got, predicted = (hits & reached).sum(axis=1), np.where(reached, rates, 0.0).sum(axis=1)
@@ -159,7 +164,8 @@ class CostModel:
         self.xtx = self.decay * self.xtx + np.outer(x, x)
         self.xty = self.decay * self.xty + x * seconds
         self.count += 1
-        self._solve()
+        if self.count <= 64 or self.count % 8 == 0:  # later fits move slowly: solved every 8th step
+            self._solve()
 
     def _solve(self) -> None:
         scale = np.sqrt(np.maximum(np.diag(self.xtx), 1e-12))  # ridge in standardized units
@@ -189,14 +195,21 @@ class ArmSeconds:
     extrapolation: the linear model is only as good as its four features, these means are what
     such a step cost."""
 
-    def __init__(self, max_k: int, decay: float = 0.98, min_weight: float = 3.0):
+    def __init__(self, max_k: int, decay: float = 0.98, min_weight: float = 2.5):
         self.decay = decay
         self.min_weight = min_weight
         self.sums: dict[int, np.ndarray] = {}  # batch -> [K+1] weighted seconds
         self.weights: dict[int, np.ndarray] = {}  # batch -> [K+1] weights
+        self.seen: dict[int, np.ndarray] = {}  # batch -> [K+1] whether the arm ran once (its first step is not counted)
         self.max_k = max_k
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
+        """One step of this batch size that drafted k per request. An arm's first step is left
+        out: it runs cold (new GEMM shapes for oneDNN, caches)."""
+        seen = self.seen.setdefault(batch, np.zeros(self.max_k + 1, dtype=bool))
+        if not seen[k]:
+            seen[k] = True
+            return
         sums = self.sums.setdefault(batch, np.zeros(self.max_k + 1))
         weights = self.weights.setdefault(batch, np.zeros(self.max_k + 1))
         sums[k] = self.decay * sums[k] + seconds
@@ -250,10 +263,10 @@ class Policy:
 
     max_k: int
     kind: str = "sequential"  # "kv" (EAGLE, draft model), "parallel" (MEDUSA), "sequential" (MLP)
-    warmup_steps: int = 24  # per batch bucket, the start-up measurement: K cycles through 0..max_k, random lengths
-    explore_every: int = 64  # afterwards one step in this many explores k* +- 1 with random lengths
+    warmup_steps: int = 24  # per batch bucket, the start-up measurement: K cycles through 0..max_k (random lengths with trim)
+    explore_every: int = 64  # afterwards one step in this many explores (random lengths only with trim)
     trim: bool = False  # per-step early stop and per-request lengths from confidence (False: the cap k* only)
-    explore_all: bool = False  # exploration cycles K through 0..max_k instead of trying k* +- 1
+    explore_all: bool = True  # exploration cycles K through 0..max_k (keeps every arm measured); False: k* +- 1
     measured_arms: bool = True  # plan with each cap's measured step seconds where seen (False: the linear model only)
     acceptance: AcceptanceModel = field(init=False)
     arms: ArmSeconds = field(init=False)  # measured seconds of a step by its cap, per batch size
@@ -310,7 +323,7 @@ class Policy:
         warming = not self._cost.frozen and self._cost.count < self.warmup_steps
         if warming:  # the start-up measurement: every K in turn
             self.explorations += 1
-            plan = Plan(self.explorations % (self.max_k + 1), math.nan, math.nan, explore=True, random_lengths=True)
+            plan = Plan(self.explorations % (self.max_k + 1), math.nan, math.nan, explore=True, random_lengths=self.trim)
         elif self.plans % self.explore_every == 0:  # afterwards a neighbour of the last choice
             self.explorations += 1
             if self.explore_all:  # every K in turn, as in warm-up
@@ -318,7 +331,8 @@ class Policy:
             else:
                 last = self.last_plan.k if self.last_plan is not None else self.max_k
                 k = int(np.clip(last + self.rng.choice((-1, 1)), 0, self.max_k))
-            # the cap alone (trim off) explores whole arms, whose measured seconds the plan reads
+            # the cap alone (trim off) explores whole arms, whose measured seconds the plan reads;
+            # with trim random lengths let the linear model tell draft passes from drafted tokens
             plan = Plan(k, math.nan, math.nan, explore=True, random_lengths=self.trim)
         else:
             rates = np.minimum(1.0, self._position_rates[self._mode, :] * self._factors[:, None])
@@ -337,8 +351,9 @@ class Policy:
         self._mode = self.greedy.astype(np.int64)
         self._bucket_rates = self.acceptance.bucket_rates()
         self._position_rates = self.acceptance.position_rates()
-        self._survival: list[np.ndarray] = []  # per pass: [B] P(drafts 1..j all accepted)
+        self._survival: list[np.ndarray | None] = []  # per pass: [B] P(drafts 1..j all accepted); None: not read
         self._confidence: list[np.ndarray] = []  # per pass: [B]
+        self._unknown = np.full(len(req_ids), np.nan)  # a pass's confidences when not read
 
     def step_seconds(self, batch: int, k: int, drafted: int) -> float:
         return max(self.cost.predict(batch, passes_for(self.kind, k), drafted), 1e-9)
@@ -359,11 +374,15 @@ class Policy:
     def add_pass(self, confidence: np.ndarray | None, decide: bool = True) -> bool:
         """After draft pass j: its [B] confidences (None: not read, see needs_confidence);
         whether pass j + 1 pays (``decide=False``: record only, for heads computed in one pass)."""
-        conf = np.full(len(self._factors), np.nan) if confidence is None else np.asarray(confidence, dtype=np.float64)
-        rate = np.minimum(1.0, self._bucket_rates[self._mode, buckets(conf)] * self._factors)
-        previous = self._survival[-1] if self._survival else 1.0
-        self._survival.append(previous * rate)
-        self._confidence.append(conf)
+        if confidence is None:  # nothing to estimate from: the pass is counted (survival unknown)
+            self._survival.append(None)
+            self._confidence.append(self._unknown)
+        else:
+            conf = np.asarray(confidence, dtype=np.float64)
+            rate = np.minimum(1.0, self._bucket_rates[self._mode, buckets(conf)] * self._factors)
+            previous = self._survival[-1] if self._survival and self._survival[-1] is not None else 1.0
+            self._survival.append(previous * rate)
+            self._confidence.append(conf)
         if not decide:
             return True
         plan, j = self.last_plan, len(self._survival)
@@ -389,6 +408,8 @@ class Policy:
         if plan.random_lengths:  # draft-side randomness: drafted tokens vary apart from passes
             return self.rng.integers(0, width + 1, size=batch)
         if not self.trim:
+            return np.full(batch, width, dtype=np.int64)
+        if any(s is None for s in self._survival):  # confidences not read (an exploring step): every draft
             return np.full(batch, width, dtype=np.int64)
         survival = np.stack(self._survival, axis=1)  # [B, k], non-increasing
         pays = survival >= plan.rate * max(self.cost.theta[3], 0.0)

@@ -257,13 +257,23 @@ def test_measured_arm_seconds_decide_over_the_linear_model():
 
 
 def test_only_uniform_steps_count_for_an_arm_and_exploration_keeps_them_whole():
+    """An arm's seconds come from steps that drafted exactly k per request, its first (cold) step
+    left out. The cap alone explores whole arms, every K in turn; with trim the start-up steps
+    and explorations use random lengths (the linear model must tell passes from drafted tokens)."""
     policy = adaptive.Policy(max_k=3, warmup_steps=4, explore_every=2)
     policy.observe_step(2, 3, 4, 0.01, k=None)  # per-request lengths 1 and 3: no arm
     policy.observe_step(2, 3, 5, 0.01, k=3)  # drafted != requests * k: no arm
-    assert not policy.arms.weights or not policy.arms.weights[2].any()
-    warm = [policy.plan(["a", "b"]) for _ in range(4)]
-    assert all(p.explore and p.random_lengths for p in warm)  # the start-up fit needs lengths apart from passes
+    assert not policy.arms.seen or not policy.arms.seen[2].any()
+    policy.observe_step(2, 1, 2, 0.050, k=1)  # cold: left out
+    for _ in range(3):
+        policy.observe_step(2, 1, 2, 0.010, k=1)
+    assert policy.arms.mean(2, 1) == pytest.approx(0.010)
+    fresh = adaptive.Policy(max_k=3, warmup_steps=4, explore_every=2)
+    warm = [fresh.plan(["a", "b"]) for _ in range(4)]
+    assert [p.k for p in warm] == [1, 2, 3, 0] and not any(p.random_lengths for p in warm)
     for _ in range(4):
-        policy.observe_step(2, 1, 2, 0.01)
-    later = [policy.plan(["a", "b"]) for _ in range(4)]
-    assert any(p.explore for p in later) and not any(p.random_lengths for p in later)
+        fresh.observe_step(2, 1, 2, 0.01)
+    later = [fresh.plan(["a", "b"]) for _ in range(4)]
+    assert [p.k for p in later if p.explore] == [1, 2] and not any(p.random_lengths for p in later)
+    trimming = adaptive.Policy(max_k=3, warmup_steps=4, explore_every=2, trim=True)
+    assert all(trimming.plan(["a"]).random_lengths for _ in range(4))
