@@ -28,12 +28,13 @@ import torch
 
 
 def sampling_metadata(batch: int, temperature: float, top_k: int | None, top_p: float | None, seeded: bool):
+    """vLLM's SamplingMetadata for a batch at one temperature (0: all greedy)."""
     from vllm.v1.sample.logits_processor import LogitsProcessors
     from vllm.v1.sample.metadata import SamplingMetadata
 
     return SamplingMetadata(
         temperature=torch.full((batch,), temperature, dtype=torch.float32),
-        all_greedy=False, all_random=True,
+        all_greedy=temperature == 0, all_random=temperature > 0,
         top_p=None if top_p is None else torch.full((batch,), top_p, dtype=torch.float32),
         top_k=None if top_k is None else torch.full((batch,), top_k, dtype=torch.int32),
         generators={i: torch.Generator().manual_seed(i) for i in range(batch)} if seeded else {},
@@ -98,7 +99,7 @@ def main() -> None:
 
     current_platform.register_triton_kernel_overrides()  # the stock CPU kernels, as in a worker
     stock = (rs.apply_sampling_constraints, rs.rejection_sample, llm_base_proposer.compute_probs_and_sample_next_token)
-    from vllm_lk import patch
+    from vllm_lk import patch, sampling
 
     torch.manual_seed(0)
     rows = []
@@ -116,6 +117,9 @@ def main() -> None:
                 bonus = torch.randint(0, vocab, (batch, 1), dtype=torch.int64)
                 plain = sampling_metadata(batch, 0.8, None, None, seeded=False)
                 filtered = sampling_metadata(batch, 0.8, 50, 0.9, seeded=True)
+                greedy = sampling_metadata(batch, 0.0, None, None, seeded=False)
+                all_greedy = torch.ones(batch, dtype=torch.bool)
+                no_draws = torch.zeros(batch, k, dtype=torch.float64)
 
                 def verify(asc, rej, sm):
                     logits = asc(target_logits.clone(), cu, sm)
@@ -128,6 +132,12 @@ def main() -> None:
                     "stock_verify_ms": lambda: verify(stock[0], stock[1], plain),
                     "lk_verify_ms": lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, plain),
                     "lk_verify_topk_topp_seeded_ms": lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, filtered),
+                    # T = 0: stock, vllm_lk's greedy fast path, and the general verify() it replaced
+                    "stock_verify_greedy_ms": lambda: verify(stock[0], stock[1], greedy),
+                    "lk_verify_greedy_ms": lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, greedy),
+                    "lk_verify_greedy_general_ms": lambda: sampling.verify(
+                        drafts.view(batch, k), torch.full((batch,), k), None, target_logits,
+                        torch.arange(n).view(batch, k), bonus[:, 0], all_greedy, no_draws, lambda r: r.double()),
                     "stock_draft_ms": lambda: stock[2](draft_logits.clone(), plain, False),
                     "lk_draft_ms": lambda: patch.draft_sample(draft_logits, plain),
                 }
@@ -144,6 +154,8 @@ def main() -> None:
                     f"V={vocab:6d} B={batch:3d} K={k} a={row['acceptance_per_position']:.2f}  verify stock {row['stock_verify_ms']:7.3f} ms  "
                     f"lk {row['lk_verify_ms']:7.3f} ms ({row['verify_ratio']:.2f}x)  "
                     f"lk+topk/topp/seeds {row['lk_verify_topk_topp_seeded_ms']:7.3f} ms  |  "
+                    f"T=0 stock {row['stock_verify_greedy_ms']:6.3f} lk {row['lk_verify_greedy_ms']:6.3f} "
+                    f"(general path {row['lk_verify_greedy_general_ms']:6.3f}) ms  |  "
                     f"draft stock {row['stock_draft_ms']:6.3f} lk {row['lk_draft_ms']:6.3f} ({row['draft_ratio']:.2f}x)",
                     flush=True,
                 )

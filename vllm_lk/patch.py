@@ -41,9 +41,9 @@ import torch
 from vllm_lk import cpu_kernels, reload, request_metrics, sampling, speculation
 from vllm_lk.proposers import (
     LKMLPProposer,
+    batch_draws,
     draft_sample,
     lk_medusa_propose,
-    row_draws,
     take_last_draft_probs,
     uniform_draws,
 )
@@ -108,16 +108,16 @@ def lk_rejection_sample(
             draft_token_ids.to(torch.long)[rows] if draft_token_ids.numel() else torch.zeros_like(rows),
             sampling.PLACEHOLDER,
         )
+    if sampling_metadata.all_greedy:  # argmax chain: no randomness, no probabilities
+        output, _ = sampling.verify_greedy(drafts, counts, target_logits, rows, bonus)
+        return output.to(torch.int32)
     generators = sampling_metadata.generators
-    if sampling_metadata.all_greedy:  # argmax chain: no randomness needed
-        is_greedy = torch.ones(batch, dtype=torch.bool, device=device)
-        uniforms = torch.zeros(batch, k_max, dtype=torch.float64, device=device)
-    else:
-        is_greedy = sampling_metadata.temperature == 0
-        uniforms = uniform_draws(generators, num_draft_tokens, k_max, device)
+    is_greedy = sampling_metadata.temperature == 0
+    uniforms = uniform_draws(generators, num_draft_tokens, k_max, device)
     output, _ = sampling.verify(
         drafts, counts, draft_probs, target_logits.to(torch.float32), rows, bonus,
-        is_greedy, uniforms, lambda rejected: row_draws(generators, rejected, device),
+        is_greedy, uniforms, lambda needed: batch_draws(generators, batch, device, needed),
+        has_greedy=not sampling_metadata.all_random,
     )
     return output.to(torch.int32)
 

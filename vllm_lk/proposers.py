@@ -26,19 +26,24 @@ def uniform_draws(
     return uniforms
 
 
-def row_draws(
-    generators: dict[int, torch.Generator],
-    rows: torch.Tensor,  # [R] long, the request rows that need a categorical draw
+def batch_draws(
+    generators: dict[int, torch.Generator],  # row -> its generator (seeded requests)
+    rows: int,
     device: torch.device,
-) -> torch.Tensor:  # [R] float64 U[0, 1)
-    """One uniform per row for an inverse-CDF draw (sampling.sample_from_uniform); seeded rows use
-    their generator, so a seeded request's stream depends only on its own outcomes, not on its batch."""
-    uniforms = torch.rand(len(rows), dtype=torch.float64, device=device)
-    if generators:
-        for i, row in enumerate(rows.tolist()):
-            gen = generators.get(row)
-            if gen is not None:
-                uniforms[i] = torch.rand(1, dtype=torch.float64, device=device, generator=gen)[0]
+    needed: torch.Tensor | None = None,  # [rows] bool: the rows whose draw is used (None: all)
+) -> torch.Tensor:  # [rows] float64 U[0, 1)
+    """One uniform per row for an inverse-CDF draw (sampling.sample_from_uniform). A seeded row
+    draws from its own generator, and only where its draw is used, so a seeded request's stream
+    depends only on its own outcomes, not on its batch; reading ``needed`` is a host sync, made
+    only when the batch has seeded requests."""
+    uniforms = torch.rand(rows, dtype=torch.float64, device=device)
+    if not generators:
+        return uniforms
+    used = range(rows) if needed is None else needed.nonzero()[:, 0].tolist()
+    for row in used:
+        gen = generators.get(row)
+        if gen is not None:
+            uniforms[row] = torch.rand(1, dtype=torch.float64, device=device, generator=gen)[0]
     return uniforms
 
 
@@ -62,10 +67,12 @@ def draft_sample(logits, sampling_metadata):
     row_generators = {
         row: gen for req, gen in sampling_metadata.generators.items() for row in range(req * factor, (req + 1) * factor)
     }
-    draft_ids = sampling.sample_from_uniform(q, row_draws(row_generators, torch.arange(rows), q.device))
-    greedy = temperature == 0
-    if bool(greedy.any()):
-        draft_ids = torch.where(greedy, logits.argmax(dim=-1), draft_ids)
+    draft_ids = sampling.sample_from_uniform(q, batch_draws(row_generators, rows, q.device))
+    # all_random: no greedy request in the batch (vLLM's flag), so no host sync to find one
+    if not getattr(sampling_metadata, "all_random", False):
+        greedy = temperature == 0
+        if bool(greedy.any()):
+            draft_ids = torch.where(greedy, logits.argmax(dim=-1), draft_ids)
     return draft_ids, q
 
 

@@ -105,7 +105,7 @@ def sample_from_uniform(
     zero mass is never drawn) and it needs one uniform per row, where the exponential race needs V
     Exp(1) draws: on CPU generating those cost more than the rest of a small verification step.
     """
-    cdf = probs.to(torch.float64).cumsum(dim=-1)  # [R, V]
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # [R, V]
     threshold = uniforms.to(torch.float64) * cdf[:, -1]  # [R]
     return torch.searchsorted(cdf, threshold[:, None], right=True)[:, 0].clamp_max_(probs.shape[-1] - 1)
 
@@ -119,7 +119,8 @@ def verify(
     bonus_token_ids: torch.Tensor,  # [B] int, drawn from p at position num_drafts (argmax if greedy)
     is_greedy: torch.Tensor,  # [B] bool, temperature 0
     uniforms: torch.Tensor,  # [B, K] U[0, 1) draws for acceptance
-    residual_uniforms: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],  # [B] U[0, 1), or rows [R] -> [R]
+    residual_uniforms: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],  # [B] U[0, 1), or [B] bool -> [B]
+    has_greedy: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ([B, K+1] int64 tokens, PLACEHOLDER-padded; [B] accepted)
     """One verification step for a batch; greedy and sampled requests may be mixed.
 
@@ -131,9 +132,14 @@ def verify(
     drafts that were chosen deterministically (argmax, n-gram).
 
     The [N, V] tensors stay flat, as vLLM lays them out (requests' draft positions back to back):
-    the step takes one softmax over them and reads the drafted tokens' entries; full rows only for
-    requests that need a residual sample. ``residual_uniforms`` may be a function so that draws are
-    made only for those rows (it is called once, with their indices).
+    the step takes one softmax over them and reads the drafted tokens' entries, then one [B, V]
+    row per request at its stop slot. Nothing in it waits on the device (no ``nonzero``, no
+    ``.item()``): every request's stop token is computed and the right one selected, so a GPU
+    step is not stalled; a residual row computed for a request that accepted everything is
+    discarded. ``residual_uniforms`` may be a function of the [B] mask of rows whose residual draw
+    is used (seeded requests draw from their own generators only there; called once). ``has_greedy``: whether any ``is_greedy`` is set, if
+    the caller knows (None: read from the tensor, one host sync); without greedy rows the
+    target's argmax is not computed.
     """
     batch, k_max = draft_token_ids.shape
     vocab = target_logits.shape[-1]
@@ -146,6 +152,8 @@ def verify(
     if k_max == 0 or target_logits.shape[0] == 0:
         output[:, 0] = bonus_token_ids
         return output, torch.zeros(batch, dtype=torch.long, device=device)
+    if has_greedy is None:
+        has_greedy = bool(is_greedy.any())
     slots = torch.arange(k_max, device=device)[None, :]  # [1, K]
     drafts = draft_token_ids.to(torch.long)
     safe_drafts = drafts.clamp_min(0)  # [B, K]
@@ -156,38 +164,63 @@ def verify(
     else:
         q_draft = draft_probs[token_rows, safe_drafts].to(p_draft.dtype)
         accept = (q_draft > 0) & (uniforms.to(p_draft.dtype) * q_draft < p_draft)
-    greedy_rows = is_greedy.nonzero()[:, 0]
-    argmax = torch.zeros_like(drafts)  # [B, K], the target's argmax at every slot of greedy rows
-    if greedy_rows.numel():
-        argmax[greedy_rows] = target_logits[token_rows[greedy_rows]].argmax(dim=-1)
-        accept[greedy_rows] = drafts[greedy_rows] == argmax[greedy_rows]
+    if has_greedy:
+        argmax = target_logits.argmax(dim=-1)[token_rows]  # [B, K]
+        accept = torch.where(is_greedy[:, None], drafts == argmax, accept)
     accept &= (slots < num_drafts[:, None]) & (drafts >= 0)
     num_accepted = accept.to(torch.long).cumprod(dim=1).sum(dim=1)  # [B]
 
     # Stop token: the bonus if every draft was accepted, else at the rejected slot the residual
     # sample (sampled requests) or the argmax (greedy requests).
-    stop_token = bonus_token_ids.to(torch.long).clone()
-    rejected = num_accepted < num_drafts
-    rows = rejected.nonzero()[:, 0]
-    if rows.numel():
-        slot = num_accepted[rows]
-        slot_rows = token_rows[rows, slot]  # [R]
-        token = argmax[rows, slot]  # right for greedy rows; sampled rows are drawn below
-        sampled = (~is_greedy[rows]).nonzero()[:, 0]
-        if sampled.numel():
-            p_slot = target_probs[slot_rows[sampled]]
-            if draft_probs is None:
-                drafted = drafts[rows[sampled], slot[sampled]]
-                q_slot = torch.nn.functional.one_hot(drafted.clamp_min(0), vocab).to(p_slot.dtype)
-                q_slot *= (drafted >= 0)[:, None]
-            else:
-                q_slot = draft_probs[slot_rows[sampled]].to(p_slot.dtype)
-            draws = residual_uniforms(rows[sampled]) if callable(residual_uniforms) else residual_uniforms[rows[sampled]]
-            token[sampled] = sample_from_uniform(residual_probs(p_slot, q_slot), draws)
-        stop_token[rows] = token
+    slot = num_accepted.clamp_max(k_max - 1)[:, None]  # [B, 1]: the first rejected slot where there is one
+    slot_rows = token_rows.gather(1, slot)[:, 0]  # [B]
+    p_slot = target_probs[slot_rows]  # [B, V]
+    if draft_probs is None:
+        drafted = drafts.gather(1, slot)[:, 0]
+        q_slot = torch.nn.functional.one_hot(drafted.clamp_min(0), vocab).to(p_slot.dtype)
+        q_slot *= (drafted >= 0)[:, None]
+    else:
+        q_slot = draft_probs[slot_rows].to(p_slot.dtype)
+    rejected = num_accepted < num_drafts  # [B]
+    if callable(residual_uniforms):
+        draws = residual_uniforms(rejected & ~is_greedy if has_greedy else rejected)
+    else:
+        draws = residual_uniforms
+    stop_token = sample_from_uniform(residual_probs(p_slot, q_slot), draws)
+    if has_greedy:
+        stop_token = torch.where(is_greedy, argmax.gather(1, slot)[:, 0], stop_token)
+    stop_token = torch.where(rejected, stop_token, bonus_token_ids.to(torch.long))
 
     output[:, :k_max] = torch.where(slots < num_accepted[:, None], drafts, PLACEHOLDER)
-    output[torch.arange(batch, device=device), num_accepted] = stop_token
+    output.scatter_(1, num_accepted[:, None], stop_token[:, None])
+    return output, num_accepted
+
+
+def verify_greedy(
+    draft_token_ids: torch.Tensor,  # [B, K] int; slots at or past num_drafts are ignored
+    num_drafts: torch.Tensor,  # [B] int, 0..K
+    target_logits: torch.Tensor,  # [N, V]
+    token_rows: torch.Tensor,  # [B, K] long
+    bonus_token_ids: torch.Tensor,  # [B] int, the target's argmax at position num_drafts
+) -> tuple[torch.Tensor, torch.Tensor]:  # as verify()
+    """verify() for a batch whose every request is greedy: accept while the draft is the
+    target's argmax, then emit the argmax (or the bonus). Equal to verify() with ``is_greedy``
+    all true (tested), without its softmax, gathers and host syncs: on CPU at B=1, K=4, V=4096
+    the general path spent more time here than on a sampled batch."""
+    batch, k_max = draft_token_ids.shape
+    output = torch.full((batch, k_max + 1), PLACEHOLDER, dtype=torch.long, device=target_logits.device)
+    if k_max == 0 or target_logits.shape[0] == 0:
+        output[:, 0] = bonus_token_ids
+        return output, torch.zeros(batch, dtype=torch.long, device=target_logits.device)
+    slots = torch.arange(k_max, device=target_logits.device)[None, :]  # [1, K]
+    drafts = draft_token_ids.to(torch.long)
+    argmax = target_logits.argmax(dim=-1)[token_rows]  # [B, K]
+    accept = (drafts == argmax) & (slots < num_drafts[:, None])
+    num_accepted = accept.to(torch.long).cumprod(dim=1).sum(dim=1)  # [B]
+    at_stop = argmax.gather(1, num_accepted.clamp_max(k_max - 1)[:, None])[:, 0]
+    stop_token = torch.where(num_accepted < num_drafts, at_stop, bonus_token_ids.to(torch.long))
+    output[:, :k_max] = torch.where(slots < num_accepted[:, None], drafts, PLACEHOLDER)
+    output.scatter_(1, num_accepted[:, None], stop_token[:, None])
     return output, num_accepted
 
 

@@ -66,3 +66,23 @@ def test_bad_checkpoints_are_refused():
 def test_stages_beyond_n_predict_in_a_checkpoint_are_ignored():
     model = make(n_predict=2, num_spec=2)
     assert model.load_weights([("speculator.head.5.weight", torch.zeros(11, 8))]) == set()
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="bf16 heads need a CPU with AVX512-BF16")
+def test_bf16_heads_on_cpu_are_the_fp32_heads_rounded(monkeypatch):
+    """VLLM_LK_CPU_BF16_HEADS=1: logits in bf16 from a bf16 copy of each head; the rest of the
+    stage (and the loaded fp32 parameters) unchanged. Tolerance: bf16 keeps 8 mantissa bits, so a
+    logit of a 64-wide dot product moves by ~2^-8 of the largest terms."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, tokens = torch.randn(4, 64, generator=gen), torch.tensor([0, 3, 7, 10])
+    logits = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("VLLM_LK_CPU_BF16_HEADS", flag)
+        model = make(emb_dim=64, inner_dim=64, vocab=96)
+        model.load_weights(random_checkpoint(model, torch.Generator().manual_seed(4)).items())
+        assert model.head[0].weight.dtype == torch.float32
+        with torch.no_grad():
+            logits[flag] = model.step(0, model.initial_state(hidden), tokens)[1]
+    assert logits["0"].dtype == torch.float32 and logits["1"].dtype == torch.bfloat16
+    torch.testing.assert_close(logits["1"].float(), logits["0"], rtol=0.02, atol=0.05 * float(logits["0"].abs().max()))
+    assert not torch.equal(logits["1"].float(), logits["0"])

@@ -111,10 +111,28 @@ def test_verify_equals_the_plain_loop(with_q, k_max, vocab):
         slow_out, slow_acc = reference.verify(*inputs)
         assert torch.equal(fast_out, slow_out)
         assert torch.equal(fast_acc, slow_acc)
-        # noise drawn on demand, only for the rows that need a residual sample
+        # noise asked for once, with the rows whose residual sample is used: sampled rows that
+        # rejected a draft (seeded requests draw from their generators only there)
         asked = []
-        lazy = sampling.verify(*inputs[:-1], lambda rows: asked.append(rows) or inputs[-1][rows])[0]
-        assert torch.equal(lazy, fast_out) and len(asked) <= 1
+        lazy = sampling.verify(*inputs[:-1], lambda needed: asked.append(needed) or inputs[-1])[0]
+        num_drafts, greedy = inputs[1], inputs[6]
+        assert torch.equal(lazy, fast_out) and len(asked) == 1
+        assert torch.equal(asked[0], (fast_acc < num_drafts) & ~greedy)
+
+
+@pytest.mark.parametrize("k_max,vocab", [(1, 3), (3, 5), (5, 33)])
+def test_greedy_fast_path_equals_verify(k_max, vocab):
+    gen = torch.Generator().manual_seed(k_max * 10 + vocab)
+    for _ in range(30):
+        drafts, num_drafts, _, logits, rows, _, _, uniforms, residual = random_verify_inputs(gen, 12, k_max, vocab, False)
+        bonus = torch.randint(0, vocab, (12,), generator=gen)
+        argmax = logits.argmax(-1)
+        hits = torch.rand(12, k_max, generator=gen) < 0.7  # mostly the argmax, so long prefixes occur
+        drafts = torch.where(hits & (drafts >= 0), argmax[rows], drafts)
+        greedy = torch.ones(12, dtype=torch.bool)
+        expected = sampling.verify(drafts, num_drafts, None, logits, rows, bonus, greedy, uniforms, residual)
+        fast = sampling.verify_greedy(drafts, num_drafts, logits, rows, bonus)
+        assert torch.equal(fast[0], expected[0]) and torch.equal(fast[1], expected[1])
 
 
 def test_verify_acceptance_threshold_is_p_over_q():

@@ -21,6 +21,7 @@ so that serving (this vLLM class) and training (``training.drafters.mlp``) run t
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 ARCHITECTURE = "MLPSpeculatorPreTrainedModel"
+BF16_HEADS_ENV = "VLLM_LK_CPU_BF16_HEADS"
 
 
 class RMSLayerNorm(nn.Module):
@@ -153,14 +155,27 @@ class LKMLPSpeculator(MLPSpeculatorCore):
         weight), as vLLM's own linear layers do: ``torch.nn.functional.linear`` took 0.31 ms for
         one [1, 256] x [256, 4096] fp32 head in the engine, twice oneDNN's time per weight byte
         (cProfile of a K=3 step). On GPUs nn.Linear is already cuBLAS. The prepacked copy is made
-        from the loaded weights, so this runs again after every load."""
+        from the loaded weights, so this runs again after every load.
+
+        With ``VLLM_LK_CPU_BF16_HEADS=1`` on a CPU with AVX512-BF16 the heads' prepacked copies
+        are bf16 (half the bytes a stage streams; the heads are most of them) and their logits
+        come back in bf16: q is computed from exactly those logits, so verification stays exact;
+        only the drafter's distribution moves by bf16 rounding."""
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
             return
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
+        bf16_heads = os.environ.get(BF16_HEADS_ENV, "0").strip() == "1" and torch.cpu._is_avx512_bf16_supported()
+        heads = {id(m) for m in self.head}
         for layer in {id(m): m for m in [*self.proj, *self.head]}.values():  # tied stages: once
+            if bf16_heads and id(layer) in heads:
+                packed = nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=torch.bfloat16)
+                packed.weight.data.copy_(layer.weight.data)
+                dispatch_cpu_unquantized_gemm(packed, remove_weight=True)
+                layer.forward = lambda x, packed=packed: packed.cpu_linear(x.to(torch.bfloat16), None, None)
+                continue
             dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
             layer.forward = lambda x, layer=layer: layer.cpu_linear(x, layer.weight, layer.bias)
 
