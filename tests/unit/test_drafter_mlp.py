@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -18,6 +19,13 @@ from vllm_lk.heads.mlp_speculator import LKMLPSpeculator
 from vllm_lk.proposers import LKMLPProposer
 
 K = 3
+
+
+@pytest.fixture(autouse=True)
+def fp32_heads(monkeypatch):
+    """The heads' fp32 path, which these tests compare with the formula and with training; the
+    bf16 heads used by default on AVX512-BF16 CPUs are tested in test_mlp_speculator.py."""
+    monkeypatch.setenv("VLLM_LK_CPU_BF16_HEADS", "0")
 
 
 def randomised(drafter: mlp.MLPDrafter, seed: int = 0) -> mlp.MLPDrafter:

@@ -10,6 +10,13 @@ import torch
 from vllm_lk.heads.mlp_speculator import LKMLPSpeculator
 
 
+@pytest.fixture(autouse=True)
+def fp32_heads(monkeypatch):
+    """The heads' fp32 path, which these tests compare with the formula and with training; the
+    bf16 heads used by default on AVX512-BF16 CPUs are tested in test_mlp_speculator.py."""
+    monkeypatch.setenv("VLLM_LK_CPU_BF16_HEADS", "0")
+
+
 def make(n_predict=3, num_spec=3, tie=False, scale_input=True, emb_dim=8, inner_dim=8, vocab=11):
     hf = SimpleNamespace(n_predict=n_predict, emb_dim=emb_dim, inner_dim=inner_dim, vocab_size=vocab,
                          tie_weights=tie, scale_input=scale_input)

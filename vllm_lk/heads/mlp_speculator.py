@@ -157,17 +157,20 @@ class LKMLPSpeculator(MLPSpeculatorCore):
         (cProfile of a K=3 step). On GPUs nn.Linear is already cuBLAS. The prepacked copy is made
         from the loaded weights, so this runs again after every load.
 
-        With ``VLLM_LK_CPU_BF16_HEADS=1`` on a CPU with AVX512-BF16 the heads' prepacked copies
-        are bf16 (half the bytes a stage streams; the heads are most of them) and their logits
-        come back in bf16: q is computed from exactly those logits, so verification stays exact;
-        only the drafter's distribution moves by bf16 rounding."""
+        On a CPU with AVX512-BF16 the heads' prepacked copies are bf16 (half the bytes a stage
+        streams; the heads are most of them) and their logits come back in bf16: q is computed
+        from exactly those logits, so verification stays exact; only the drafter's distribution
+        moves by bf16 rounding (served tau 2.937 -> 2.920 at T=1 on the toy default). Measured
+        with benchmarks/cpu_ab.py (docs/speed.md): the MLP engine's tokens/s +9-22 % (medians of
+        4 processes per setting, T 0/1 x concurrency 1/8). ``VLLM_LK_CPU_BF16_HEADS=0`` keeps
+        fp32 heads (the path the training-equality tests compare)."""
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
             return
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-        bf16_heads = os.environ.get(BF16_HEADS_ENV, "0").strip() == "1" and torch.cpu._is_avx512_bf16_supported()
+        bf16_heads = os.environ.get(BF16_HEADS_ENV, "1").strip() != "0" and torch.cpu._is_avx512_bf16_supported()
         heads = {id(m) for m in self.head}
         for layer in {id(m): m for m in [*self.proj, *self.head]}.values():  # tied stages: once
             if bf16_heads and id(layer) in heads:
