@@ -60,6 +60,9 @@ def _reload(draft: torch.nn.Module, model_config, path: Path) -> None:
         draft.load_weights(_checkpoint_tensors(path))
     finally:
         finalize_layerwise_reload(draft, model_config)
+    after = getattr(draft, "lk_after_reload", None)  # our model classes' work on the final tensors
+    if after is not None:
+        after()
 
 
 def load_drafter_weights(worker, path: str, previous: str | None = None) -> str:

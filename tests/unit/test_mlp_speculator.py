@@ -93,3 +93,34 @@ def test_bf16_heads_on_cpu_are_the_fp32_heads_rounded(monkeypatch):
     assert logits["0"].dtype == torch.float32 and logits["1"].dtype == torch.bfloat16
     torch.testing.assert_close(logits["1"].float(), logits["0"], rtol=0.02, atol=0.05 * float(logits["0"].abs().max()))
     assert not torch.equal(logits["1"].float(), logits["0"])
+
+
+@pytest.mark.parametrize("bf16_heads", ["0", "1"])
+def test_in_place_reload_serves_the_new_weights(monkeypatch, tmp_path, bf16_heads):
+    """A live drafter swap (vllm_lk.reload: vLLM's layer-wise reload) must serve the new weights:
+    vLLM puts the parameters on the meta device and buffers what their weight loaders receive, so
+    load_weights must go through those loaders (a plain copy_ was lost and the old weights put
+    back, with "Failed to load weights" in the log), and the CPU GEMM copies must be made again
+    from the final tensors. The reloaded model's logits equal a fresh load of the new weights."""
+    from safetensors.torch import save_file
+    from vllm.model_executor.model_loader.reload.layerwise import record_metadata_for_reloading
+
+    from vllm_lk.reload import _reload
+
+    monkeypatch.setenv("VLLM_LK_CPU_BF16_HEADS", bf16_heads)
+    model, fresh = make(emb_dim=64, inner_dim=64, vocab=96), make(emb_dim=64, inner_dim=64, vocab=96)
+    gen = torch.Generator().manual_seed(5)
+    old, new = random_checkpoint(model, gen), random_checkpoint(model, gen)
+    model.load_weights(old.items())
+    fresh.load_weights(new.items())
+    record_metadata_for_reloading(model)  # as vLLM's loader does at start-up
+    save_file(new, str(tmp_path / "model.safetensors"))
+    hidden, tokens = torch.randn(3, 64, generator=gen), torch.tensor([1, 5, 9])
+    with torch.no_grad():
+        _reload(model, SimpleNamespace(dtype=torch.float32), tmp_path)
+        for stage in range(3):
+            torch.testing.assert_close(model.head[stage].weight, new[f"speculator.head.{stage}.weight"], rtol=0, atol=0)
+        state, fresh_state = model.initial_state(hidden), fresh.initial_state(hidden)
+        for stage in range(3):
+            (state, logits), (fresh_state, expected) = model.step(stage, state, tokens), fresh.step(stage, fresh_state, tokens)
+            assert torch.equal(logits, expected), stage

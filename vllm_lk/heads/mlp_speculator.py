@@ -117,10 +117,18 @@ class MLPSpeculatorCore(nn.Module):
                 continue
             if name not in params:
                 raise ValueError(f"unexpected MLP speculator weight {name!r}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"MLP speculator weight {name}: checkpoint {tuple(tensor.shape)}, model {tuple(params[name].shape)}")
+            param = params[name]
+            if param.shape != tensor.shape:
+                raise ValueError(f"MLP speculator weight {name}: checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}")
+            # vLLM's loaders where it attached them: its layer-wise in-place reload (a live drafter
+            # swap) puts parameters on the meta device and wraps their loaders to buffer the new
+            # values; a plain copy_ there is lost and the old weights are put back
+            loader = getattr(param, "weight_loader", None)
             with torch.no_grad():
-                params[name].copy_(tensor)
+                if loader is None:
+                    param.copy_(tensor)
+                else:
+                    loader(param, tensor)
             loaded.add(name)
         return loaded
 
@@ -168,6 +176,8 @@ class LKMLPSpeculator(MLPSpeculatorCore):
 
         if not current_platform.is_cpu():
             return
+        if any(p.is_meta for p in self.parameters()):  # inside a layer-wise reload: lk_after_reload packs
+            return
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         bf16_heads = os.environ.get(BF16_HEADS_ENV, "1").strip() != "0" and torch.cpu._is_avx512_bf16_supported()
@@ -181,6 +191,11 @@ class LKMLPSpeculator(MLPSpeculatorCore):
                 continue
             dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
             layer.forward = lambda x, layer=layer: layer.cpu_linear(x, layer.weight, layer.bias)
+
+    def lk_after_reload(self) -> None:
+        """Called by vllm_lk.reload once vLLM's layer-wise reload has written the new weights
+        into the engine's tensors: the GEMM copies are made again from them."""
+        self._use_platform_gemm()
 
     # vLLM's model interface (checked when the class is registered); the proposer calls step().
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor) -> list[torch.Tensor]:
