@@ -137,9 +137,9 @@ def verify(
     ``.item()``): every request's stop token is computed and the right one selected, so a GPU
     step is not stalled; a residual row computed for a request that accepted everything is
     discarded. ``residual_uniforms`` may be a function of the [B] mask of rows whose residual draw
-    is used (seeded requests draw from their own generators only there; called once). ``has_greedy``: whether any ``is_greedy`` is set, if
-    the caller knows (None: read from the tensor, one host sync); without greedy rows the
-    target's argmax is not computed.
+    is used (seeded requests draw from their own generators only there; called once).
+    ``has_greedy``: whether any ``is_greedy`` may be set, if the caller knows (None: read from the
+    tensor, one host sync); without greedy rows the target's argmax is not computed.
     """
     batch, k_max = draft_token_ids.shape
     vocab = target_logits.shape[-1]

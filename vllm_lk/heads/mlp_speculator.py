@@ -184,8 +184,8 @@ class LKMLPSpeculator(MLPSpeculatorCore):
         heads = {id(m) for m in self.head}
         for layer in {id(m): m for m in [*self.proj, *self.head]}.values():  # tied stages: once
             if bf16_heads and id(layer) in heads:
-                packed = nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=torch.bfloat16)
-                packed.weight.data.copy_(layer.weight.data)
+                packed = nn.Module()  # holds only the bf16 GEMM handle (no init, no second fp32 copy)
+                packed.weight = nn.Parameter(layer.weight.detach().to(torch.bfloat16), requires_grad=False)
                 dispatch_cpu_unquantized_gemm(packed, remove_weight=True)
                 layer.forward = lambda x, packed=packed: packed.cpu_linear(x.to(torch.bfloat16), None, None)
                 continue
