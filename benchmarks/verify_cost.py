@@ -137,7 +137,7 @@ def main() -> None:
                     "lk_verify_greedy_ms": lambda: verify(patch.lk_apply_sampling_constraints, patch.lk_rejection_sample, greedy),
                     "lk_verify_greedy_general_ms": lambda: sampling.verify(
                         drafts.view(batch, k), torch.full((batch,), k), None, target_logits,
-                        torch.arange(n).view(batch, k), bonus[:, 0], all_greedy, no_draws, lambda r: r.double()),
+                        torch.arange(n).view(batch, k), bonus[:, 0], all_greedy, no_draws, lambda needed: torch.rand(batch, dtype=torch.float64)),
                     "stock_draft_ms": lambda: stock[2](draft_logits.clone(), plain, False),
                     "lk_draft_ms": lambda: patch.draft_sample(draft_logits, plain),
                 }
