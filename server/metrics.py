@@ -92,10 +92,12 @@ class EngineStatsCollector:
         if stats.get("cost"):
             cost = GaugeMetricFamily(
                 "vllm_lk_spec_cost_seconds", "Adaptive speculation's cost model: seconds per engine step, per request, "
-                "per draft pass and per drafted token, by batch-size bucket", labels=["batch_bucket", "term"])
-            for bucket, constants in stats["cost"].items():
+                "per draft pass and per drafted token, by batch-size bucket and sampling mode (greedy: every request "
+                "at temperature 0)", labels=["batch_bucket", "sampling", "term"])
+            for key, constants in stats["cost"].items():
+                bucket, _, sampling = key.partition(":")
                 for term, value in constants.items():
-                    cost.add_metric([bucket, term], value)
+                    cost.add_metric([bucket, sampling or "sampled", term], value)
             families.append(cost)
         return families
 

@@ -142,6 +142,7 @@ class Plan:
     baseline_rate: float  # expected tokens / s without speculation
     explore: bool = False
     random_lengths: bool = False  # exploring: each request verifies a random prefix (drafted tokens vary apart from passes)
+    greedy: bool = False  # every request at temperature 0: the step is timed and costed apart from sampled ones
 
 
 SETTINGS = ("warmup_steps", "explore_every", "trim", "explore_all", "measured_arms")  # Policy fields set at runtime
@@ -160,12 +161,13 @@ class Policy:
     measured_arms: bool = True  # plan with each cap's measured step seconds where seen (False: the linear model only)
     acceptance: AcceptanceModel = field(init=False)
     arms: ArmSeconds = field(init=False)  # measured seconds of a step by its cap, per batch size
-    costs: dict[int, CostModel] = field(default_factory=dict)  # batch bucket -> its cost model
+    costs: dict[tuple[int, bool], CostModel] = field(default_factory=dict)  # (batch bucket, all greedy) -> its cost model
     pinned: np.ndarray | None = None  # cost constants set by the operator (no online fit)
     steps: int = 0  # cost observations so far
     plans: int = 0
     explorations: int = 0
     skipped: int = 0  # steps planned with k = 0
+    chosen: np.ndarray = field(init=False)  # [K+1] steps planned (not exploring) at each cap k
     estimated_speedup: float | None = None  # EW mean of measured tokens/s over the cost model's no-draft rate
     speedup_weight: float = 0.02  # its weight per step (about the last 50 steps)
     last_plan: Plan | None = None
@@ -175,13 +177,18 @@ class Policy:
     def __post_init__(self) -> None:
         self.acceptance = AcceptanceModel(self.max_k)
         self.arms = ArmSeconds(self.max_k)
+        self.chosen = np.zeros(self.max_k + 1, dtype=np.int64)
         self._cost: CostModel | None = None
 
-    def cost_for(self, batch: int) -> CostModel:
-        bucket = batch_bucket(batch)
-        model = self.costs.get(bucket)
+    def cost_for(self, batch: int, greedy: bool = False) -> CostModel:
+        """The cost model of a batch of this size (its bucket) and mode: an all-greedy step runs
+        the argmax verifier and no sampling, so it is modelled apart from a sampled one (a model
+        shared by both mixed T = 0 and T = 1 steps and, with arms measured at different times,
+        compared a T = 0 arm with a T = 1 one)."""
+        key = (batch_bucket(batch), bool(greedy))
+        model = self.costs.get(key)
         if model is None:
-            model = self.costs[bucket] = CostModel()
+            model = self.costs[key] = CostModel()
             if self.pinned is not None:
                 model.theta, model.frozen = self.pinned.copy(), True
         return model
@@ -192,8 +199,10 @@ class Policy:
         return self._cost if self._cost is not None else self.cost_for(1)
 
     def cost_constants(self) -> dict[str, dict[str, float]]:
-        """Each batch bucket's current cost constants (seconds), keyed by the bucket as text."""
-        return {str(bucket): model.constants() for bucket, model in sorted(self.costs.items())}
+        """Each cost model's current constants (seconds), keyed ``"BUCKET:greedy"`` or
+        ``"BUCKET:sampled"``."""
+        return {f"{bucket}:{'greedy' if greedy else 'sampled'}": model.constants()
+                for (bucket, greedy), model in sorted(self.costs.items())}
 
     def pin_cost(self, theta) -> None:
         """Fixed cost constants (seconds: step, per request, per draft pass, per drafted token)
@@ -209,11 +218,13 @@ class Policy:
         self.plans += 1
         self.greedy = np.zeros(batch, dtype=bool) if greedy is None else np.asarray(greedy, dtype=bool)
         self._start_step(req_ids)
-        self._cost = self.cost_for(batch)
+        greedy_step = bool(batch and self.greedy.all())
+        self._cost = self.cost_for(batch, greedy_step)
         warming = not self._cost.frozen and self._cost.count < self.warmup_steps
         if warming:  # the start-up measurement: every K in turn
             self.explorations += 1
-            plan = Plan(self.explorations % (self.max_k + 1), math.nan, math.nan, explore=True, random_lengths=self.trim)
+            plan = Plan(self.explorations % (self.max_k + 1), math.nan, math.nan, explore=True, random_lengths=self.trim,
+                        greedy=greedy_step)
         elif self.plans % self.explore_every == 0:  # afterwards a neighbour of the last choice
             self.explorations += 1
             if self.explore_all:  # every K in turn, as in warm-up
@@ -223,14 +234,15 @@ class Policy:
                 k = int(np.clip(last + self.rng.choice((-1, 1)), 0, self.max_k))
             # the cap alone (trim off) explores whole arms, whose measured seconds the plan reads;
             # with trim random lengths let the linear model tell draft passes from drafted tokens
-            plan = Plan(k, math.nan, math.nan, explore=True, random_lengths=self.trim)
+            plan = Plan(k, math.nan, math.nan, explore=True, random_lengths=self.trim, greedy=greedy_step)
         else:
             rates = np.minimum(1.0, self._position_rates[self._mode, :] * self._factors[:, None])
             expected = batch + np.concatenate([[0.0], np.cumsum(np.cumprod(rates, axis=1).sum(axis=0))])  # [K+1]
-            seconds = np.array([self.arm_seconds(batch, k) for k in range(self.max_k + 1)])
+            seconds = np.array([self.arm_seconds(batch, k, greedy_step) for k in range(self.max_k + 1)])
             rates = expected / seconds
             k = int(np.argmax(rates))
-            plan = Plan(k, float(rates[k]), float(batch / self.arm_seconds(batch, 0)))
+            plan = Plan(k, float(rates[k]), float(batch / seconds[0]), greedy=greedy_step)
+            self.chosen[k] += 1
         self.skipped += plan.k == 0
         self.last_plan = plan
         return plan
@@ -245,14 +257,15 @@ class Policy:
         self._confidence: list[np.ndarray] = []  # per pass: [B]
         self._unknown = np.full(len(req_ids), np.nan)  # a pass's confidences when not read
 
-    def step_seconds(self, batch: int, k: int, drafted: int) -> float:
-        return max(self.cost.predict(batch, passes_for(self.kind, k), drafted), 1e-9)
+    def step_seconds(self, batch: int, k: int, drafted: int, greedy: bool = False) -> float:
+        """The linear model's seconds of a step (k passes' worth of drafting, ``drafted`` tokens)."""
+        return max(self.cost_for(batch, greedy).predict(batch, passes_for(self.kind, k), drafted), 1e-9)
 
-    def arm_seconds(self, batch: int, k: int) -> float:
+    def arm_seconds(self, batch: int, k: int, greedy: bool = False) -> float:
         """Seconds of a step at cap k with every request drafting k: measured (pinned constants:
         the model's)."""
-        measured = None if self.pinned is not None or not self.measured_arms else self.arms.mean(batch, k)
-        return measured if measured is not None else self.step_seconds(batch, k, batch * k)
+        measured = None if self.pinned is not None or not self.measured_arms else self.arms.mean(batch, k, greedy)
+        return measured if measured is not None else self.step_seconds(batch, k, batch * k, greedy)
 
     # -- while drafting -----------------------------------------------------------------------
     def needs_confidence(self) -> bool:
@@ -318,19 +331,20 @@ class Policy:
 
     # -- after a step -------------------------------------------------------------------------
     def observe_step(self, requests: int, passes: int, drafted: int, seconds: float, tokens: int | None = None,
-                     k: int | None = None) -> None:
+                     k: int | None = None, greedy: bool = False) -> None:
         """One steady step: its batch, draft passes, drafted tokens, measured seconds and the
         tokens it emitted (for the live speedup estimate); ``k``: the cap, when every request
-        drafted exactly k (the step then counts for that arm's measured seconds)."""
-        model = self.cost_for(requests)
+        drafted exactly k (the step then counts for that arm's measured seconds); ``greedy``:
+        the step's plan was all-greedy."""
+        model = self.cost_for(requests, greedy)
         model.observe(requests, passes, drafted, seconds)
         if k is not None and drafted == requests * k and passes == passes_for(self.kind, k):
-            self.arms.observe(requests, k, seconds)
+            self.arms.observe(requests, k, seconds, greedy)
         self.steps += 1
         self.acceptance.step_decay()
         if model.count == self.warmup_steps and not model.frozen:
             model.freeze_prior()
-        none_seconds = self.arm_seconds(requests, 0)
+        none_seconds = self.arm_seconds(requests, 0, greedy)
         if tokens and seconds > 0 and none_seconds > 0 and (model.frozen or model.count >= self.warmup_steps):
             ratio = (tokens / seconds) / (requests / none_seconds)
             previous = self.estimated_speedup

@@ -64,38 +64,47 @@ class CostModel:
 
 
 class ArmSeconds:
-    """Measured seconds of a step by its cap k, per batch size: an exponentially weighted mean
-    over the steps that drafted exactly k for every request (weight ``decay`` per observation of
-    that arm). Where an arm has been seen, the plan uses its mean rather than the linear model's
-    extrapolation: the linear model is only as good as its four features, these means are what
-    such a step cost."""
+    """Measured seconds of a step by its cap k, per batch size and sampling mode (all-greedy
+    steps run the argmax verifier and no sampling, so they cost less than sampled ones and are
+    kept apart): an exponentially weighted mean over the steps that drafted exactly k for every
+    request (weight ``decay`` per observation of that arm). Where an arm has been seen, the plan
+    uses its mean rather than the linear model's extrapolation: the linear model is only as good
+    as its four features, these means are what such a step cost."""
 
     def __init__(self, max_k: int, decay: float = 0.98, min_weight: float = 2.5):
         self.decay = decay
         self.min_weight = min_weight
-        self.sums: dict[int, np.ndarray] = {}  # batch -> [K+1] weighted seconds
-        self.weights: dict[int, np.ndarray] = {}  # batch -> [K+1] weights
-        self.seen: dict[int, np.ndarray] = {}  # batch -> [K+1] whether the arm ran once (its first step is not counted)
+        self.sums: dict[tuple[int, bool], np.ndarray] = {}  # (batch, greedy) -> [K+1] weighted seconds
+        self.weights: dict[tuple[int, bool], np.ndarray] = {}  # (batch, greedy) -> [K+1] weights
+        self.seen: dict[tuple[int, bool], np.ndarray] = {}  # (batch, greedy) -> [K+1] whether the arm ran once (its first step is not counted)
         self.max_k = max_k
 
-    def observe(self, batch: int, k: int, seconds: float) -> None:
-        """One step of this batch size that drafted k per request. An arm's first step is left
-        out: it runs cold (new GEMM shapes for oneDNN, caches)."""
-        seen = self.seen.setdefault(batch, np.zeros(self.max_k + 1, dtype=bool))
+    def observe(self, batch: int, k: int, seconds: float, greedy: bool = False) -> None:
+        """One step of this batch size and mode that drafted k per request. An arm's first step
+        is left out: it runs cold (new GEMM shapes for oneDNN, caches)."""
+        key = (batch, bool(greedy))
+        seen = self.seen.setdefault(key, np.zeros(self.max_k + 1, dtype=bool))
         if not seen[k]:
             seen[k] = True
             return
-        sums = self.sums.setdefault(batch, np.zeros(self.max_k + 1))
-        weights = self.weights.setdefault(batch, np.zeros(self.max_k + 1))
+        sums = self.sums.setdefault(key, np.zeros(self.max_k + 1))
+        weights = self.weights.setdefault(key, np.zeros(self.max_k + 1))
         sums[k] = self.decay * sums[k] + seconds
         weights[k] = self.decay * weights[k] + 1.0
 
-    def mean(self, batch: int, k: int) -> float | None:
+    def mean(self, batch: int, k: int, greedy: bool = False) -> float | None:
         """The arm's mean seconds, or None until it has weight ``min_weight``."""
-        weights = self.weights.get(batch)
+        key = (batch, bool(greedy))
+        weights = self.weights.get(key)
         if weights is None or weights[k] < self.min_weight:
             return None
-        return float(self.sums[batch][k] / weights[k])
+        return float(self.sums[key][k] / weights[k])
+
+    def table(self) -> dict[str, list[float | None]]:
+        """Every measured (batch, mode): its arms' mean seconds (None: not yet measured), keyed
+        ``"BATCH:greedy"`` / ``"BATCH:sampled"``."""
+        return {f"{batch}:{'greedy' if greedy else 'sampled'}": [self.mean(batch, k, greedy) for k in range(self.max_k + 1)]
+                for batch, greedy in sorted(self.weights)}
 
 
 def batch_bucket(batch: int) -> int:

@@ -67,7 +67,7 @@ def install(runner) -> None:
     runner._lk_policy = new_policy(runner) if adaptive else None
     runner._lk_saved_policy = None  # a policy kept (with what it learned) while fixed K runs
     runner._lk_fixed_k = None  # fixed mode at a K below the configured one (set_speculation)
-    runner._lk_last = None  # (req_ids, passes, drafted, time, k or None) of the previous step's plan
+    runner._lk_last = None  # (req_ids, passes, drafted, time, k or None, all greedy) of the previous step's plan
     runner._lk_conf = {}  # req_id -> [k] confidences of its drafts awaiting verification
     runner._lk_counts = np.zeros(runner.num_spec_tokens + 1, dtype=np.int64)  # request-steps by drafts made
     runner._lk_steps = np.zeros(2, dtype=np.int64)  # drafting steps, those of them with no draft at all
@@ -157,6 +157,7 @@ def policy_snapshot(worker) -> dict | None:
     if policy is None:
         return None
     return {"steps": policy.steps, "plans": policy.plans, "skipped": policy.skipped,
+            "chosen": policy.chosen.tolist(), "arm_seconds": policy.arms.table(),
             "cost": policy.cost_constants(),
             "position_rates": policy.acceptance.position_rates().tolist(),
             "bucket_rates": policy.acceptance.bucket_rates().tolist()}
@@ -202,7 +203,7 @@ def observe(runner, scheduler_output, sampled_token_ids, spec_decode_metadata, g
         and scheduler_output.total_num_scheduled_tokens == len(req_ids) + drafted
     )
     if steady:
-        policy.observe_step(len(req_ids), last[1], last[2], now - last[3], int((accepted + 1).sum()), k=last[4])
+        policy.observe_step(len(req_ids), last[1], last[2], now - last[3], int((accepted + 1).sum()), k=last[4], greedy=last[5])
     runner._lk_now = now
     if len(policy.acceptance.requests) > 4 * max(len(req_ids), 1) + 64:
         policy.acceptance.forget(set(req_ids))
@@ -250,15 +251,17 @@ def finish(runner, proposer, drafts):
     conf = policy.confidences()
     passes = conf.shape[1]
     width = drafts.shape[1] if isinstance(drafts, torch.Tensor) else 0
+    greedy = policy.last_plan.greedy
     if width == 0 or passes < width:  # nothing drafted, or a drafter that records no confidences
-        runner._lk_last = (tuple(req_ids), passes_for(policy.kind, width), width * len(req_ids), runner._lk_now, width)
+        runner._lk_last = (tuple(req_ids), passes_for(policy.kind, width), width * len(req_ids), runner._lk_now, width, greedy)
         return drafts
     lengths = policy.lengths()
     conf_rows = conf[:, :width]
     for row, req_id in enumerate(req_ids):
         runner._lk_conf[req_id] = conf_rows[row, : lengths[row]]
     uniform = bool((lengths == width).all()) and passes == width
-    runner._lk_last = (tuple(req_ids), passes_for(policy.kind, passes), int(lengths.sum()), runner._lk_now, width if uniform else None)
+    runner._lk_last = (tuple(req_ids), passes_for(policy.kind, passes), int(lengths.sum()), runner._lk_now, width if uniform else None,
+                       greedy)
     if bool((lengths == width).all()):
         return drafts
     return [row[:n] for row, n in zip(drafts.tolist(), lengths.tolist())]

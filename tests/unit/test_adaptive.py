@@ -194,7 +194,7 @@ def test_each_batch_size_bucket_has_its_own_cost_model():
     assert adaptive.batch_bucket(1) == 1 and adaptive.batch_bucket(5) == adaptive.batch_bucket(8) == 8
     assert policy.plan(["r0"]).k > 0
     assert policy.plan([f"r{i}" for i in range(8)]).k == 0
-    assert set(policy.costs) == {1, 8}
+    assert set(policy.costs) == {(1, False), (8, False)}
 
 
 def test_pinned_costs_survive_observations():
@@ -256,6 +256,28 @@ def test_measured_arm_seconds_decide_over_the_linear_model():
     assert policy.arm_seconds(2, 1) == pytest.approx(policy.step_seconds(2, 1, 2))
 
 
+def test_greedy_and_sampled_steps_are_costed_apart():
+    """An all-greedy step runs the argmax verifier and no sampling: here its drafts cost a third
+    of a sampled step's. Arms and models kept per mode give each its own k*; one table shared by
+    both would compare an arm last measured at T = 0 with one last measured at T = 1."""
+    policy = adaptive.Policy(max_k=4, warmup_steps=0, explore_every=10**9)
+    cost = {True: 0.0004, False: 0.0030}  # seconds per drafted token
+    for i in range(400):
+        k, greedy = i % 5, bool(i // 5 % 2)
+        policy.observe_step(1, k, k, 0.005 + cost[greedy] * k, k=k, greedy=greedy)
+    for mode in (True, False):
+        for i in range(100):  # 0..4 accepted in turn: P(accept | reached) 4/5, 3/4, 2/3, 1/2
+            policy.observe_verifications(["r"], np.full((1, 4), np.nan), np.array([4]), np.array([i % 5]), np.array([mode]))
+    assert policy.arm_seconds(1, 4, greedy=True) == pytest.approx(0.005 + 4 * cost[True])
+    assert policy.arm_seconds(1, 4, greedy=False) == pytest.approx(0.005 + 4 * cost[False])
+    greedy_plan, sampled_plan = policy.plan(["r"], np.array([True])), policy.plan(["r"], np.array([False]))
+    assert greedy_plan.greedy and not sampled_plan.greedy
+    assert (greedy_plan.k, sampled_plan.k) == (4, 1)  # 1, 1.8, 2.4, 2.8, 3.0 tokens a step by k
+    assert set(policy.cost_constants()) == {"1:greedy", "1:sampled"}
+    assert list(policy.chosen.nonzero()[0]) == sorted({greedy_plan.k, sampled_plan.k})
+    assert set(policy.arms.table()) == {"1:greedy", "1:sampled"}
+
+
 def test_only_uniform_steps_count_for_an_arm_and_exploration_keeps_them_whole():
     """An arm's seconds come from steps that drafted exactly k per request, its first (cold) step
     left out. The cap alone explores whole arms, every K in turn; with trim the start-up steps
@@ -263,7 +285,7 @@ def test_only_uniform_steps_count_for_an_arm_and_exploration_keeps_them_whole():
     policy = adaptive.Policy(max_k=3, warmup_steps=4, explore_every=2)
     policy.observe_step(2, 3, 4, 0.01, k=None)  # per-request lengths 1 and 3: no arm
     policy.observe_step(2, 3, 5, 0.01, k=3)  # drafted != requests * k: no arm
-    assert not policy.arms.seen or not policy.arms.seen[2].any()
+    assert not policy.arms.seen or not policy.arms.seen[(2, False)].any()
     policy.observe_step(2, 1, 2, 0.050, k=1)  # cold: left out
     for _ in range(3):
         policy.observe_step(2, 1, 2, 0.010, k=1)

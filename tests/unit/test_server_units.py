@@ -99,7 +99,7 @@ def test_engine_drafting_record_renders_as_prometheus_series():
     assert "vllm_lk_spec_engine_steps" not in metrics.render().decode()
     stats = {"mode": "adaptive", "max_k": 3, "k": None, "steps": 10, "steps_without_drafts": 2,
              "request_steps_by_drafts": [3, 1, 4, 12], "estimated_speedup": 1.25,
-             "cost": {"1": {"step": 0.004, "per_request": 0.0, "per_draft_pass": 0.0008, "per_drafted_token": 0.0002}}}
+             "cost": {"1:greedy": {"step": 0.004, "per_request": 0.0, "per_draft_pass": 0.0008, "per_drafted_token": 0.0002}}}
     families = {f.name: f for f in text_string_to_metric_families(metrics.render(stats).decode())}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("vllm_lk_spec_engine_steps_total", ())] == 10
@@ -108,7 +108,7 @@ def test_engine_drafting_record_renders_as_prometheus_series():
     assert buckets == [3, 4, 8, 20, 20]
     assert samples[("vllm_lk_spec_drafts_per_step_sum", ())] == 1 + 8 + 36
     assert samples[("vllm_lk_spec_estimated_speedup", ())] == 1.25
-    assert samples[("vllm_lk_spec_cost_seconds", (("batch_bucket", "1"), ("term", "per_draft_pass")))] == 0.0008
+    assert samples[("vllm_lk_spec_cost_seconds", (("batch_bucket", "1"), ("sampling", "greedy"), ("term", "per_draft_pass")))] == 0.0008
     fixed = dict(stats, mode="fixed", k=3, estimated_speedup=None, cost=None)
     text = metrics.render(fixed).decode()
     assert "vllm_lk_spec_engine_steps_total 10.0" in text and "vllm_lk_spec_estimated_speedup" not in text

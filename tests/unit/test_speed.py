@@ -64,3 +64,19 @@ def test_plot_writes_a_png(tmp_path):
                record(0, "mlp", "fixed", 3, 0.0, 1, 130.0, 2.0, 3), record(0, "mlp", "adaptive", 3, 0.0, 1, 140.0, 1.9, 2)]
     plot({"rows": summarize(records, config)}, tmp_path / "speed.png")
     assert (tmp_path / "speed.png").stat().st_size > 10_000
+
+
+def test_adaptive_rows_report_the_caps_planned_and_the_arms_measured():
+    """An adaptive row sums its rounds' planned caps; the markdown shows their shares and the
+    arms' ms per step the policy held for that cell's batch and mode (to tell a wrong choice from
+    a wrong measurement)."""
+    config = SpeedConfig(drafters=["mlp"], ks=[1, 2], temperatures=[0.0], concurrency=[1], rounds=2, prompts=4)
+    records = [record(rnd, None, "none", 0, 0.0, 1, 100.0) for rnd in range(2)]
+    arms = {"1:greedy": [0.005, 0.006, None], "1:sampled": [0.006, 0.008, 0.010]}
+    records += [{**record(rnd, "mlp", "adaptive", 2, 0.0, 1, 150.0, 2.0, 1.5), "policy": "default",
+                 "chosen": [0, 10 * (rnd + 1), 30], "arm_seconds": arms} for rnd in range(2)]
+    rows = [r for r in summarize(records, config) if r["mode"] == "adaptive"]
+    assert rows[0]["chosen"] == [0, 30, 60]
+    text = markdown({"config": json.loads(config.model_dump_json()), "rows": rows, "records": records,
+                     "environment": {"platform": "test", "cpus": 2}})
+    assert "| 0 | 1 | mlp | adaptive | 0 % | 33 % | 67 % | 5.00 / 6.00 / – |" in text

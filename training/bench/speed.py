@@ -168,7 +168,10 @@ def measure(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompt
                             set_mode(engine, mode, None, policy_settings(config, variant))
                         elif cell_kind is not None:
                             set_mode(engine, mode, k)
+                        before = policy_state(engine) if mode == "adaptive" else None
                         result = run_cell(engine, prompts, temperature, concurrency, config)
+                        if before is not None:
+                            result.update(policy_choices(before, policy_state(engine)))
                         records.append({"block": kind, "round": round_index, "drafter": cell_kind, "mode": mode, "K": k,
                                         "policy": (variant or "default") if mode == "adaptive" else None,
                                         "temperature": temperature, "concurrency": concurrency, **result})
@@ -179,6 +182,17 @@ def measure(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompt
         return records
     finally:
         none.llm_engine.engine_core.shutdown()
+
+
+def policy_state(llm) -> dict:
+    return llm.collective_rpc("lk_speculation_state")[0]
+
+
+def policy_choices(before: dict, after: dict) -> dict:
+    """What the policy did during one cell: steps it planned at each cap k (explorations left
+    out) and, at the end, every measured arm's mean seconds by (batch, mode)."""
+    chosen = [a - b for a, b in zip(after["chosen"], before["chosen"])]
+    return {"chosen": chosen, "arm_seconds": after["arm_seconds"]}
 
 
 def warm(llm, kind: str | None, prompts: list[list[int]], config: SpeedConfig) -> None:
@@ -216,6 +230,7 @@ def summarize(records: list[dict], config: SpeedConfig) -> list[dict]:
             "speedup_min": min(speedups), "speedup_max": max(speedups),
             "tau": 1 + sum(r["accepted"] for r in items) / steps if steps else None,
             "drafts_per_step": sum(r["drafted"] for r in items) / steps if steps else None,
+            **({"chosen": [sum(col) for col in zip(*chosen)]} if (chosen := [r["chosen"] for r in items if "chosen" in r]) else {}),
         })
     add_cost_fit(rows)
     return sorted(rows, key=lambda r: (r["temperature"], r["concurrency"], r["drafter"] != "none", r["drafter"], r["mode"],
@@ -261,6 +276,7 @@ def markdown(report: dict) -> str:
             f"| {r['temperature']:g} | {r['concurrency']} | {r['drafter']} | {mode_label(r)} | {r['K'] if r['mode'] == 'fixed' else '–'} | "
             f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}× [{r['speedup_min']:.2f}–{r['speedup_max']:.2f}] | {fmt(r['tau'])} | "
             f"{fmt(r['drafts_per_step'])} | {fmt(r.get('c'))} | {fmt(r.get('bound'))} |")
+    lines += adaptive_choices(report)
     if report.get("breakdown"):
         names = ("target_forward", "draft_forward", "drafting", "verification", "sampling", "scheduler", "other_engine", "front_end", "step")
         lines += ["", "Where a step's time goes (ms per engine step, concurrency 1; training.bench.speed_profile; "
@@ -273,6 +289,31 @@ def markdown(report: dict) -> str:
             lines.append(f"| {b['drafter']} | {b.get('mode', 'fixed')} | {b['K']} | {b['temperature']:g} | {b['tokens_per_s']:.0f} | {b['tokens_per_step']:.2f} | "
                          + " | ".join(f"{b['ms_per_step'][n]:.2f}" for n in names) + f" | {by_tokens} | {parts} |")
     return "\n".join(lines) + "\n"
+
+
+def adaptive_choices(report: dict) -> list[str]:
+    """Markdown: each adaptive cell's planned caps (share of planned steps by k) beside the
+    arms' measured step seconds the policy held at the end of the cell's last round."""
+    rows = [r for r in report["rows"] if r["mode"] == "adaptive" and r.get("chosen")]
+    if not rows:
+        return []
+    max_k = len(rows[0]["chosen"]) - 1
+    lines = ["", "Adaptive choices: share of planned steps at each cap k (explorations left out), and the policy's measured "
+             "ms per step by k for the cell's batch size and mode at the end of its last round (– not measured):", "",
+             "| T | conc. | drafter | mode | " + " | ".join(f"k={k}" for k in range(max_k + 1)) + " | ms/step by k |",
+             "|---" * (max_k + 5) + "|"]
+    for r in rows:
+        total = max(sum(r["chosen"]), 1)
+        last = [rec for rec in report.get("records", []) if rec["mode"] == "adaptive" and rec["drafter"] == r["drafter"]
+                and rec.get("policy") == r.get("policy", "default") and rec["temperature"] == r["temperature"]
+                and rec["concurrency"] == r["concurrency"]]
+        batch = min(r["concurrency"], report["config"]["prompts"])
+        key = f"{batch}:{'greedy' if r['temperature'] == 0 else 'sampled'}"
+        arms = last[-1].get("arm_seconds", {}).get(key) if last else None
+        ms = " / ".join("–" if v is None else f"{1000 * v:.2f}" for v in arms) if arms else "–"
+        lines.append(f"| {r['temperature']:g} | {r['concurrency']} | {r['drafter']} | {mode_label(r)} | "
+                     + " | ".join(f"{100 * n / total:.0f} %" for n in r["chosen"]) + f" | {ms} |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
