@@ -238,7 +238,7 @@ class Policy:
         else:
             rates = np.minimum(1.0, self._position_rates[self._mode, :] * self._factors[:, None])
             expected = batch + np.concatenate([[0.0], np.cumsum(np.cumprod(rates, axis=1).sum(axis=0))])  # [K+1]
-            seconds = self.plan_seconds(batch, greedy_step)
+            seconds = np.array([self.arm_seconds(batch, k, greedy_step) for k in range(self.max_k + 1)])
             rates = expected / seconds
             k = int(np.argmax(rates))
             plan = Plan(k, float(rates[k]), float(batch / seconds[0]), greedy=greedy_step)
@@ -266,13 +266,6 @@ class Policy:
         the model's)."""
         measured = None if self.pinned is not None or not self.measured_arms else self.arms.mean(batch, k, greedy)
         return measured if measured is not None else self.step_seconds(batch, k, batch * k, greedy)
-
-    def plan_seconds(self, batch: int, greedy: bool = False) -> np.ndarray:
-        """[K+1] seconds of a step at each cap k: the arms' smoothed measurements
-        (ArmSeconds.estimates), the linear model where an arm has none (and with pinned constants)."""
-        measured = ([None] * (self.max_k + 1) if self.pinned is not None or not self.measured_arms
-                    else self.arms.estimates(batch, greedy))
-        return np.array([m if m is not None else self.step_seconds(batch, k, batch * k, greedy) for k, m in enumerate(measured)])
 
     # -- while drafting -----------------------------------------------------------------------
     def needs_confidence(self) -> bool:

@@ -100,35 +100,6 @@ class ArmSeconds:
             return None
         return float(self.sums[key][k] / weights[k])
 
-    def estimates(self, batch: int, greedy: bool = False, prior_weight: float = 16.0) -> list[float | None]:
-        """[K+1] seconds per cap k for the plan: each drafting arm's mean shrunk toward a line
-        a + b k fitted through the drafting arms' means (weighted by their weights), with
-        ``prior_weight`` observations' worth of pull; k = 0 (no draft, no verification) keeps
-        its own mean. An arm the plan does not choose is measured only when exploration visits
-        it (one step in hundreds), so its few observations can date from a slower moment and
-        keep it unchosen (measured: an MLP engine held k = 5 at 8.3 ms against 6.5 ms for k = 4
-        while fixed K = 5 ran faster than K = 4); a step's cost grows about linearly with k (one
-        more draft pass, one more verified token a request), so the line, fixed mostly by the
-        well-measured arms, corrects the stale ones. Without two measured drafting arms: the
-        plain means (None below ``min_weight``)."""
-        key = (batch, bool(greedy))
-        plain = [self.mean(batch, k, greedy) for k in range(self.max_k + 1)]
-        weights = self.weights.get(key)
-        if weights is None:
-            return plain
-        ks = np.flatnonzero(weights[1:] > 0) + 1
-        if len(ks) < 2:
-            return plain
-        w, means = weights[ks], self.sums[key][ks] / weights[ks]
-        design = np.stack([np.ones(len(ks)), ks.astype(np.float64)], axis=1)
-        coef = np.linalg.lstsq(design * np.sqrt(w)[:, None], means * np.sqrt(w), rcond=None)[0]
-        out = plain[:1]
-        for k in range(1, self.max_k + 1):
-            line = float(coef[0] + coef[1] * k)
-            pull = prior_weight * max(0.0, 1.0 - weights[k] * (1.0 - self.decay))  # none once the arm's weight saturates
-            out.append((self.sums[key][k] + pull * line) / (weights[k] + pull) if weights[k] > 0 else max(line, 1e-9))
-        return out
-
     def table(self) -> dict[str, list[float | None]]:
         """Every measured (batch, mode): its arms' mean seconds (None: not yet measured), keyed
         ``"BATCH:greedy"`` / ``"BATCH:sampled"``."""

@@ -299,22 +299,3 @@ def test_only_uniform_steps_count_for_an_arm_and_exploration_keeps_them_whole():
     assert [p.k for p in later if p.explore] == [1, 2] and not any(p.random_lengths for p in later)
     trimming = adaptive.Policy(max_k=3, warmup_steps=4, explore_every=2, trim=True)
     assert all(trimming.plan(["a"]).random_lengths for _ in range(4))
-
-
-def test_a_stale_arm_is_pulled_toward_the_line_through_the_measured_ones():
-    """k = 4 is chosen and well measured; k = 5 was seen only during a slow moment (3 steps at
-    8.3 ms where the line says ~6.9). Its plain mean keeps it unchosen; the smoothed estimate
-    moves it most of the way to the line, and leaves well-measured arms where they are."""
-    arms = adaptive.ArmSeconds(max_k=5)
-    truth = {1: 0.0062, 2: 0.0063, 3: 0.0066, 4: 0.0065}
-    for _ in range(300):
-        for k, s in truth.items():
-            arms.observe(1, k, s)
-    for _ in range(4):  # the first is the cold step, left out
-        arms.observe(1, 5, 0.0083)
-    plain, smooth = [arms.mean(1, k) for k in range(6)], arms.estimates(1)
-    assert plain[5] == pytest.approx(0.0083) and smooth[0] is None
-    assert smooth[5] < 0.0072
-    for k in truth:
-        assert smooth[k] == pytest.approx(plain[k], rel=1e-3)
-    assert arms.estimates(2) == [None] * 6  # nothing measured at that batch size
