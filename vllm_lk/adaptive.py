@@ -145,7 +145,7 @@ class Plan:
     greedy: bool = False  # every request at temperature 0: the step is timed and costed apart from sampled ones
 
 
-SETTINGS = ("warmup_steps", "explore_every", "trim", "explore_all", "measured_arms")  # Policy fields set at runtime
+SETTINGS = ("warmup_steps", "explore_every", "trim", "explore_all", "measured_arms", "paired_arms")  # Policy fields set at runtime
 
 
 @dataclass
@@ -155,10 +155,11 @@ class Policy:
     max_k: int
     kind: str = "sequential"  # "kv" (EAGLE, draft model), "parallel" (MEDUSA), "sequential" (MLP)
     warmup_steps: int = 24  # per batch bucket, the start-up measurement: K cycles through 0..max_k (random lengths with trim)
-    explore_every: int = 64  # afterwards one step in this many explores (random lengths only with trim)
+    explore_every: int = 16  # afterwards one step in this many explores (random lengths only with trim)
     trim: bool = False  # per-step early stop and per-request lengths from confidence (False: the cap k* only)
-    explore_all: bool = True  # exploration cycles K through 0..max_k (keeps every arm measured); False: k* +- 1
+    explore_all: bool = False  # exploration cycles K through 0..max_k; False: k* - 1 and k* + 1 in turn, every 4th the cycle
     measured_arms: bool = True  # plan with each cap's measured step seconds where seen (False: the linear model only)
+    paired_arms: bool = True  # arms' seconds relative to the planned arm as it runs now (False: each arm's own EW mean)
     acceptance: AcceptanceModel = field(init=False)
     arms: ArmSeconds = field(init=False)  # measured seconds of a step by its cap, per batch size
     costs: dict[tuple[int, bool], CostModel] = field(default_factory=dict)  # (batch bucket, all greedy) -> its cost model
@@ -171,6 +172,7 @@ class Policy:
     estimated_speedup: float | None = None  # EW mean of measured tokens/s over the cost model's no-draft rate
     speedup_weight: float = 0.02  # its weight per step (about the last 50 steps)
     last_plan: Plan | None = None
+    planned_k: int | None = None  # the last cap chosen by the plan (not exploring): exploration's centre
     greedy: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # this step's [B] flags
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))  # exploration only
 
@@ -227,11 +229,7 @@ class Policy:
                         greedy=greedy_step)
         elif self.plans % self.explore_every == 0:  # afterwards a neighbour of the last choice
             self.explorations += 1
-            if self.explore_all:  # every K in turn, as in warm-up
-                k = self.explorations % (self.max_k + 1)
-            else:
-                last = self.last_plan.k if self.last_plan is not None else self.max_k
-                k = int(np.clip(last + self.rng.choice((-1, 1)), 0, self.max_k))
+            k = self._explored_k()
             # the cap alone (trim off) explores whole arms, whose measured seconds the plan reads;
             # with trim random lengths let the linear model tell draft passes from drafted tokens
             plan = Plan(k, math.nan, math.nan, explore=True, random_lengths=self.trim, greedy=greedy_step)
@@ -243,9 +241,23 @@ class Policy:
             k = int(np.argmax(rates))
             plan = Plan(k, float(rates[k]), float(batch / seconds[0]), greedy=greedy_step)
             self.chosen[k] += 1
+            self.planned_k = k
         self.skipped += plan.k == 0
         self.last_plan = plan
         return plan
+
+    def _explored_k(self) -> int:
+        """The cap an exploring step measures: with ``explore_all`` every K in turn, as in warm-up;
+        otherwise the last plan's neighbours k* - 1 and k* + 1 in turn (the arms the plan would
+        move to, kept fresh), and every 4th exploration the next K of the cycle (far arms)."""
+        cycle = self.explorations % (self.max_k + 1)
+        if self.explore_all or self.explorations % 4 == 0:
+            return cycle
+        last = self.planned_k if self.planned_k is not None else self.max_k
+        step = 1 if self.explorations % 2 else -1
+        if not 0 <= last + step <= self.max_k:
+            step = -step
+        return int(np.clip(last + step, 0, self.max_k))
 
     def _start_step(self, req_ids: list[str]) -> None:
         """What stays fixed during one step's drafting, computed once."""
@@ -264,7 +276,8 @@ class Policy:
     def arm_seconds(self, batch: int, k: int, greedy: bool = False) -> float:
         """Seconds of a step at cap k with every request drafting k: measured (pinned constants:
         the model's)."""
-        measured = None if self.pinned is not None or not self.measured_arms else self.arms.mean(batch, k, greedy)
+        measured = (None if self.pinned is not None or not self.measured_arms
+                    else self.arms.mean(batch, k, greedy, self.paired_arms))
         return measured if measured is not None else self.step_seconds(batch, k, batch * k, greedy)
 
     # -- while drafting -----------------------------------------------------------------------
@@ -331,15 +344,15 @@ class Policy:
 
     # -- after a step -------------------------------------------------------------------------
     def observe_step(self, requests: int, passes: int, drafted: int, seconds: float, tokens: int | None = None,
-                     k: int | None = None, greedy: bool = False) -> None:
+                     k: int | None = None, greedy: bool = False, explore: bool = False) -> None:
         """One steady step: its batch, draft passes, drafted tokens, measured seconds and the
         tokens it emitted (for the live speedup estimate); ``k``: the cap, when every request
         drafted exactly k (the step then counts for that arm's measured seconds); ``greedy``:
-        the step's plan was all-greedy."""
+        the step's plan was all-greedy; ``explore``: its cap was chosen to measure that arm."""
         model = self.cost_for(requests, greedy)
         model.observe(requests, passes, drafted, seconds)
         if k is not None and drafted == requests * k and passes == passes_for(self.kind, k):
-            self.arms.observe(requests, k, seconds, greedy)
+            self.arms.observe(requests, k, seconds, greedy, explore)
         self.steps += 1
         self.acceptance.step_decay()
         if model.count == self.warmup_steps and not model.frozen:

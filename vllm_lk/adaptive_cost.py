@@ -4,6 +4,8 @@ with them."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 FEATURES = ("step", "per_request", "per_draft_pass", "per_drafted_token")
@@ -64,24 +66,40 @@ class CostModel:
 
 
 class ArmSeconds:
-    """Measured seconds of a step by its cap k, per batch size and sampling mode (all-greedy
-    steps run the argmax verifier and no sampling, so they cost less than sampled ones and are
-    kept apart): an exponentially weighted mean over the steps that drafted exactly k for every
-    request (weight ``decay`` per observation of that arm). Where an arm has been seen, the plan
-    uses its mean rather than the linear model's extrapolation: the linear model is only as good
-    as its four features, these means are what such a step cost."""
+    """Measured seconds of a step by its cap k ("arm"), per batch size and sampling mode
+    (all-greedy steps run the argmax verifier and no sampling, so they cost less than sampled
+    ones and are kept apart). Only steps that drafted exactly k for every request count, and an
+    arm's first step is left out (it runs cold: new GEMM shapes for oneDNN, caches).
 
-    def __init__(self, max_k: int, decay: float = 0.98, min_weight: float = 2.5):
-        self.decay = decay
-        self.min_weight = min_weight
+    Two estimates are kept, and ``mean(..., paired=...)`` reads either:
+
+    - **paired** (the default): log seconds = level + offset[k]. The level follows the planned
+      steps (weight ``level_weight`` each), so it tracks the machine's drift where the policy
+      runs; an arm's offset is the median of its last ``window`` *explored* steps, each taken
+      relative to the level at that moment. An arm the plan does not choose is therefore
+      compared with the chosen one as it runs now, not as it ran when the arm was last seen: a
+      shared machine that slows every step by 30 % moves every arm by 30 %, and a cold start-up
+      measurement is flushed after ``window`` explorations. The median keeps one preempted step
+      from condemning an arm.
+    - **absolute** (before 2026-12-04): an exponentially weighted mean of each arm's own steps
+      (weight ``decay`` per observation of that arm). Unchosen arms are re-measured only when
+      explored and kept stale means: an MLP engine planned k = 4 on every step with its k = 5 arm
+      at 8.30 ms against 6.45 ms measured for fixed K = 5."""
+
+    def __init__(self, max_k: int, decay: float = 0.98, min_weight: float = 2.5, level_weight: float = 0.1,
+                 window: int = 5, min_samples: int = 2):
+        self.max_k = max_k
+        self.decay, self.min_weight = decay, min_weight
+        self.level_weight, self.window, self.min_samples = level_weight, window, min_samples
         self.sums: dict[tuple[int, bool], np.ndarray] = {}  # (batch, greedy) -> [K+1] weighted seconds
         self.weights: dict[tuple[int, bool], np.ndarray] = {}  # (batch, greedy) -> [K+1] weights
-        self.seen: dict[tuple[int, bool], np.ndarray] = {}  # (batch, greedy) -> [K+1] whether the arm ran once (its first step is not counted)
-        self.max_k = max_k
+        self.seen: dict[tuple[int, bool], np.ndarray] = {}  # (batch, greedy) -> [K+1] whether the arm ran once
+        self.level: dict[tuple[int, bool], float] = {}  # (batch, greedy) -> log seconds of the planned arm's offset 0
+        self.samples: dict[tuple[int, bool], list[list[float]]] = {}  # (batch, greedy) -> per arm, last log(s) - level
 
-    def observe(self, batch: int, k: int, seconds: float, greedy: bool = False) -> None:
-        """One step of this batch size and mode that drafted k per request. An arm's first step
-        is left out: it runs cold (new GEMM shapes for oneDNN, caches)."""
+    def observe(self, batch: int, k: int, seconds: float, greedy: bool = False, explore: bool = False) -> None:
+        """One step of this batch size and mode that drafted k per request (``explore``: the
+        policy chose k to measure it, not as its plan)."""
         key = (batch, bool(greedy))
         seen = self.seen.setdefault(key, np.zeros(self.max_k + 1, dtype=bool))
         if not seen[k]:
@@ -91,20 +109,33 @@ class ArmSeconds:
         weights = self.weights.setdefault(key, np.zeros(self.max_k + 1))
         sums[k] = self.decay * sums[k] + seconds
         weights[k] = self.decay * weights[k] + 1.0
+        x = math.log(max(seconds, 1e-9))
+        level = self.level.setdefault(key, x)
+        samples = self.samples.setdefault(key, [[] for _ in range(self.max_k + 1)])[k]
+        if explore or len(samples) < self.min_samples:  # a paired measurement of this arm against the level
+            samples.append(x - level)
+            del samples[: -self.window]
+        else:  # a planned step: the level follows it
+            self.level[key] = level + self.level_weight * (x - level - float(np.median(samples)))
 
-    def mean(self, batch: int, k: int, greedy: bool = False) -> float | None:
-        """The arm's mean seconds, or None until it has weight ``min_weight``."""
+    def mean(self, batch: int, k: int, greedy: bool = False, paired: bool = True) -> float | None:
+        """The arm's seconds now (None until measured enough)."""
         key = (batch, bool(greedy))
+        if paired:
+            samples = self.samples.get(key)
+            if samples is None or len(samples[k]) < self.min_samples:
+                return None
+            return math.exp(self.level[key] + float(np.median(samples[k])))
         weights = self.weights.get(key)
         if weights is None or weights[k] < self.min_weight:
             return None
         return float(self.sums[key][k] / weights[k])
 
-    def table(self) -> dict[str, list[float | None]]:
-        """Every measured (batch, mode): its arms' mean seconds (None: not yet measured), keyed
+    def table(self, paired: bool = True) -> dict[str, list[float | None]]:
+        """Every measured (batch, mode): its arms' seconds (None: not yet measured), keyed
         ``"BATCH:greedy"`` / ``"BATCH:sampled"``."""
-        return {f"{batch}:{'greedy' if greedy else 'sampled'}": [self.mean(batch, k, greedy) for k in range(self.max_k + 1)]
-                for batch, greedy in sorted(self.weights)}
+        return {f"{batch}:{'greedy' if greedy else 'sampled'}": [self.mean(batch, k, greedy, paired) for k in range(self.max_k + 1)]
+                for batch, greedy in sorted(self.seen)}
 
 
 def batch_bucket(batch: int) -> int:

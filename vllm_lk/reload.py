@@ -105,6 +105,7 @@ def _reset_acceptance(runner) -> None:
     (the cost model is about compute, which the same shapes keep)."""
     from vllm_lk.adaptive import AcceptanceModel
 
-    for policy in (getattr(runner, "_lk_policy", None), getattr(runner, "_lk_saved_policy", None)):
+    kept = getattr(runner, "_lk_other_policies", {}).values()
+    for policy in (getattr(runner, "_lk_policy", None), getattr(runner, "_lk_saved_policy", None), *kept):
         if policy is not None:
             policy.acceptance = AcceptanceModel(policy.max_k)

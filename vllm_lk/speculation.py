@@ -66,8 +66,10 @@ def install(runner) -> None:
         adaptive = False
     runner._lk_policy = new_policy(runner) if adaptive else None
     runner._lk_saved_policy = None  # a policy kept (with what it learned) while fixed K runs
+    runner._lk_policy_label = "default"  # the label of the policy above (set_speculation's "label")
+    runner._lk_other_policies = {}  # label -> a policy kept while another label's runs
     runner._lk_fixed_k = None  # fixed mode at a K below the configured one (set_speculation)
-    runner._lk_last = None  # (req_ids, passes, drafted, time, k or None, all greedy) of the previous step's plan
+    runner._lk_last = None  # (req_ids, passes, drafted, time, k or None, all greedy, explored) of the previous step's plan
     runner._lk_conf = {}  # req_id -> [k] confidences of its drafts awaiting verification
     runner._lk_counts = np.zeros(runner.num_spec_tokens + 1, dtype=np.int64)  # request-steps by drafts made
     runner._lk_steps = np.zeros(2, dtype=np.int64)  # drafting steps, those of them with no draft at all
@@ -81,7 +83,8 @@ def set_speculation(worker, mode: str, k: int | None = None, policy: dict | None
     fixed K of 2 (at most the configured K; None: the configured K). A policy keeps what it
     learned across switches. ``policy`` (adaptive only) sets Policy fields (vllm_lk.adaptive.SETTINGS)
     and may pin the cost model: ``"cost": [step, per_request, per_pass,
-    per_drafted_token]`` seconds, not updated online."""
+    per_drafted_token]`` seconds, not updated online; ``"label"`` selects one of several policies,
+    each learning only from its own steps (benchmarks compare policy variants this way)."""
     if mode not in MODES:
         raise ValueError(f"speculation mode {mode!r}: expected one of {', '.join(MODES)}")
     runner = worker.model_runner
@@ -90,10 +93,16 @@ def set_speculation(worker, mode: str, k: int | None = None, policy: dict | None
     if k is not None and not 0 <= k <= runner.num_spec_tokens:
         raise ValueError(f"k={k}: the engine was started with num_speculative_tokens={runner.num_spec_tokens}")
     if mode == "adaptive":
-        runner._lk_policy = runner._lk_policy or runner._lk_saved_policy or new_policy(runner)
+        settings = dict(policy or {})
+        label = str(settings.pop("label", runner._lk_policy_label))
+        current = runner._lk_policy or runner._lk_saved_policy
+        if label != runner._lk_policy_label:
+            runner._lk_other_policies[runner._lk_policy_label] = current
+            current, runner._lk_policy_label = runner._lk_other_policies.pop(label, None), label
+        runner._lk_policy, runner._lk_saved_policy = current or new_policy(runner), None
         runner._lk_fixed_k = None
-        if policy and runner._lk_policy is not None:
-            _configure(runner._lk_policy, dict(policy))
+        if settings:
+            _configure(runner._lk_policy, settings)
     else:
         runner._lk_saved_policy = runner._lk_policy or runner._lk_saved_policy
         runner._lk_policy, runner._lk_fixed_k = None, k
@@ -157,7 +166,7 @@ def policy_snapshot(worker) -> dict | None:
     if policy is None:
         return None
     return {"steps": policy.steps, "plans": policy.plans, "skipped": policy.skipped,
-            "chosen": policy.chosen.tolist(), "arm_seconds": policy.arms.table(),
+            "chosen": policy.chosen.tolist(), "arm_seconds": policy.arms.table(policy.paired_arms),
             "cost": policy.cost_constants(),
             "position_rates": policy.acceptance.position_rates().tolist(),
             "bucket_rates": policy.acceptance.bucket_rates().tolist()}
@@ -203,7 +212,8 @@ def observe(runner, scheduler_output, sampled_token_ids, spec_decode_metadata, g
         and scheduler_output.total_num_scheduled_tokens == len(req_ids) + drafted
     )
     if steady:
-        policy.observe_step(len(req_ids), last[1], last[2], now - last[3], int((accepted + 1).sum()), k=last[4], greedy=last[5])
+        policy.observe_step(len(req_ids), last[1], last[2], now - last[3], int((accepted + 1).sum()), k=last[4], greedy=last[5],
+                            explore=last[6])
     runner._lk_now = now
     if len(policy.acceptance.requests) > 4 * max(len(req_ids), 1) + 64:
         policy.acceptance.forget(set(req_ids))
@@ -253,7 +263,8 @@ def finish(runner, proposer, drafts):
     width = drafts.shape[1] if isinstance(drafts, torch.Tensor) else 0
     greedy = policy.last_plan.greedy
     if width == 0 or passes < width:  # nothing drafted, or a drafter that records no confidences
-        runner._lk_last = (tuple(req_ids), passes_for(policy.kind, width), width * len(req_ids), runner._lk_now, width, greedy)
+        runner._lk_last = (tuple(req_ids), passes_for(policy.kind, width), width * len(req_ids), runner._lk_now, width, greedy,
+                           policy.last_plan.explore)
         return drafts
     lengths = policy.lengths()
     conf_rows = conf[:, :width]
@@ -261,7 +272,7 @@ def finish(runner, proposer, drafts):
         runner._lk_conf[req_id] = conf_rows[row, : lengths[row]]
     uniform = bool((lengths == width).all()) and passes == width
     runner._lk_last = (tuple(req_ids), passes_for(policy.kind, passes), int(lengths.sum()), runner._lk_now, width if uniform else None,
-                       greedy)
+                       greedy, policy.last_plan.explore)
     if bool((lengths == width).all()):
         return drafts
     return [row[:n] for row, n in zip(drafts.tolist(), lengths.tolist())]

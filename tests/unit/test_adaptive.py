@@ -290,7 +290,7 @@ def test_only_uniform_steps_count_for_an_arm_and_exploration_keeps_them_whole():
     for _ in range(3):
         policy.observe_step(2, 1, 2, 0.010, k=1)
     assert policy.arms.mean(2, 1) == pytest.approx(0.010)
-    fresh = adaptive.Policy(max_k=3, warmup_steps=4, explore_every=2)
+    fresh = adaptive.Policy(max_k=3, warmup_steps=4, explore_every=2, explore_all=True)
     warm = [fresh.plan(["a", "b"]) for _ in range(4)]
     assert [p.k for p in warm] == [1, 2, 3, 0] and not any(p.random_lengths for p in warm)
     for _ in range(4):
@@ -299,3 +299,84 @@ def test_only_uniform_steps_count_for_an_arm_and_exploration_keeps_them_whole():
     assert [p.k for p in later if p.explore] == [1, 2] and not any(p.random_lengths for p in later)
     trimming = adaptive.Policy(max_k=3, warmup_steps=4, explore_every=2, trim=True)
     assert all(trimming.plan(["a"]).random_lengths for _ in range(4))
+
+
+def _serve(policy, steps, seconds_of, accept=True):
+    """Plan / step / observe ``steps`` times at one request: ``seconds_of(step, k)`` is what a
+    step at cap k costs then; every draft is accepted. Returns the plans."""
+    plans = []
+    for step in range(steps):
+        plan = policy.plan(["r"])
+        plans.append(plan)
+        k = plan.k
+        if k:
+            policy.observe_verifications(["r"], np.full((1, policy.max_k), np.nan), np.array([k]), np.array([k]),
+                                         np.array([False]))
+        policy.observe_step(1, k, k, seconds_of(step, k), k=k, explore=plan.explore)
+    return plans
+
+
+def test_paired_arms_flush_a_slow_start_up_measurement():
+    """The start-up steps of arm 3 ran 1.5x slow (cold shapes, a busy machine); afterwards k = 3
+    is best (4 tokens in 6.4 ms against 3 in 5.6 ms for k = 2). Paired arms, re-measured as the
+    plan's neighbour against the level the plan runs at now, move the plan to k = 3 within a few
+    explorations; the pre-2026-12-04 policy (each arm's own EW mean, explored one step in 64
+    cycling 0..K) keeps its start-up view of arm 3 and stays at k = 2."""
+    def seconds_of(step, k):
+        return (0.004 + 0.0008 * k) * (1.5 if step < 24 and k == 3 else 1.0)
+
+    new = adaptive.Policy(max_k=3)
+    old = adaptive.Policy(max_k=3, explore_every=64, explore_all=True, paired_arms=False)
+    tail = [[p.k for p in _serve(policy, 400, seconds_of)[200:] if not p.explore] for policy in (new, old)]
+    assert np.mean(np.array(tail[0]) == 3) > 0.95
+    assert np.mean(np.array(tail[1]) == 3) < 0.5
+    assert new.arm_seconds(1, 3) == pytest.approx(0.0064, rel=0.02)
+
+
+def test_paired_arms_follow_a_machine_that_slows_down():
+    """Every step becomes 1.3x slower after step 300 (another tenant): the arms the plan does not
+    run follow the planned one, so their ratio to it stays what it was."""
+    def seconds_of(step, k):
+        return (0.004 + 0.0008 * k) * (1.3 if step >= 300 else 1.0)
+
+    policy = adaptive.Policy(max_k=3)
+    _serve(policy, 600, seconds_of)
+    for k in range(4):
+        assert policy.arm_seconds(1, k) == pytest.approx(1.3 * (0.004 + 0.0008 * k), rel=0.03), k
+
+
+def test_one_preempted_exploration_does_not_condemn_an_arm():
+    """An explored step that ran 5x slow (the process was preempted) moves its arm's estimate by
+    nothing: the offset is the median of the arm's last explorations."""
+    arms = adaptive.ArmSeconds(max_k=2)
+    for k in (0, 1, 2):
+        arms.observe(1, k, 1.0, explore=True)  # cold: left out
+    for _ in range(4):
+        for k in (0, 1, 2):
+            arms.observe(1, k, 0.004 + 0.001 * k, explore=True)
+    arms.observe(1, 1, 5 * 0.005, explore=True)
+    assert arms.mean(1, 1) == pytest.approx(0.005)
+    assert arms.mean(1, 1, paired=False) > 0.006  # the EW mean moves by a fifth of the outlier
+
+
+def test_labelled_policies_learn_apart():
+    """lk_set_speculation's "label": each label keeps its own policy across switches (a benchmark's
+    variants must not read each other's arms); fixed K in between keeps the current one."""
+    from types import SimpleNamespace
+
+    from vllm_lk import speculation
+
+    runner = SimpleNamespace(use_async_scheduling=False, num_spec_tokens=3,
+                             speculative_config=SimpleNamespace(method="mlp_speculator"))
+    speculation.install(runner)
+    worker = SimpleNamespace(model_runner=runner)
+    speculation.set_speculation(worker, "adaptive", None, {"label": "a", "explore_every": 7})
+    first = runner._lk_policy
+    speculation.set_speculation(worker, "fixed", 2)
+    speculation.set_speculation(worker, "adaptive", None, {"label": "b"})
+    second = runner._lk_policy
+    assert second is not first and second.explore_every == 16
+    speculation.set_speculation(worker, "adaptive", None, {"label": "a"})
+    assert runner._lk_policy is first and first.explore_every == 7
+    speculation.set_speculation(worker, "adaptive")
+    assert runner._lk_policy is first

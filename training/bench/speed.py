@@ -100,13 +100,14 @@ def start_engine(config: SpeedConfig, target: Path, kind: str | None, drafter: P
 
 def policy_settings(config: SpeedConfig, label: str | None) -> dict:
     """The adaptive policy settings of a variant (None: the default), every setting spelt out: the
-    engine's policy keeps its settings across switches, so each cell sets them all."""
+    engine's policy keeps its settings across switches, so each cell sets them all. Each variant
+    runs its own policy (its label), learning only from its own cells."""
     from dataclasses import fields
 
     from vllm_lk.adaptive import SETTINGS, Policy
 
     defaults = {f.name: f.default for f in fields(Policy) if f.name in SETTINGS}
-    return {**defaults, **(config.adaptive_variants[label] if label else {})}
+    return {**defaults, **(config.adaptive_variants[label] if label else {}), "label": label or "default"}
 
 
 def set_mode(llm, mode: str, k: int | None, settings: dict | None = None) -> None:
