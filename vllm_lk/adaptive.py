@@ -124,9 +124,10 @@ class AcceptanceModel:
             entry[0] += float(got[row])
             entry[1] += float(predicted[row])
 
-    def step_decay(self) -> None:
+    def step_decay(self, steps: int = 1) -> None:
+        factor = self.decay**steps
         for counts in (self.tried, self.accepted, self.pos_tried, self.pos_accepted):
-            counts *= self.decay
+            counts *= factor
 
     def forget(self, live: set[str]) -> None:
         for req_id in [r for r in self.requests if r not in live]:
@@ -145,7 +146,7 @@ class Plan:
     greedy: bool = False  # every request at temperature 0: the step is timed and costed apart from sampled ones
 
 
-SETTINGS = ("warmup_steps", "explore_every", "trim", "explore_all", "measured_arms", "paired_arms")  # Policy fields set at runtime
+SETTINGS = ("warmup_steps", "explore_every", "trim", "explore_all", "measured_arms", "paired_arms", "refresh_every")  # Policy fields set at runtime
 
 
 @dataclass
@@ -160,7 +161,7 @@ class Policy:
     explore_all: bool = False  # exploration cycles K through 0..max_k; False: k* - 1 and k* + 1 in turn, every 4th the cycle
     measured_arms: bool = True  # plan with each cap's measured step seconds where seen (False: the linear model only)
     paired_arms: bool = True  # arms' seconds relative to the planned arm as it runs now (False: each arm's own EW mean)
-    acceptance: AcceptanceModel = field(init=False)
+    refresh_every: int = 8  # a batch's plan is recomputed every this many steps (verifications are folded in then)
     arms: ArmSeconds = field(init=False)  # measured seconds of a step by its cap, per batch size
     costs: dict[tuple[int, bool], CostModel] = field(default_factory=dict)  # (batch bucket, all greedy) -> its cost model
     pinned: np.ndarray | None = None  # cost constants set by the operator (no online fit)
@@ -177,7 +178,10 @@ class Policy:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))  # exploration only
 
     def __post_init__(self) -> None:
-        self.acceptance = AcceptanceModel(self.max_k)
+        self._acceptance = AcceptanceModel(self.max_k)
+        self._pending: list[tuple] = []  # verifications not yet folded into the acceptance model
+        self._decays = 0  # steps whose decay of the acceptance counts is not yet applied
+        self._held: tuple | None = None  # (batch key, plan number, Plan) of the last computed plan
         self.arms = ArmSeconds(self.max_k)
         self.chosen = np.zeros(self.max_k + 1, dtype=np.int64)
         self._cost: CostModel | None = None
@@ -234,17 +238,31 @@ class Policy:
             # with trim random lengths let the linear model tell draft passes from drafted tokens
             plan = Plan(k, math.nan, math.nan, explore=True, random_lengths=self.trim, greedy=greedy_step)
         else:
-            rates = np.minimum(1.0, self._position_rates[self._mode, :] * self._factors[:, None])
-            expected = batch + np.concatenate([[0.0], np.cumsum(np.cumprod(rates, axis=1).sum(axis=0))])  # [K+1]
-            seconds = np.array([self.arm_seconds(batch, k, greedy_step) for k in range(self.max_k + 1)])
-            rates = expected / seconds
-            k = int(np.argmax(rates))
-            plan = Plan(k, float(rates[k]), float(batch / seconds[0]), greedy=greedy_step)
-            self.chosen[k] += 1
-            self.planned_k = k
+            key = (tuple(req_ids), greedy_step)
+            held = self._held
+            if held is not None and held[0] == key and self.plans - held[1] < self.refresh_every:
+                plan = held[2]  # the same batch planned less than refresh_every steps ago
+            else:
+                plan = self._compute_plan(req_ids, greedy_step)
+                self._held = (key, self.plans, plan)
+            self.chosen[plan.k] += 1
+            self.planned_k = plan.k
         self.skipped += plan.k == 0
         self.last_plan = plan
         return plan
+
+    def _compute_plan(self, req_ids: list[str], greedy_step: bool) -> Plan:
+        """The cap maximising expected tokens per second, from the acceptance model (every held
+        verification folded in) and the arms' seconds."""
+        self.flush()
+        self._refresh_rates(req_ids)
+        batch = len(req_ids)
+        rates = np.minimum(1.0, self._position_rates[self._mode, :] * self._factors[:, None])
+        expected = batch + np.concatenate([[0.0], np.cumsum(np.cumprod(rates, axis=1).sum(axis=0))])  # [K+1]
+        seconds = np.array(self.arm_row(batch, greedy_step))
+        rates = expected / seconds
+        k = int(np.argmax(rates))
+        return Plan(k, float(rates[k]), float(batch / seconds[0]), greedy=greedy_step)
 
     def _explored_k(self) -> int:
         """The cap an exploring step measures: with ``explore_all`` every K in turn, as in warm-up;
@@ -259,12 +277,15 @@ class Policy:
             step = -step
         return int(np.clip(last + step, 0, self.max_k))
 
-    def _start_step(self, req_ids: list[str]) -> None:
-        """What stays fixed during one step's drafting, computed once."""
-        self._factors = np.array([self.acceptance.request_factor(r) for r in req_ids])
+    def _refresh_rates(self, req_ids: list[str]) -> None:
+        """The acceptance estimates a plan (and, with trim, its passes) read for this batch."""
+        self._factors = np.array([self._acceptance.request_factor(r) for r in req_ids])
         self._mode = self.greedy.astype(np.int64)
-        self._bucket_rates = self.acceptance.bucket_rates()
-        self._position_rates = self.acceptance.position_rates()
+        self._bucket_rates = self._acceptance.bucket_rates()
+        self._position_rates = self._acceptance.position_rates()
+
+    def _start_step(self, req_ids: list[str]) -> None:
+        """A step's drafting record, emptied."""
         self._survival: list[np.ndarray | None] = []  # per pass: [B] P(drafts 1..j all accepted); None: not read
         self._confidence: list[np.ndarray] = []  # per pass: [B]
         self._unknown = np.full(len(req_ids), np.nan)  # a pass's confidences when not read
@@ -279,6 +300,12 @@ class Policy:
         measured = (None if self.pinned is not None or not self.measured_arms
                     else self.arms.mean(batch, k, greedy, self.paired_arms))
         return measured if measured is not None else self.step_seconds(batch, k, batch * k, greedy)
+
+    def arm_row(self, batch: int, greedy: bool = False) -> list[float]:
+        """[K+1] arm_seconds for every cap at once (the plan's hot path)."""
+        measured = (self.arms.row(batch, greedy, self.paired_arms) if self.pinned is None and self.measured_arms
+                    else [None] * (self.max_k + 1))
+        return [m if m is not None else self.step_seconds(batch, k, batch * k, greedy) for k, m in enumerate(measured)]
 
     # -- while drafting -----------------------------------------------------------------------
     def needs_confidence(self) -> bool:
@@ -318,7 +345,7 @@ class Policy:
         """[B] drafts to verify per request: the prefix of its drafts whose survival probability
         still pays for its verification (this step's passes)."""
         plan, width = self.last_plan, len(self._survival)
-        batch = len(self._factors)
+        batch = len(self._unknown)
         if plan is None or width == 0:
             return np.full(batch, width, dtype=np.int64)
         if plan.random_lengths:  # draft-side randomness: drafted tokens vary apart from passes
@@ -331,12 +358,22 @@ class Policy:
         pays = survival >= plan.rate * max(self.cost.theta[3], 0.0)
         return np.cumprod(pays, axis=1).sum(axis=1).astype(np.int64)
 
+    def passes(self) -> int:
+        """Draft passes recorded this step."""
+        return len(self._survival)
+
+    def confidence_read(self) -> bool:
+        """Whether any pass of this step recorded its confidences."""
+        return any(s is not None for s in self._survival)
+
     def confidences(self) -> np.ndarray:
         """[B, passes] this step's recorded confidences."""
-        return np.stack(self._confidence, axis=1) if self._confidence else np.zeros((len(self._factors), 0))
+        return np.stack(self._confidence, axis=1) if self._confidence else np.zeros((len(self._unknown), 0))
 
     def lengths_for(self, req_ids: list[str], confidence: np.ndarray) -> np.ndarray:
         """lengths() for [B, k] confidences given at once (the step's passes replayed)."""
+        self.flush()
+        self._refresh_rates(req_ids)
         self._start_step(req_ids)
         for column in confidence.T:
             self.add_pass(column, decide=False)
@@ -354,7 +391,7 @@ class Policy:
         if k is not None and drafted == requests * k and passes == passes_for(self.kind, k):
             self.arms.observe(requests, k, seconds, greedy, explore)
         self.steps += 1
-        self.acceptance.step_decay()
+        self._decays += 1
         if model.count == self.warmup_steps and not model.frozen:
             model.freeze_prior()
         none_seconds = self.arm_seconds(requests, 0, greedy)
@@ -364,8 +401,50 @@ class Policy:
             self.estimated_speedup = ratio if previous is None else previous + self.speedup_weight * (ratio - previous)
 
     def observe_verification(self, req_id: str, confidence: np.ndarray, num_accepted: int, greedy: bool = False) -> None:
-        self.acceptance.observe(req_id, confidence, num_accepted, greedy)
+        conf = np.asarray(confidence, dtype=np.float64)[None, :]
+        self.observe_verifications([req_id], conf, np.array([conf.shape[1]]), np.array([num_accepted]), np.array([greedy]))
 
     def observe_verifications(self, req_ids: list[str], confidence: np.ndarray, counts: np.ndarray,
                               num_accepted: np.ndarray, greedy: np.ndarray) -> None:
-        self.acceptance.observe_batch(req_ids, confidence, counts, num_accepted, greedy)
+        """A step's verifications ([B, W] confidences, [B] drafts verified, accepted, greedy): held
+        and folded into the acceptance model when the next plan is computed (one numpy pass for
+        several steps; a plan only reads the model every ``refresh_every`` steps)."""
+        self._pending.append((list(req_ids), np.asarray(confidence, dtype=np.float64), np.asarray(counts),
+                              np.asarray(num_accepted), np.asarray(greedy, dtype=bool)))
+        if len(self._pending) >= 4 * max(self.refresh_every, 1):  # bounded when plans stop (a fixed-K switch)
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the held verifications into the acceptance model."""
+        pending, self._pending = self._pending, []
+        if self._decays:  # each step's decay, applied at once before the held steps' counts
+            self._acceptance.step_decay(self._decays)
+            self._decays = 0
+        if len(pending) == 1:
+            self._acceptance.observe_batch(*pending[0])
+        elif pending:
+            width = max(item[1].shape[1] for item in pending)
+            conf = np.full((sum(len(item[0]) for item in pending), width), np.nan)
+            row = 0
+            for item in pending:
+                conf[row : row + len(item[0]), : item[1].shape[1]] = item[1]
+                row += len(item[0])
+            self._acceptance.observe_batch([r for item in pending for r in item[0]], conf,
+                                           *(np.concatenate([item[i] for item in pending]) for i in (2, 3, 4)))
+
+    def forget_requests(self, live: list[str]) -> None:
+        """Drop the per-request factors of requests no longer in the batch, once they pile up
+        (held verifications keep theirs until folded in)."""
+        if len(self._acceptance.requests) > 4 * max(len(live), 1) + 64:
+            self.flush()
+            self._acceptance.forget(set(live))
+
+    @property
+    def acceptance(self) -> AcceptanceModel:
+        """The acceptance model with every verification so far folded in."""
+        self.flush()
+        return self._acceptance
+
+    @acceptance.setter
+    def acceptance(self, model: AcceptanceModel) -> None:  # a fresh model (new drafter weights): held outcomes dropped
+        self._pending, self._held, self._acceptance = [], None, model

@@ -15,18 +15,21 @@ class CostModel:
     """Seconds of one engine step ~ theta . (1, requests, draft passes, drafted tokens).
 
     Exponentially weighted least squares (weight ``decay`` per observation) with a ridge of
-    strength ``ridge`` toward ``prior`` (the start-up fit), solved on every update (4 x 4). The
-    ridge is a tenth of the data's weight: the start-up steps run cold (each new query length is a
-    new GEMM shape for oneDNN), and at ridge 1 their fit held half the weight forever (an
-    EAGLE-3 engine's model put a K = 4 step at 13 ms against 9.6 ms measured)."""
+    strength ``ridge`` toward ``prior`` (the start-up fit). The ridge is a tenth of the data's
+    weight: the start-up steps run cold (each new query length is a new GEMM shape for oneDNN),
+    and at ridge 1 their fit held half the weight forever (an EAGLE-3 engine's model put a K = 4
+    step at 13 ms against 9.6 ms measured). Observations are held in a list and folded in (one
+    matrix product, one 4 x 4 solve) when ``theta`` is next read: in an engine a numpy call costs
+    tens of microseconds cache-cold, and the plan reads theta only every few steps."""
 
     def __init__(self, decay: float = 0.995, ridge: float = 0.1):
         self.decay = decay
         self.ridge = ridge
         self.xtx = np.zeros((4, 4))
         self.xty = np.zeros(4)
-        self.count = 0
-        self.theta = np.zeros(4)
+        self.count = 0  # observations, held ones included
+        self._theta = np.zeros(4)
+        self._pending: list[tuple[float, float, float, float, float]] = []  # (1, requests, passes, drafted, seconds)
         self.prior: np.ndarray | None = None
         self.frozen = False  # pinned constants (set_speculation's "cost"): observations ignored
 
@@ -37,29 +40,52 @@ class CostModel:
     def observe(self, requests: int, passes: int, drafted: int, seconds: float) -> None:
         if self.frozen:  # pinned constants: the count stays, so no start-up fit replaces them
             return
-        x = self.features(requests, passes, drafted)
-        self.xtx = self.decay * self.xtx + np.outer(x, x)
-        self.xty = self.decay * self.xty + x * seconds
+        self._pending.append((1.0, float(requests), float(passes), float(drafted), float(seconds)))
         self.count += 1
-        if self.count <= 64 or self.count % 8 == 0:  # later fits move slowly: solved every 8th step
-            self._solve()
+        if len(self._pending) >= 64:  # bounded where theta is not read (every arm measured)
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        rows = np.array(self._pending)  # [n, 5]
+        self._pending = []
+        x, y = rows[:, :4], rows[:, 4]
+        weights = self.decay ** np.arange(len(rows) - 1, -1, -1.0)  # the newest observation weighs 1
+        scale = self.decay ** len(rows)
+        self.xtx = scale * self.xtx + (x.T * weights) @ x
+        self.xty = scale * self.xty + (x.T * weights) @ y
+        self._solve()
+
+    @property
+    def theta(self) -> np.ndarray:
+        """[4] the fitted constants (seconds), every observation so far folded in."""
+        self._fold()
+        return self._theta
+
+    @theta.setter
+    def theta(self, value: np.ndarray) -> None:
+        self._pending = []
+        self._theta = np.asarray(value, dtype=np.float64)
 
     def _solve(self) -> None:
         scale = np.sqrt(np.maximum(np.diag(self.xtx), 1e-12))  # ridge in standardized units
         prior = self.prior if self.prior is not None else np.zeros(4)
         reg = self.ridge * np.diag(scale**2) * (1e-3 if self.prior is None else 1.0)
         try:
-            self.theta = np.linalg.solve(self.xtx + reg, self.xty + reg @ prior)
+            self._theta = np.linalg.solve(self.xtx + reg, self.xty + reg @ prior)
         except np.linalg.LinAlgError:
             pass
 
     def freeze_prior(self) -> None:
         """The start-up fit becomes the prior that later fits are pulled toward."""
+        self._fold()
         self._solve()
-        self.prior = self.theta.copy()
+        self.prior = self._theta.copy()
 
     def predict(self, requests: int, passes: int, drafted: int) -> float:
-        return float(self.features(requests, passes, drafted) @ self.theta)
+        theta = self.theta
+        return float(theta[0] + theta[1] * requests + theta[2] * passes + theta[3] * drafted)
 
     def constants(self) -> dict[str, float]:
         return dict(zip(FEATURES, map(float, self.theta)))
@@ -91,51 +117,73 @@ class ArmSeconds:
         self.max_k = max_k
         self.decay, self.min_weight = decay, min_weight
         self.level_weight, self.window, self.min_samples = level_weight, window, min_samples
-        self.sums: dict[tuple[int, bool], np.ndarray] = {}  # (batch, greedy) -> [K+1] weighted seconds
-        self.weights: dict[tuple[int, bool], np.ndarray] = {}  # (batch, greedy) -> [K+1] weights
-        self.seen: dict[tuple[int, bool], np.ndarray] = {}  # (batch, greedy) -> [K+1] whether the arm ran once
+        # plain lists, not numpy: this runs every engine step, where a numpy call costs ~10x a list's
+        self.sums: dict[tuple[int, bool], list[float]] = {}  # (batch, greedy) -> [K+1] weighted seconds
+        self.weights: dict[tuple[int, bool], list[float]] = {}  # (batch, greedy) -> [K+1] weights
+        self.seen: dict[tuple[int, bool], list[bool]] = {}  # (batch, greedy) -> [K+1] whether the arm ran once
         self.level: dict[tuple[int, bool], float] = {}  # (batch, greedy) -> log seconds of the planned arm's offset 0
         self.samples: dict[tuple[int, bool], list[list[float]]] = {}  # (batch, greedy) -> per arm, last log(s) - level
+        self.offsets: dict[tuple[int, bool], list[float | None]] = {}  # (batch, greedy) -> per arm, median of samples
 
     def observe(self, batch: int, k: int, seconds: float, greedy: bool = False, explore: bool = False) -> None:
         """One step of this batch size and mode that drafted k per request (``explore``: the
         policy chose k to measure it, not as its plan)."""
         key = (batch, bool(greedy))
-        seen = self.seen.setdefault(key, np.zeros(self.max_k + 1, dtype=bool))
+        seen = self.seen.setdefault(key, [False] * (self.max_k + 1))
         if not seen[k]:
             seen[k] = True
             return
-        sums = self.sums.setdefault(key, np.zeros(self.max_k + 1))
-        weights = self.weights.setdefault(key, np.zeros(self.max_k + 1))
+        sums = self.sums.setdefault(key, [0.0] * (self.max_k + 1))
+        weights = self.weights.setdefault(key, [0.0] * (self.max_k + 1))
         sums[k] = self.decay * sums[k] + seconds
         weights[k] = self.decay * weights[k] + 1.0
         x = math.log(max(seconds, 1e-9))
         level = self.level.setdefault(key, x)
         samples = self.samples.setdefault(key, [[] for _ in range(self.max_k + 1)])[k]
-        if explore or len(samples) < self.min_samples:  # a paired measurement of this arm against the level
+        offsets = self.offsets.setdefault(key, [None] * (self.max_k + 1))
+        if explore or offsets[k] is None:  # a paired measurement of this arm against the level
             samples.append(x - level)
             del samples[: -self.window]
+            if len(samples) >= self.min_samples:
+                offsets[k] = _median(samples)
         else:  # a planned step: the level follows it
-            self.level[key] = level + self.level_weight * (x - level - float(np.median(samples)))
+            self.level[key] = level + self.level_weight * (x - level - offsets[k])
 
     def mean(self, batch: int, k: int, greedy: bool = False, paired: bool = True) -> float | None:
         """The arm's seconds now (None until measured enough)."""
         key = (batch, bool(greedy))
         if paired:
-            samples = self.samples.get(key)
-            if samples is None or len(samples[k]) < self.min_samples:
-                return None
-            return math.exp(self.level[key] + float(np.median(samples[k])))
+            offsets = self.offsets.get(key)
+            offset = None if offsets is None else offsets[k]
+            return None if offset is None else math.exp(self.level[key] + offset)
         weights = self.weights.get(key)
-        if weights is None or weights[k] < self.min_weight:
-            return None
-        return float(self.sums[key][k] / weights[k])
+        return None if weights is None or weights[k] < self.min_weight else self.sums[key][k] / weights[k]
+
+    def row(self, batch: int, greedy: bool = False, paired: bool = True) -> list[float | None]:
+        """[K+1] every arm's seconds now (None: not measured enough)."""
+        key = (batch, bool(greedy))
+        if paired:
+            offsets = self.offsets.get(key)
+            if offsets is None:
+                return [None] * (self.max_k + 1)
+            level = self.level[key]
+            return [None if o is None else math.exp(level + o) for o in offsets]
+        weights = self.weights.get(key)
+        if weights is None:
+            return [None] * (self.max_k + 1)
+        return [None if w < self.min_weight else float(t / w) for t, w in zip(self.sums[key], weights)]
 
     def table(self, paired: bool = True) -> dict[str, list[float | None]]:
         """Every measured (batch, mode): its arms' seconds (None: not yet measured), keyed
         ``"BATCH:greedy"`` / ``"BATCH:sampled"``."""
-        return {f"{batch}:{'greedy' if greedy else 'sampled'}": [self.mean(batch, k, greedy, paired) for k in range(self.max_k + 1)]
-                for batch, greedy in sorted(self.seen)}
+        return {f"{batch}:{'greedy' if greedy else 'sampled'}": self.row(batch, greedy, paired) for batch, greedy in sorted(self.seen)}
+
+
+def _median(values: list[float]) -> float:
+    """The median of a few floats (numpy's costs ~10 us a call, this ~1)."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 def batch_bucket(batch: int) -> int:

@@ -179,6 +179,8 @@ def policy_snapshot(worker) -> dict | None:
 def _accepted_counts(sampled_token_ids, batch: int) -> np.ndarray:
     """[B] accepted drafts per request (tokens sampled this step - 1; -1 for none)."""
     if isinstance(sampled_token_ids, torch.Tensor):
+        if sampled_token_ids.device.type == "cpu":  # numpy: a third of torch's per-op overhead
+            return (sampled_token_ids[:batch].numpy() >= 0).sum(axis=1) - 1
         return ((sampled_token_ids[:batch] >= 0).sum(dim=1) - 1).cpu().numpy()
     return np.array([len(tokens) - 1 for tokens in sampled_token_ids[:batch]], dtype=np.int64)
 
@@ -199,11 +201,16 @@ def observe(runner, scheduler_output, sampled_token_ids, spec_decode_metadata, g
     accepted = _accepted_counts(sampled_token_ids, len(req_ids))  # [B], -1 for a request without tokens
     if spec_decode_metadata is not None:
         confidence = np.full((len(req_ids), policy.max_k), np.nan)
-        counts = np.zeros(len(req_ids), dtype=np.int64)
-        for row, (req_id, n) in enumerate(zip(req_ids, spec_decode_metadata.num_draft_tokens)):
-            conf = runner._lk_conf.pop(req_id, None)
-            if n and conf is not None and len(conf) >= n:
-                confidence[row, :n], counts[row] = conf[:n], n
+        if runner._lk_conf:  # the drafts' confidences were read (trim)
+            counts = np.zeros(len(req_ids), dtype=np.int64)
+            for row, (req_id, n) in enumerate(zip(req_ids, spec_decode_metadata.num_draft_tokens)):
+                conf = runner._lk_conf.pop(req_id, None)
+                if n and conf is not None and len(conf) >= n:
+                    confidence[row, :n], counts[row] = conf[:n], n
+        else:  # confidences not read (the cap-only default): count the drafts the policy's last step made
+            drafted_by = set(last[0]) if last is not None else ()
+            counts = np.array([n if req_id in drafted_by else 0
+                               for req_id, n in zip(req_ids, spec_decode_metadata.num_draft_tokens)], dtype=np.int64)
         if counts.any():
             policy.observe_verifications(req_ids, confidence, counts, np.maximum(accepted, 0), greedy[: len(req_ids)])
     drafted = sum(spec_decode_metadata.num_draft_tokens) if spec_decode_metadata is not None else 0
@@ -215,8 +222,7 @@ def observe(runner, scheduler_output, sampled_token_ids, spec_decode_metadata, g
         policy.observe_step(len(req_ids), last[1], last[2], now - last[3], int((accepted + 1).sum()), k=last[4], greedy=last[5],
                             explore=last[6])
     runner._lk_now = now
-    if len(policy.acceptance.requests) > 4 * max(len(req_ids), 1) + 64:
-        policy.acceptance.forget(set(req_ids))
+    policy.forget_requests(req_ids)
 
 
 def record_pass(proposer, logits: torch.Tensor, probs: torch.Tensor | None, ids: torch.Tensor,
@@ -258,18 +264,22 @@ def finish(runner, proposer, drafts):
     policy = runner._lk_policy
     proposer._lk_policy = None
     req_ids = runner.input_batch.req_ids
-    conf = policy.confidences()
-    passes = conf.shape[1]
+    passes = policy.passes()
     width = drafts.shape[1] if isinstance(drafts, torch.Tensor) else 0
     greedy = policy.last_plan.greedy
     if width == 0 or passes < width:  # nothing drafted, or a drafter that records no confidences
         runner._lk_last = (tuple(req_ids), passes_for(policy.kind, width), width * len(req_ids), runner._lk_now, width, greedy,
                            policy.last_plan.explore)
         return drafts
+    if not policy.trim and not policy.last_plan.random_lengths:  # the cap alone: every request drafted width
+        runner._lk_last = (tuple(req_ids), passes_for(policy.kind, passes), width * len(req_ids), runner._lk_now,
+                           width if passes == width else None, greedy, policy.last_plan.explore)
+        return drafts
     lengths = policy.lengths()
-    conf_rows = conf[:, :width]
-    for row, req_id in enumerate(req_ids):
-        runner._lk_conf[req_id] = conf_rows[row, : lengths[row]]
+    if policy.confidence_read():  # kept for the verification outcomes of the next step
+        conf_rows = policy.confidences()[:, :width]
+        for row, req_id in enumerate(req_ids):
+            runner._lk_conf[req_id] = conf_rows[row, : lengths[row]]
     uniform = bool((lengths == width).all()) and passes == width
     runner._lk_last = (tuple(req_ids), passes_for(policy.kind, passes), int(lengths.sum()), runner._lk_now, width if uniform else None,
                        greedy, policy.last_plan.explore)

@@ -380,3 +380,19 @@ def test_labelled_policies_learn_apart():
     assert runner._lk_policy is first and first.explore_every == 7
     speculation.set_speculation(worker, "adaptive")
     assert runner._lk_policy is first
+
+
+def test_held_cost_observations_fold_to_the_sequential_fit():
+    """The cost model holds observations and folds them in when theta is read: the weighted sums
+    equal one update per observation (decay applied in the same order)."""
+    rng = np.random.default_rng(1)
+    rows = [(int(b), int(k), int(b * k), float(s)) for b, k, s in zip(rng.integers(1, 9, 40), rng.integers(0, 6, 40),
+                                                                     rng.uniform(0.003, 0.02, 40))]
+    held, stepwise = adaptive.CostModel(), adaptive.CostModel()
+    for row in rows:
+        held.observe(*row)
+        stepwise.observe(*row)
+        stepwise.theta  # noqa: B018 - read: folds this observation alone
+    np.testing.assert_allclose(held.theta, stepwise.theta, rtol=1e-9)
+    np.testing.assert_allclose(held.xtx, stepwise.xtx, rtol=1e-12)
+    np.testing.assert_allclose(held.xty, stepwise.xty, rtol=1e-12)
