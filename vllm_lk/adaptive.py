@@ -80,6 +80,12 @@ class AcceptanceModel:
         return (self.accepted + prior) / (self.tried + self.prior_strength)
 
     def request_factor(self, req_id: str) -> float:
+        """How much more (or less) of its drafts this request has had accepted than the model
+        predicted. It scales the request's survival P(drafts 1..j accepted), the quantity the plan
+        sums and ``predicted`` counts (until 2026-12-04 it scaled each conditional rate, so its
+        effect compounded with depth). Still optimistic at 8 requests (2026-12-04, T = 0, toy
+        target): the plan expected 3.5-4.2 tokens a request-step at k = 5 where fixed K = 5 gave
+        3.48, and 3.53 with the factors off; docs/speed.md."""
         accepted, predicted = self.requests.get(req_id, (0.0, 0.0))
         w = self.request_strength
         return (accepted + w) / (predicted + w)
@@ -118,7 +124,10 @@ class AcceptanceModel:
             self.accepted += np.bincount(by_bucket, weights=h * known, minlength=2 * NUM_BUCKETS).reshape(2, NUM_BUCKETS)
         self.pos_tried += np.bincount(by_pos, minlength=2 * self.num_positions).reshape(2, self.num_positions)
         self.pos_accepted += np.bincount(by_pos, weights=h, minlength=2 * self.num_positions).reshape(2, self.num_positions)
-        got, predicted = (hits & reached).sum(axis=1), np.where(reached, rates, 0.0).sum(axis=1)
+        # a request's factor scales its survival P(drafts 1..j accepted), the quantity the plan
+        # sums: predicted = E[accepted] = sum over its drafted slots of the model's survival
+        drafted = slots < counts[:, None]  # [B, W]
+        got, predicted = (hits & reached).sum(axis=1), np.where(drafted, np.cumprod(rates, axis=1), 0.0).sum(axis=1)
         for row in np.flatnonzero(tried):
             entry = self.requests.setdefault(req_ids[row], [0.0, 0.0])
             entry[0] += float(got[row])
@@ -146,7 +155,8 @@ class Plan:
     greedy: bool = False  # every request at temperature 0: the step is timed and costed apart from sampled ones
 
 
-SETTINGS = ("warmup_steps", "explore_every", "trim", "explore_all", "measured_arms", "paired_arms", "refresh_every")  # Policy fields set at runtime
+SETTINGS = ("warmup_steps", "explore_every", "trim", "explore_all", "measured_arms", "paired_arms", "refresh_every",
+            "request_factors")  # Policy fields set at runtime
 
 
 @dataclass
@@ -162,6 +172,7 @@ class Policy:
     measured_arms: bool = True  # plan with each cap's measured step seconds where seen (False: the linear model only)
     paired_arms: bool = True  # arms' seconds relative to the planned arm as it runs now (False: each arm's own EW mean)
     refresh_every: int = 8  # a batch's plan is recomputed every this many steps (verifications are folded in then)
+    request_factors: bool = True  # scale each request's survival by its own accepted / predicted (False: the global model)
     arms: ArmSeconds = field(init=False)  # measured seconds of a step by its cap, per batch size
     costs: dict[tuple[int, bool], CostModel] = field(default_factory=dict)  # (batch bucket, all greedy) -> its cost model
     pinned: np.ndarray | None = None  # cost constants set by the operator (no online fit)
@@ -257,8 +268,8 @@ class Policy:
         self.flush()
         self._refresh_rates(req_ids)
         batch = len(req_ids)
-        rates = np.minimum(1.0, self._position_rates[self._mode, :] * self._factors[:, None])
-        expected = batch + np.concatenate([[0.0], np.cumsum(np.cumprod(rates, axis=1).sum(axis=0))])  # [K+1]
+        survival = np.minimum(1.0, np.cumprod(self._position_rates[self._mode, :], axis=1) * self._factors[:, None])  # [B, K]
+        expected = batch + np.concatenate([[0.0], np.cumsum(survival.sum(axis=0))])  # [K+1]
         seconds = np.array(self.arm_row(batch, greedy_step))
         rates = expected / seconds
         k = int(np.argmax(rates))
@@ -279,7 +290,8 @@ class Policy:
 
     def _refresh_rates(self, req_ids: list[str]) -> None:
         """The acceptance estimates a plan (and, with trim, its passes) read for this batch."""
-        self._factors = np.array([self._acceptance.request_factor(r) for r in req_ids])
+        self._factors = (np.array([self._acceptance.request_factor(r) for r in req_ids]) if self.request_factors
+                         else np.ones(len(req_ids)))
         self._mode = self.greedy.astype(np.int64)
         self._bucket_rates = self._acceptance.bucket_rates()
         self._position_rates = self._acceptance.position_rates()
@@ -287,6 +299,7 @@ class Policy:
     def _start_step(self, req_ids: list[str]) -> None:
         """A step's drafting record, emptied."""
         self._survival: list[np.ndarray | None] = []  # per pass: [B] P(drafts 1..j all accepted); None: not read
+        self._raw: list[np.ndarray | None] = []  # the same before the request factors
         self._confidence: list[np.ndarray] = []  # per pass: [B]
         self._unknown = np.full(len(req_ids), np.nan)  # a pass's confidences when not read
 
@@ -319,12 +332,14 @@ class Policy:
         whether pass j + 1 pays (``decide=False``: record only, for heads computed in one pass)."""
         if confidence is None:  # nothing to estimate from: the pass is counted (survival unknown)
             self._survival.append(None)
+            self._raw.append(None)
             self._confidence.append(self._unknown)
         else:
             conf = np.asarray(confidence, dtype=np.float64)
-            rate = np.minimum(1.0, self._bucket_rates[self._mode, buckets(conf)] * self._factors)
-            previous = self._survival[-1] if self._survival and self._survival[-1] is not None else 1.0
-            self._survival.append(previous * rate)
+            rate = self._bucket_rates[self._mode, buckets(conf)]
+            previous = self._raw[-1] if self._raw and self._raw[-1] is not None else 1.0
+            self._raw.append(previous * rate)
+            self._survival.append(np.minimum(1.0, self._raw[-1] * self._factors))
             self._confidence.append(conf)
         if not decide:
             return True
@@ -334,7 +349,7 @@ class Policy:
         if plan.explore or not self.trim:
             return True
         next_rate = self._position_rates[self._mode, j]
-        gain = np.minimum(1.0, self._survival[-1] * next_rate * self._factors)  # expected survivors of pass j + 1
+        gain = np.minimum(1.0, self._raw[-1] * next_rate * self._factors)  # expected survivors of pass j + 1
         per_token, per_pass = self.cost.theta[3], self.cost.theta[2]
         active = gain >= plan.rate * per_token
         if not active.any():
