@@ -159,24 +159,11 @@ class ArmSeconds:
         weights = self.weights.get(key)
         return None if weights is None or weights[k] < self.min_weight else self.sums[key][k] / weights[k]
 
-    def row(self, batch: int, greedy: bool = False, paired: bool = True) -> list[float | None]:
-        """[K+1] every arm's seconds now (None: not measured enough)."""
-        key = (batch, bool(greedy))
-        if paired:
-            offsets = self.offsets.get(key)
-            if offsets is None:
-                return [None] * (self.max_k + 1)
-            level = self.level[key]
-            return [None if o is None else math.exp(level + o) for o in offsets]
-        weights = self.weights.get(key)
-        if weights is None:
-            return [None] * (self.max_k + 1)
-        return [None if w < self.min_weight else float(t / w) for t, w in zip(self.sums[key], weights)]
-
     def table(self, paired: bool = True) -> dict[str, list[float | None]]:
         """Every measured (batch, mode): its arms' seconds (None: not yet measured), keyed
         ``"BATCH:greedy"`` / ``"BATCH:sampled"``."""
-        return {f"{batch}:{'greedy' if greedy else 'sampled'}": self.row(batch, greedy, paired) for batch, greedy in sorted(self.seen)}
+        return {f"{batch}:{'greedy' if greedy else 'sampled'}": [self.mean(batch, k, greedy, paired) for k in range(self.max_k + 1)]
+                for batch, greedy in sorted(self.seen)}
 
 
 def _median(values: list[float]) -> float:

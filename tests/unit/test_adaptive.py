@@ -301,7 +301,7 @@ def test_only_uniform_steps_count_for_an_arm_and_exploration_keeps_them_whole():
     assert all(trimming.plan(["a"]).random_lengths for _ in range(4))
 
 
-def _serve(policy, steps, seconds_of, accept=True):
+def _serve(policy, steps, seconds_of):
     """Plan / step / observe ``steps`` times at one request: ``seconds_of(step, k)`` is what a
     step at cap k costs then; every draft is accepted. Returns the plans."""
     plans = []
