@@ -93,9 +93,9 @@ class LiveEngine:
 
 
 class EngineWrapper:
-    """The real engine, with ``after_output(count)`` run after each output a request's stream
-    passes on (``count`` outputs so far); the engine stream is closed (the request aborted) when
-    the wrapper's stream ends early."""
+    """The real engine, with ``after_output(count, output)`` run after each output a request's
+    stream passes on (``count`` outputs so far); the engine stream is closed (the request aborted)
+    when the wrapper's stream ends early."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -103,7 +103,7 @@ class EngineWrapper:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    async def after_output(self, count: int) -> None:
+    async def after_output(self, count: int, output) -> None:
         pass
 
     async def generate(self, *args, **kwargs):
@@ -113,22 +113,25 @@ class EngineWrapper:
             async for output in stream:
                 yield output
                 count += 1
-                await self.after_output(count)
+                await self.after_output(count, output)
         finally:
             await stream.aclose()
 
 
 class PacedEngine(EngineWrapper):
-    """One output per ``delay`` seconds, so that a long request outlives a short timeout or drain
-    on any machine (CI once generated all 500 tokens inside a 1 s timeout); at 0.05 s a
-    500-token request takes ~8 s."""
+    """``delay`` seconds per token passed on, so that a long request outlives a short timeout or
+    drain on any machine. Pacing each *output* is not enough: when its reader lags, vLLM's
+    AsyncLLM merges a request's delta outputs (``RequestOutputCollector``), so the engine runs on at
+    full speed and a paced reader sees a few large outputs (CI once answered all 500 tokens of a
+    speculative request inside a 1 s timeout). At 0.01 s a 500-token request takes >= 5 s."""
 
-    def __init__(self, engine, delay: float):
+    def __init__(self, engine, delay: float = 0.01):
         super().__init__(engine)
         self.delay = delay
 
-    async def after_output(self, count: int) -> None:
-        await asyncio.sleep(self.delay)
+    async def after_output(self, count: int, output) -> None:
+        tokens = sum(len(completion.token_ids) for completion in output.outputs)
+        await asyncio.sleep(self.delay * max(tokens, 1))
 
 
 def unfinished_engine_requests(live: LiveEngine) -> int:

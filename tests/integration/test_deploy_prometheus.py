@@ -52,7 +52,7 @@ def servers(live):
     main, _ = live.serve()
     strict, strict_app = live.serve(tiny_config(live.config.target, live.config.drafter, max_queue=1, request_timeout_s=0.5,
                                                 speculation="adaptive"),
-                                    engine=PacedEngine(live.engine, delay=0.05))
+                                    engine=PacedEngine(live.engine))
     return {"main": main, "strict": strict, "strict_app": strict_app}
 
 

@@ -187,7 +187,7 @@ class FailingEngine(EngineWrapper):
         super().__init__(engine)
         self.after = after
 
-    async def after_output(self, count: int) -> None:
+    async def after_output(self, count: int, output) -> None:
         if count >= self.after:
             raise ValueError("injected engine failure")
 
@@ -210,7 +210,7 @@ def test_failure_mid_stream_is_an_sse_error_event(live):
 
 def test_request_timeout_aborts(live):
     base, app = live.serve(tiny_config(live.config.target, live.config.drafter, request_timeout_s=1.0),
-                           engine=PacedEngine(live.engine, delay=0.05))
+                           engine=PacedEngine(live.engine))
     body = {**LONG, "max_tokens": 500, "prompt": "x"}
     assert_error(httpx.post(base + "/v1/completions", json=body, headers=AUTH, timeout=60), 504, "timeout_error")
     with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as r:
@@ -243,7 +243,7 @@ def test_disconnect_while_waiting_for_a_whole_response_aborts(live):
     socket closed once the engine holds the request, not a client timeout racing generation
     (on a quiet machine 400 tokens finished inside a 1 s timeout), and paced outputs, so the
     request is still running when the server notices, on any machine."""
-    base, app = live.serve(engine=PacedEngine(live.engine, delay=0.05))
+    base, app = live.serve(engine=PacedEngine(live.engine))
     body = json.dumps({**LONG, "n": 4, "max_tokens": 500}).encode()
     host, port = base.removeprefix("http://").split(":")
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
@@ -289,7 +289,7 @@ def test_shutdown_drains_in_flight_streams(live):
 
 def test_shutdown_aborts_what_outlives_the_drain_timeout(live):
     base, app = live.serve(tiny_config(live.config.target, live.config.drafter, drain_timeout_s=0.5),
-                           engine=PacedEngine(live.engine, delay=0.05))
+                           engine=PacedEngine(live.engine))
     started, events = threading.Event(), []
     thread = _stream_in_thread(base, {**LONG, "max_tokens": 500}, started, events)
     assert started.wait(60)
