@@ -10,13 +10,29 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_bench_speed_writes_every_cell(tiny_target, tiny_mlp, tmp_path):
+def test_bench_speed_writes_every_cell(tiny_target, tiny_mlp, tmp_path, monkeypatch):
+    from vllm.v1.engine.llm_engine import LLMEngine
+
     from training.bench.speed import SpeedConfig, bench_speed
 
+    in_flight_at_admission = []  # requests the real engine still holds whenever the bench admits one
+    add_request = LLMEngine.add_request
+
+    def counting_add_request(self, *args, **kwargs):
+        in_flight_at_admission.append(self.get_num_unfinished_requests())
+        return add_request(self, *args, **kwargs)
+
+    monkeypatch.setattr(LLMEngine, "add_request", counting_add_request)
     config = SpeedConfig(target=tiny_target, drafters=["mlp"], drafter_dirs={"mlp": tiny_mlp}, num_heads=3, ks=[1, 3],
                          temperatures=[0.0, 1.0], concurrency=[1, 2], prompts=2, max_tokens=16, rounds=1,
                          warmup_requests=1, max_model_len=256, profile_k=3)
     report = bench_speed(config, json_path=tmp_path / "speed.json")
+    # a cell at concurrency c decodes max(prompts, waves * c) requests, never more than c at once
+    for record in report["records"]:
+        expected = max(2, 3 * record["concurrency"])
+        assert (record["requests"], record["tokens"]) == (expected, expected * 16)
+    warmups = 2 * 2  # two engines (none, mlp) x two temperatures x warmup_requests
+    assert max(in_flight_at_admission) == 1 and len(in_flight_at_admission) == warmups + sum(r["requests"] for r in report["records"])
     rows = {(r["drafter"], r["mode"], r["K"], r["temperature"], r["concurrency"]) for r in report["rows"]}
     for t in (0.0, 1.0):
         for c in (1, 2):

@@ -50,6 +50,9 @@ class SpeedConfig(FrozenConfig):
     temperatures: list[float] = Field([0.0, 1.0], min_length=1, description="sampling temperatures")
     concurrency: list[int] = Field([1, 8], min_length=1, description="requests in flight at once")
     prompts: int = Field(8, ge=1, description="held-out code prompts per cell")
+    waves: int = Field(3, ge=1, description="at concurrency c a cell decodes max(prompts, waves * c) requests (the prompts in "
+                       "turn), c in flight, a new one admitted as one finishes: the final drain is then a small part of the "
+                       "cell (1: one closed batch of c when prompts = c, the measurement before 2026-12-07)")
     max_tokens: int = Field(128, ge=8, description="tokens decoded per request (ignore_eos)")
     rounds: int = Field(2, ge=1, description="interleaved rounds (the spread is over rounds)")
     warmup_requests: int = Field(4, ge=0, description="requests per engine before measuring (caches; the adaptive policy's start-up measurement)")
@@ -114,28 +117,50 @@ def set_mode(llm, mode: str, k: int | None, settings: dict | None = None) -> Non
     llm.collective_rpc("lk_set_speculation", args=(mode, k, settings) if settings else (mode, k))
 
 
-def run_cell(llm, prompts: list[list[int]], temperature: float, concurrency: int, config: SpeedConfig) -> dict:
-    """Decode every prompt, ``concurrency`` at a time; tokens, seconds and speculative counts."""
+def run_cell(llm, prompts: list[list[int]], temperature: float, concurrency: int, config: SpeedConfig,
+             requests: int | None = None) -> dict:
+    """Decode ``requests`` requests (default: max(prompts, waves * concurrency); the prompts in
+    turn) with ``concurrency`` in flight: a request is admitted as soon as one finishes, as
+    continuous batching under that load runs them. Tokens, seconds and speculative counts.
+
+    Until 2026-12-07 a cell ran the prompts in closed batches of ``concurrency`` (each batch ran
+    until its slowest request finished), so at concurrency 8 with 8 prompts the cell was one
+    batch of 8 draining to its slowest request, a state a loaded server is rarely in."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
 
-    tokens = steps = drafted = accepted = 0
-    seconds = 0.0
-    for start in range(0, len(prompts), concurrency):
-        chunk = prompts[start : start + concurrency]
-        params = [SamplingParams(temperature=temperature, max_tokens=config.max_tokens, ignore_eos=True,
-                                 seed=config.seed * 1000 + start + i) for i in range(len(chunk))]
-        began = time.perf_counter()
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in chunk], params, use_tqdm=False)
-        seconds += time.perf_counter() - began
-        for out in outputs:
+    engine = llm.llm_engine
+    total = requests if requests is not None else max(len(prompts), config.waves * concurrency)
+    tag = f"speed-{time.monotonic_ns()}"
+    admitted = in_flight = tokens = steps = drafted = accepted = 0
+
+    def admit() -> None:
+        nonlocal admitted, in_flight
+        params = SamplingParams(temperature=temperature, max_tokens=config.max_tokens, ignore_eos=True,
+                                seed=config.seed * 1000 + admitted, output_kind=RequestOutputKind.FINAL_ONLY)
+        engine.add_request(f"{tag}-{admitted}", TokensPrompt(prompt_token_ids=prompts[admitted % len(prompts)]), params)
+        admitted, in_flight = admitted + 1, in_flight + 1
+
+    began = time.perf_counter()
+    while admitted < min(concurrency, total):
+        admit()
+    while in_flight:
+        for out in engine.step():
+            if not out.finished:
+                continue
+            in_flight -= 1
+            if admitted < total:
+                admit()
             tokens += len(out.outputs[0].token_ids)
             record = out.outputs[0].spec_decode_metrics
             if record is not None:
                 steps += sum(record.histogram)
                 accepted += sum(j * n for j, n in enumerate(record.histogram))
                 drafted += record.num_draft_tokens
-    return {"tokens": tokens, "seconds": seconds, "steps": steps, "drafted": drafted, "accepted": accepted}
+    seconds = time.perf_counter() - began
+    return {"tokens": tokens, "seconds": seconds, "steps": steps, "drafted": drafted, "accepted": accepted,
+            "requests": total}
 
 
 def cells(config: SpeedConfig, kind: str) -> list[tuple]:
@@ -201,7 +226,8 @@ def warm(llm, kind: str | None, prompts: list[list[int]], config: SpeedConfig) -
     if kind is not None and config.adaptive:
         set_mode(llm, "adaptive", None, policy_settings(config, None))
     for temperature in config.temperatures:
-        run_cell(llm, prompts[: config.warmup_requests], temperature, 1, config)
+        if config.warmup_requests:
+            run_cell(llm, prompts[: config.warmup_requests], temperature, 1, config, requests=config.warmup_requests)
 
 
 def summarize(records: list[dict], config: SpeedConfig) -> list[dict]:
@@ -308,7 +334,7 @@ def adaptive_choices(report: dict) -> list[str]:
         last = [rec for rec in report.get("records", []) if rec["mode"] == "adaptive" and rec["drafter"] == r["drafter"]
                 and rec.get("policy") == r.get("policy", "default") and rec["temperature"] == r["temperature"]
                 and rec["concurrency"] == r["concurrency"]]
-        batch = min(r["concurrency"], report["config"]["prompts"])
+        batch = r["concurrency"]  # the steady batch: requests per cell >= concurrency (waves)
         key = f"{batch}:{'greedy' if r['temperature'] == 0 else 'sampled'}"
         arms = last[-1].get("arm_seconds", {}).get(key) if last else None
         ms = " / ".join("–" if v is None else f"{1000 * v:.2f}" for v in arms) if arms else "–"
