@@ -24,12 +24,12 @@ def test_bench_speed_writes_every_cell(tiny_target, tiny_mlp, tmp_path, monkeypa
 
     monkeypatch.setattr(LLMEngine, "add_request", counting_add_request)
     config = SpeedConfig(target=tiny_target, drafters=["mlp"], drafter_dirs={"mlp": tiny_mlp}, num_heads=3, ks=[1, 3],
-                         temperatures=[0.0, 1.0], concurrency=[1, 2], prompts=2, max_tokens=16, rounds=1,
+                         temperatures=[0.0, 1.0], concurrency=[1, 2], prompts=2, max_tokens=16, rounds=1, waves=2,
                          warmup_requests=1, max_model_len=256, profile_k=3)
     report = bench_speed(config, json_path=tmp_path / "speed.json")
     # a cell at concurrency c decodes max(prompts, waves * c) requests, never more than c at once
     for record in report["records"]:
-        expected = max(2, 3 * record["concurrency"])
+        expected = max(2, 2 * record["concurrency"])
         assert (record["requests"], record["tokens"]) == (expected, expected * 16)
     warmups = 2 * 2  # two engines (none, mlp) x two temperatures x warmup_requests
     assert max(in_flight_at_admission) == 1 and len(in_flight_at_admission) == warmups + sum(r["requests"] for r in report["records"])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from training.bench.speed import SpeedConfig, cells, markdown, plot, policy_settings, summarize
+from training.bench.speed import SpeedConfig, markdown, plot, policy_settings, round_order, settings_of, summarize
 
 
 def record(round_index, drafter, mode, k, temperature, concurrency, tokens_per_s, tau=None, drafts=None):
@@ -37,17 +37,24 @@ def test_speedup_is_against_the_same_rounds_baseline_and_c_solves_the_bound():
     assert "| 0 | 1 | mlp | adaptive | – | " in text and "2.20× [2.20–2.20]" in text
 
 
-def test_each_round_visits_no_speculation_twice_and_every_setting():
+def test_each_round_visits_no_speculation_twice_and_every_setting_back_to_back():
     config = SpeedConfig(drafters=["mlp", "eagle3"], ks=[1, 3], temperatures=[0.0, 1.0], concurrency=[1, 8])
-    visits = cells(config, "mlp")
-    assert len(visits) == (2 + 2 + 1) * 4
-    assert sum(1 for (kind, _, _, _), _, _ in visits if kind is None) == 2 * 4
+    for round_index in range(3):
+        visits = round_order(config, "mlp", round_index)
+        assert len(visits) == (2 + 2 + 1) * 4
+        assert sum(1 for (kind, _, _, _), _, _ in visits if kind is None) == 2 * 4
+        groups = [(t, c) for _, t, c in visits]
+        # each (T, concurrency) group's cells are adjacent: the group changes exactly 3 times
+        assert sum(a != b for a, b in zip(groups, groups[1:])) == 3
+        assert sorted(visits, key=repr) == sorted([(s, t, c) for s in settings_of(config, "mlp") for t in (0.0, 1.0)
+                                                   for c in (1, 8)], key=repr)
+    assert round_order(config, "mlp", 0) != round_order(config, "mlp", 1)  # a new order each round
 
 
 def test_adaptive_variants_are_cells_rows_and_full_settings():
     config = SpeedConfig(drafters=["mlp"], ks=[1, 3], temperatures=[0.0], concurrency=[1], rounds=1,
                          adaptive_variants={"trim": {"trim": True}})
-    assert [(mode, variant) for (_, mode, _, variant), _, _ in cells(config, "mlp") if mode == "adaptive"] == [("adaptive", None), ("adaptive", "trim")]
+    assert [(mode, variant) for _, mode, _, variant in settings_of(config, "mlp") if mode == "adaptive"] == [("adaptive", None), ("adaptive", "trim")]
     assert policy_settings(config, None) == {"warmup_steps": 24, "explore_every": 16, "trim": False, "explore_all": False, "measured_arms": True, "paired_arms": True, "refresh_every": 8, "request_factors": True, "label": "default"}
     assert policy_settings(config, "trim")["trim"] is True and policy_settings(config, "trim")["warmup_steps"] == 24
     records = [record(0, None, "none", 0, 0.0, 1, 100.0)]

@@ -3,8 +3,11 @@
 No speculation against each drafter x {fixed K, adaptive} x temperature x concurrency, on one set
 of held-out code prompts (``ignore_eos``, so every request decodes ``max_tokens``), measured in
 interleaved rounds: the no-speculation engine stays up for the whole run and each drafter's for
-its block; each round of a block visits the drafter's cells and no speculation (twice) in a new
-shuffled order, so drift in a shared machine's load falls on all cells alike. Speedup is against
+its block; each round of a block visits every (temperature, concurrency) group in a new shuffled
+order, and within a group the drafter's settings and no speculation (twice) back to back in a new
+shuffled order, so drift in a shared machine's load falls on all cells alike and the cells a ratio
+compares run close in time. Concurrency c means c requests in flight (a request admitted as one
+finishes). Speedup is against
 the no-speculation cells of the same block, round, temperature and concurrency; the report gives
 the median over rounds (and blocks, for no speculation) and the min-max spread.
 
@@ -163,13 +166,30 @@ def run_cell(llm, prompts: list[list[int]], temperature: float, concurrency: int
             "requests": total}
 
 
-def cells(config: SpeedConfig, kind: str) -> list[tuple]:
-    """(drafter or None, mode, K, adaptive variant) x (T, concurrency): what one round of a
-    drafter's block visits, no speculation twice among them."""
+def settings_of(config: SpeedConfig, kind: str) -> list[tuple]:
+    """(drafter or None, mode, K, adaptive variant): what a drafter's block measures at each T and
+    concurrency, no speculation twice among them."""
     settings = [(None, "none", 0, None)] * 2 + [(kind, "fixed", k, None) for k in config.ks]
     if config.adaptive:
         settings += [(kind, "adaptive", max(config.ks), label) for label in (None, *config.adaptive_variants)]
-    return [(s, t, c) for s in settings for t in config.temperatures for c in config.concurrency]
+    return settings
+
+
+def round_order(config: SpeedConfig, kind: str, round_index: int) -> list[tuple]:
+    """(setting, T, concurrency) cells of one round of a block: the (T, concurrency) groups in a
+    shuffled order and each group's settings shuffled within it, so the cells one speedup or
+    adaptive / fixed ratio compares run back to back. (Until 2026-12-07 all of a round's cells were
+    shuffled together: compared cells ran minutes apart, and a shared machine's speed swings as
+    much within a round as the differences measured.)"""
+    rng = random.Random(f"{config.seed}:{kind}:{round_index}")
+    groups = [(t, c) for t in config.temperatures for c in config.concurrency]
+    rng.shuffle(groups)
+    order = []
+    for temperature, concurrency in groups:
+        settings = settings_of(config, kind)
+        rng.shuffle(settings)
+        order += [(setting, temperature, concurrency) for setting in settings]
+    return order
 
 
 def measure(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompts: list[list[int]]) -> list[dict]:
@@ -180,15 +200,15 @@ def measure(config: SpeedConfig, target: Path, drafters: dict[str, Path], prompt
     records = []
     try:
         warm(none, None, prompts, config)
-        bar = tqdm(total=config.rounds * sum(len(cells(config, kind)) for kind in drafters), desc="bench speed", unit="cell")
+        groups = len(config.temperatures) * len(config.concurrency)
+        bar = tqdm(total=config.rounds * groups * sum(len(settings_of(config, kind)) for kind in drafters), desc="bench speed",
+                   unit="cell")
         for kind, path in drafters.items():
             llm = start_engine(config, target, kind, path)
             try:
                 warm(llm, kind, prompts, config)
                 for round_index in range(config.rounds):
-                    order = cells(config, kind)
-                    random.Random(f"{config.seed}:{kind}:{round_index}").shuffle(order)
-                    for (cell_kind, mode, k, variant), temperature, concurrency in order:
+                    for (cell_kind, mode, k, variant), temperature, concurrency in round_order(config, kind, round_index):
                         engine = llm if cell_kind is not None else none
                         if mode == "adaptive":
                             set_mode(engine, mode, None, policy_settings(config, variant))
