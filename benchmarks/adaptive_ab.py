@@ -8,9 +8,9 @@ T = 0, concurrency 1) as the differences this asks about.
     .venv/bin/python benchmarks/adaptive_ab.py --kind mlp [--drafter DIR] [--ks 3 4 5] \
         [--temperatures 0 1] [--concurrency 1 8] [--rounds 8] [--prompts 8] [--json FILE]
 
-Per (T, concurrency): tokens/s of each setting per round; adaptive / the best fixed K of the same
-round (the K with the highest tokens/s among those run beside it), and adaptive / the fixed K whose
-median is best; median [min-max] over rounds. Requests in flight and requests per cell as
+Per (T, concurrency): tokens/s of each setting per round; each adaptive policy (the default and
+``--variants``) over the best fixed K of the same round (the K with the highest tokens/s among
+those run beside it) and over the fixed K whose median is best; median [min-max] over rounds. Requests in flight and requests per cell as
 `bench speed` (``waves``). The drafter defaults to the default recipe's build for ``kind``
 (cached; built if missing).
 """
@@ -37,30 +37,32 @@ def order(settings: list, round_index: int) -> list:
 
 
 def summarize(cells: dict[str, dict[str, list[float]]]) -> list[dict]:
-    """Per cell: median tokens/s per setting, adaptive over the same round's best fixed K and over
-    the fixed K with the best median."""
+    """Per cell: median tokens/s per setting, and each adaptive policy over the same round's best
+    fixed K and over the fixed K with the best median (median, min, max over rounds)."""
     rows = []
     for cell, rates in cells.items():
-        fixed = {name: values for name, values in rates.items() if name != "adaptive"}
+        fixed = {name: values for name, values in rates.items() if name.startswith("K=")}
         best = max(fixed, key=lambda name: statistics.median(fixed[name]))
-        per_round_best = [max(values[i] for values in fixed.values()) for i in range(len(rates["adaptive"]))]
-        vs_round = [a / b for a, b in zip(rates["adaptive"], per_round_best)]
-        vs_best = [a / b for a, b in zip(rates["adaptive"], fixed[best])]
-        rows.append({"cell": cell, "tokens_per_s": {name: statistics.median(values) for name, values in rates.items()},
-                     "best_fixed": best,
-                     "adaptive_vs_round_best": [statistics.median(vs_round), min(vs_round), max(vs_round)],
-                     "adaptive_vs_best_fixed": [statistics.median(vs_best), min(vs_best), max(vs_best)]})
+        rounds = len(fixed[best])
+        per_round_best = [max(values[i] for values in fixed.values()) for i in range(rounds)]
+        row = {"cell": cell, "tokens_per_s": {name: statistics.median(values) for name, values in rates.items()},
+               "best_fixed": best, "vs_round_best": {}, "vs_best_fixed": {}}
+        for name in (n for n in rates if not n.startswith("K=")):
+            for key, reference in (("vs_round_best", per_round_best), ("vs_best_fixed", fixed[best])):
+                ratios = [a / b for a, b in zip(rates[name], reference)]
+                row[key][name] = [statistics.median(ratios), min(ratios), max(ratios)]
+        rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| T, concurrency | tok/s by setting (median) | best fixed | adaptive / best fixed K | adaptive / round's best fixed K |",
-             "|---|---|---|---|---|"]
+    lines = ["| T, concurrency | tok/s by setting (median) | best fixed | policy | / best fixed K | / round's best fixed K |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         rates = ", ".join(f"{name} {value:.0f}" for name, value in r["tokens_per_s"].items())
-        a, b = r["adaptive_vs_best_fixed"], r["adaptive_vs_round_best"]
-        lines.append(f"| {r['cell']} | {rates} | {r['best_fixed']} | {a[0]:.2f} [{a[1]:.2f}–{a[2]:.2f}] | "
-                     f"{b[0]:.2f} [{b[1]:.2f}–{b[2]:.2f}] |")
+        for name, (a, b) in ((n, (r["vs_best_fixed"][n], r["vs_round_best"][n])) for n in r["vs_best_fixed"]):
+            lines.append(f"| {r['cell']} | {rates} | {r['best_fixed']} | {name} | {a[0]:.2f} [{a[1]:.2f}–{a[2]:.2f}] | "
+                         f"{b[0]:.2f} [{b[1]:.2f}–{b[2]:.2f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -73,6 +75,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--variants", type=json.loads, default={},
+                        help='more adaptive policies beside the default: JSON label -> policy settings, e.g. \'{"argmax": {"switch_margin": 0}}\'')
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -80,27 +84,29 @@ def main() -> None:
     from training.generate import EngineFields, prepare_prompts, resolve_target
 
     config = SpeedConfig(drafters=[args.kind], drafter_dirs={args.kind: args.drafter} if args.drafter else {}, ks=args.ks,
-                         temperatures=args.temperatures, concurrency=args.concurrency, prompts=args.prompts)
+                         temperatures=args.temperatures, concurrency=args.concurrency, prompts=args.prompts,
+                         adaptive_variants=args.variants)
     target = resolve_target(None)
     drafter = drafter_dirs(config, target)[args.kind]
     _, prompts = prepare_prompts(f"builtin:code:heldout:{config.prompts}:{config.seed}", target,
                                  EngineFields(max_model_len=config.max_model_len), config.max_tokens)
     llm = start_engine(config, target, args.kind, drafter)
-    settings = [f"K={k}" for k in args.ks] + ["adaptive"]
+    settings = [f"K={k}" for k in args.ks] + ["adaptive"] + [f"adaptive:{label}" for label in args.variants]
     cells: dict[str, dict[str, list[float]]] = {}
     started = time.perf_counter()
     try:
-        set_mode(llm, "adaptive", None, policy_settings(config, None))
-        for temperature in args.temperatures:  # caches, and the policy's start-up measurement
-            for concurrency in args.concurrency:
-                run_cell(llm, prompts, temperature, concurrency, config)
+        for label in (None, *args.variants):  # caches, and each policy's start-up measurement
+            set_mode(llm, "adaptive", None, policy_settings(config, label))
+            for temperature in args.temperatures:
+                for concurrency in args.concurrency:
+                    run_cell(llm, prompts, temperature, concurrency, config)
         for round_index in range(args.rounds):
             for temperature in args.temperatures:
                 for concurrency in args.concurrency:
                     cell = cells.setdefault(f"T={temperature:g}, c={concurrency}", {name: [] for name in settings})
                     for name in order(settings, round_index):
-                        if name == "adaptive":
-                            set_mode(llm, "adaptive", None, policy_settings(config, None))
+                        if name.startswith("adaptive"):
+                            set_mode(llm, "adaptive", None, policy_settings(config, name.partition(":")[2] or None))
                         else:
                             set_mode(llm, "fixed", int(name.removeprefix("K=")))
                         result = run_cell(llm, prompts, temperature, concurrency, config)

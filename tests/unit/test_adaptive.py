@@ -396,3 +396,23 @@ def test_held_cost_observations_fold_to_the_sequential_fit():
     np.testing.assert_allclose(held.theta, stepwise.theta, rtol=1e-9)
     np.testing.assert_allclose(held.xtx, stepwise.xtx, rtol=1e-12)
     np.testing.assert_allclose(held.xty, stepwise.xty, rtol=1e-12)
+
+
+def test_a_plan_leaves_its_cap_only_for_a_clearly_better_one():
+    """Near-ties between arms are noise: the plan keeps the cap it chose for this batch size and
+    mode unless another is expected to be switch_margin faster (0: plain argmax, which flips)."""
+    def plan_with(seconds_k3: float, margin: float, k_before: int) -> int:
+        policy = adaptive.Policy(max_k=3, warmup_steps=0, explore_every=10**9, switch_margin=margin)
+        policy._incumbent[(1, False)] = k_before
+        for _ in range(200):
+            policy.observe_verifications(["r"], np.full((1, 3), np.nan), np.array([3]), np.array([3]), np.array([False]))
+        expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(policy.acceptance.position_rates()[0]))])
+        seconds = {0: 1.0, 1: 1.0, 2: expected[2] / expected[3], 3: seconds_k3}  # k = 2 would tie k = 3 at 1.0
+        for i in range(200):
+            policy.observe_step(1, i % 4, i % 4, seconds[i % 4], k=i % 4)
+        return policy.plan(["r"]).k
+
+    assert plan_with(0.99, margin=0.03, k_before=2) == 2  # k = 3 is 1 % faster: within the margin, stay at 2
+    assert plan_with(0.99, margin=0.0, k_before=2) == 3  # plain argmax moves
+    assert plan_with(0.95, margin=0.03, k_before=2) == 3  # 5 % faster: move
+    assert plan_with(1.01, margin=0.03, k_before=3) == 3  # k = 2 is 1 % faster: stay at 3

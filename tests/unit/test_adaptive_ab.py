@@ -20,10 +20,12 @@ def test_order_puts_every_setting_in_every_position():
 
 
 def test_summarize_pairs_adaptive_with_its_round():
-    cells = {"T=0, c=1": {"K=3": [100.0, 50.0], "K=4": [120.0, 60.0], "adaptive": [110.0, 66.0]}}
+    cells = {"T=0, c=1": {"K=3": [100.0, 50.0], "K=4": [120.0, 60.0], "adaptive": [110.0, 66.0], "adaptive:argmax": [60.0, 60.0]}}
     (row,) = adaptive_ab.summarize(cells)
     assert row["best_fixed"] == "K=4"  # median 90 against 75
     # round 1: 110 / 120; round 2: 66 / 60 (the machine was twice as slow in round 2, for every setting)
-    assert row["adaptive_vs_round_best"] == pytest.approx([(110 / 120 + 66 / 60) / 2, 110 / 120, 66 / 60])
-    assert row["adaptive_vs_best_fixed"] == row["adaptive_vs_round_best"]
-    assert "| T=0, c=1 |" in adaptive_ab.markdown([row])
+    assert row["vs_round_best"]["adaptive"] == pytest.approx([(110 / 120 + 66 / 60) / 2, 110 / 120, 66 / 60])
+    assert row["vs_best_fixed"]["adaptive"] == row["vs_round_best"]["adaptive"]
+    assert row["vs_round_best"]["adaptive:argmax"] == pytest.approx([0.75, 0.5, 1.0])
+    text = adaptive_ab.markdown([row])
+    assert "| T=0, c=1 |" in text and "| adaptive:argmax |" in text

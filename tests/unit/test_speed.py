@@ -55,7 +55,7 @@ def test_adaptive_variants_are_cells_rows_and_full_settings():
     config = SpeedConfig(drafters=["mlp"], ks=[1, 3], temperatures=[0.0], concurrency=[1], rounds=1,
                          adaptive_variants={"trim": {"trim": True}})
     assert [(mode, variant) for _, mode, _, variant in settings_of(config, "mlp") if mode == "adaptive"] == [("adaptive", None), ("adaptive", "trim")]
-    assert policy_settings(config, None) == {"warmup_steps": 24, "explore_every": 16, "trim": False, "explore_all": False, "measured_arms": True, "paired_arms": True, "refresh_every": 8, "request_factors": True, "label": "default"}
+    assert policy_settings(config, None) == {"warmup_steps": 24, "explore_every": 16, "trim": False, "explore_all": False, "measured_arms": True, "paired_arms": True, "refresh_every": 8, "request_factors": True, "switch_margin": 0.03, "label": "default"}
     assert policy_settings(config, "trim")["trim"] is True and policy_settings(config, "trim")["warmup_steps"] == 24
     records = [record(0, None, "none", 0, 0.0, 1, 100.0)]
     records += [{**record(0, "mlp", "adaptive", 3, 0.0, 1, rate, 2.0, 2), "policy": label} for label, rate in (("default", 150.0), ("trim", 120.0))]
