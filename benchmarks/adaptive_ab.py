@@ -1,18 +1,19 @@
 """Adaptive speculation against fixed K, paired in time: one drafter engine (as `bench speed`
-starts it), and for each temperature and concurrency the fixed K settings and adaptive run back to
-back, in an order that rotates and reverses every round, so each adaptive cell has every fixed K
-within seconds of it. `bench speed` shuffles all its cells within a round, and on a shared 2-core
-machine the speed swings as much within a round (2026-12-07: no speculation 136-228 tok/s at
-T = 0, concurrency 1) as the differences this asks about.
+starts it), and for each temperature and concurrency the fixed K settings and the adaptive
+policies back to back, in mirrored, rotating order, so each adaptive cell has every fixed K within
+seconds of it and many rounds are cheap (`bench speed` also measures no speculation and every K;
+on a shared 2-core machine the speed swings as much within minutes, 2026-12-07: no speculation
+136-228 tok/s at T = 0, concurrency 1, as the differences this asks about).
 
     .venv/bin/python benchmarks/adaptive_ab.py --kind mlp [--drafter DIR] [--ks 3 4 5] \
-        [--temperatures 0 1] [--concurrency 1 8] [--rounds 8] [--prompts 8] [--json FILE]
+        [--temperatures 0 1] [--concurrency 1 8] [--rounds 8] [--prompts 8] \
+        [--variants '{"argmax": {"switch_margin": 0}}'] [--json FILE]
 
 Per (T, concurrency): tokens/s of each setting per round; each adaptive policy (the default and
 ``--variants``) over the best fixed K of the same round (the K with the highest tokens/s among
-those run beside it) and over the fixed K whose median is best; median [min-max] over rounds. Requests in flight and requests per cell as
-`bench speed` (``waves``). The drafter defaults to the default recipe's build for ``kind``
-(cached; built if missing).
+those run beside it) and over the fixed K whose median is best; median [min-max] over rounds.
+Requests in flight and requests per cell as `bench speed` (``waves``). The drafter defaults to
+the default recipe's build for ``kind`` (cached; built if missing).
 """
 
 from __future__ import annotations
