@@ -70,7 +70,7 @@ class Policy:
     # a plan leaves the cap it last chose for this batch size and mode only for an expected rate
     # this much higher (0: plain argmax). Arm seconds are medians of a few noisy steps; an argmax
     # over near-ties follows whichever arm was last measured low (2026-12-07, MLP, T = 0, one
-    # request: k = 4 on 25-40 % of steps, where fixed K = 5 ran 6-20 % faster than K = 4)
+    # request: k = 4 on 5-38 % of steps in three in-process cells, where fixed K = 5 ran 0-21 % faster than K = 4)
     switch_margin: float = 0.03
     arms: ArmSeconds = field(init=False)  # measured seconds of a step by its cap, per batch size
     costs: dict[tuple[int, bool], CostModel] = field(default_factory=dict)  # (batch bucket, all greedy) -> its cost model
