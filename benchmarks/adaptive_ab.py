@@ -3,7 +3,7 @@ starts it), and for each temperature and concurrency the fixed K settings and th
 policies back to back, in mirrored, rotating order, so each adaptive cell has every fixed K within
 seconds of it and many rounds are cheap (`bench speed` also measures no speculation and every K;
 on a shared 2-core machine the speed swings as much within minutes, 2026-12-07: no speculation
-136-228 tok/s at T = 0, concurrency 1, as the differences this asks about).
+151-228 tok/s within one round at T = 0, concurrency 1, as the differences this asks about).
 
     .venv/bin/python benchmarks/adaptive_ab.py --kind mlp [--drafter DIR] [--ks 3 4 5] \
         [--temperatures 0 1] [--concurrency 1 8] [--rounds 8] [--prompts 8] \
