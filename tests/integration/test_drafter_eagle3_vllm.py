@@ -142,7 +142,9 @@ def served(exported, target_dir, tmp_path_factory, clean_env):
     """What the child process recorded (see ``serve``)."""
     head = exported
     result = tmp_path_factory.mktemp("served") / "served.pt"
-    env = dict(clean_env, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    # fp32 draft GEMMs: the served logits are compared with the trained module's at 1e-4 (bf16
+    # draft GEMMs, the CPU default, move them by bf16 rounding: tests/unit/test_cpu_draft.py)
+    env = dict(clean_env, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LK_CPU_BF16_HEADS="0")
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "tests.integration.test_drafter_eagle3_vllm", str(target_dir), str(head), str(result)],
@@ -237,7 +239,10 @@ def serve(target: str, head: str, result: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 
+    from vllm_lk.plugin import register
+
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0", "the draft model must run in this process"
+    register()  # the plugin's patches first: the recording wraps the compute_logits that is served
     calls: list[torch.Tensor] = []
     compute_logits = Eagle3LlamaForCausalLM.compute_logits
 
