@@ -26,10 +26,10 @@ What it changes, and why (details in docs/verification.md):
 6. MEDUSA checkpoints with a truncated draft vocabulary (``token_map``) load: vLLM 0.32 sizes
    every head at the full vocabulary and its loader then asserts; vllm_lk.heads.medusa sizes them
    at the draft vocabulary (registered under ``MedusaModel``).
-7. EAGLE-3's draft logits (``Eagle3LlamaForCausalLM.compute_logits``) scatter into the target
-   vocabulary through an index computed once, not rebuilt every draft pass, and its greedy drafts
-   are the argmax over the draft vocabulary mapped to target ids; on CPU the KV
-   drafters' linear layers run bf16 GEMMs where the CPU has AVX512-BF16 (vllm_lk.cpu_draft).
+7. EAGLE-3 with a truncated draft vocabulary: its draft logits
+   (``Eagle3LlamaForCausalLM.compute_logits``) scatter into the target vocabulary through an index
+   computed once, not rebuilt every draft pass, and its greedy drafts are the argmax over the draft
+   vocabulary mapped to target ids, without the scatter.
 8. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
    V2 runner (GPU with Triton) has its own sampler classes that these patches do not cover.
 """
@@ -42,7 +42,7 @@ import os
 
 import torch
 
-from vllm_lk import cpu_draft, cpu_kernels, reload, request_metrics, sampling, speculation
+from vllm_lk import cpu_kernels, reload, request_metrics, sampling, speculation
 from vllm_lk.proposers import (
     LKMLPProposer,
     batch_draws,
@@ -424,7 +424,6 @@ def apply() -> bool:
     WorkerBase.lk_load_drafter_weights = reload.load_drafter_weights  # the server's in-place drafter swap
 
     Eagle3LlamaForCausalLM.compute_logits = lk_eagle3_compute_logits
-    cpu_draft.install()
     request_metrics.install()
     cpu_kernels.register()  # before a worker sets IR op priorities (vLLM warns about later providers)
     _applied = True

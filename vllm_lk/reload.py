@@ -19,7 +19,6 @@ tensors are copied before the load and compared after: any change is rolled back
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -46,25 +45,21 @@ def _shared_with_target(draft: torch.nn.Module, target: torch.nn.Module) -> dict
             if tensor.numel() and tensor.untyped_storage().data_ptr() in target_ptrs}
 
 
-def _reload(draft: torch.nn.Module, model_config, path: Path, kv_drafter: bool = False) -> None:
+def _reload(draft: torch.nn.Module, model_config, path: Path) -> None:
     """vLLM's layer-wise in-place reload: each layer goes back to its checkpoint layout, takes
     the new tensors, and is processed again as at start-up (on CPU that re-packs the GEMM
     weights, which start-up replaced by packed copies; a plain ``load_weights`` would meet
-    empty parameters), its results copied into the storage the engine already uses.
-    ``kv_drafter``: vLLM's EAGLE / draft-model classes, packed as at start-up (vllm_lk.cpu_draft)."""
+    empty parameters), its results copied into the storage the engine already uses."""
     from vllm.model_executor.model_loader.reload.layerwise import (
         finalize_layerwise_reload,
         initialize_layerwise_reload,
     )
 
-    from vllm_lk.cpu_draft import drafter_weights
-
     initialize_layerwise_reload(draft)
     try:
         draft.load_weights(_checkpoint_tensors(path))
     finally:
-        with drafter_weights() if kv_drafter else contextlib.nullcontext():
-            finalize_layerwise_reload(draft, model_config)
+        finalize_layerwise_reload(draft, model_config)
     after = getattr(draft, "lk_after_reload", None)  # our model classes' work on the final tensors
     if after is not None:
         after()
@@ -82,14 +77,11 @@ def load_drafter_weights(worker, path: str, previous: str | None = None) -> str:
     if draft is None:
         raise RuntimeError("this engine runs no drafter: an in-place drafter update needs one")
     model_config = runner.vllm_config.speculative_config.draft_model_config
-    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
-
-    kv_drafter = isinstance(runner.drafter, SpecDecodeBaseProposer)
     shared = _shared_with_target(draft, runner.get_model())
     shared_before = {name: tensor.detach().clone() for name, tensor in shared.items()}
     try:
         with torch.no_grad():
-            _reload(draft, model_config, Path(path), kv_drafter)
+            _reload(draft, model_config, Path(path))
         changed = [name for name, value in shared_before.items() if not torch.equal(value, shared[name])]
         if changed:
             with torch.no_grad():
@@ -101,7 +93,7 @@ def load_drafter_weights(worker, path: str, previous: str | None = None) -> str:
         if previous is not None:
             logger.warning("vllm_lk: loading %s failed; loading the served drafter %s back", path, previous)
             with torch.no_grad():
-                _reload(draft, model_config, Path(previous), kv_drafter)
+                _reload(draft, model_config, Path(previous))
         raise
     _reset_acceptance(runner)
     logger.info("vllm_lk: drafter weights loaded in place from %s", path)

@@ -142,9 +142,7 @@ def served(exported, target_dir, tmp_path_factory, clean_env):
     """What the child process recorded (see ``serve``)."""
     head = exported
     result = tmp_path_factory.mktemp("served") / "served.pt"
-    # fp32 draft GEMMs: the served logits are compared with the trained module's at 1e-4 (bf16
-    # draft GEMMs, the CPU default, move them by bf16 rounding: tests/unit/test_cpu_draft.py)
-    env = dict(clean_env, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LK_CPU_BF16_HEADS="0")
+    env = dict(clean_env, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "tests.integration.test_drafter_eagle3_vllm", str(target_dir), str(head), str(result)],
