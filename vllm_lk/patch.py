@@ -28,8 +28,7 @@ What it changes, and why (details in docs/verification.md):
    at the draft vocabulary (registered under ``MedusaModel``).
 7. EAGLE-3 with a truncated draft vocabulary: its draft logits
    (``Eagle3LlamaForCausalLM.compute_logits``) scatter into the target vocabulary through an index
-   computed once, not rebuilt every draft pass, and its greedy drafts are the argmax over the draft
-   vocabulary mapped to target ids, without the scatter.
+   computed once, not rebuilt every draft pass.
 8. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
    V2 runner (GPU with Triton) has its own sampler classes that these patches do not cover.
 """
@@ -144,26 +143,6 @@ def lk_eagle3_compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
     scattered = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
     scattered[:, cached[1]] = logits
     return scattered
-
-
-def _wrap_greedy_sample(original, eagle3_class):
-    """EAGLE-3 with a truncated draft vocabulary, greedy drafts: the argmax over the draft
-    vocabulary mapped to target ids, instead of scattering every row into a [B, V_target] -inf
-    tensor first (at V_target = 128k, B = 256 that is 128 MB written a draft pass for an argmax).
-    The draft vocabulary is sorted by target id (d2t offsets keep the order), so ties resolve to
-    the same token as an argmax over the scattered row."""
-
-    @functools.wraps(original)
-    def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        d2t = getattr(model, "draft_id_to_target_id", None)
-        if (d2t is None or not isinstance(model, eagle3_class) or self.use_local_argmax_reduction
-                or self.use_heterogeneous_vocab):
-            return original(self, hidden_states)
-        draft_ids = model.logits_processor(model.lm_head, hidden_states).argmax(dim=-1)  # [B] in the draft vocabulary
-        return draft_ids + d2t[draft_ids]
-
-    return _greedy_sample
 
 
 def _wrap_proposer_init(original):
@@ -399,7 +378,6 @@ def apply() -> bool:
     proposer.__init__ = _wrap_proposer_init(proposer.__init__)
     proposer._sample_from_logits = lambda self, logits, sampling_metadata: draft_sample(logits, sampling_metadata)
     proposer._sample_draft_tokens = _wrap_sample_draft_tokens(proposer._sample_draft_tokens)
-    proposer._greedy_sample = _wrap_greedy_sample(proposer._greedy_sample, Eagle3LlamaForCausalLM)
     proposer.propose = _wrap_propose(proposer.propose)
     medusa.MedusaProposer.propose = lk_medusa_propose
     medusa.MedusaProposer.take_last_draft_probs = take_last_draft_probs
