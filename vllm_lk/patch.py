@@ -26,10 +26,7 @@ What it changes, and why (details in docs/verification.md):
 6. MEDUSA checkpoints with a truncated draft vocabulary (``token_map``) load: vLLM 0.32 sizes
    every head at the full vocabulary and its loader then asserts; vllm_lk.heads.medusa sizes them
    at the draft vocabulary (registered under ``MedusaModel``).
-7. EAGLE-3 with a truncated draft vocabulary: its draft logits
-   (``Eagle3LlamaForCausalLM.compute_logits``) scatter into the target vocabulary through an index
-   computed once, not rebuilt every draft pass.
-8. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
+7. The V1 model runner is pinned (``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user set it): the
    V2 runner (GPU with Triton) has its own sampler classes that these patches do not cover.
 """
 
@@ -123,26 +120,6 @@ def lk_rejection_sample(
         has_greedy=not sampling_metadata.all_random,
     )
     return output.to(torch.int32)
-
-
-def lk_eagle3_compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """vLLM's EAGLE-3 logits (draft vocabulary scattered into the target's, -inf elsewhere), with
-    the target ids of the draft vocabulary computed once instead of an arange and an add every
-    draft pass (profiled on CPU: ~0.07 ms a pass on the toy target). The cache follows ``d2t``:
-    an in-place weight load bumps its version."""
-    # hidden_states: [B, H] -> [B, V_target]
-    logits = self.logits_processor(self.lm_head, hidden_states)
-    d2t = self.draft_id_to_target_id  # [V_draft] offsets: target id = draft id + d2t[draft id]
-    if d2t is None:
-        return logits
-    key = (d2t.data_ptr(), d2t._version)
-    cached = self.__dict__.get("_lk_target_ids")
-    if cached is None or cached[0] != key:
-        cached = (key, torch.arange(d2t.shape[0], device=d2t.device) + d2t)
-        self.__dict__["_lk_target_ids"] = cached
-    scattered = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
-    scattered[:, cached[1]] = logits
-    return scattered
 
 
 def _wrap_proposer_init(original):
@@ -367,7 +344,6 @@ def apply() -> bool:
         logger.warning("vllm_lk: VLLM_USE_V2_MODEL_RUNNER=%s: the V2 runner is not patched; "
                        "speculative verification there is stock vLLM's", os.environ["VLLM_USE_V2_MODEL_RUNNER"])
 
-    from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
     from vllm.v1.sample import rejection_sampler
     from vllm.v1.spec_decode import llm_base_proposer, medusa
     from vllm.v1.worker import gpu_model_runner
@@ -401,7 +377,6 @@ def apply() -> bool:
     WorkerBase.lk_speculation_stats = speculation.speculation_stats  # polled by the server for /metrics
     WorkerBase.lk_load_drafter_weights = reload.load_drafter_weights  # the server's in-place drafter swap
 
-    Eagle3LlamaForCausalLM.compute_logits = lk_eagle3_compute_logits
     request_metrics.install()
     cpu_kernels.register()  # before a worker sets IR op priorities (vLLM warns about later providers)
     _applied = True

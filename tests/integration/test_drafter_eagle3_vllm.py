@@ -240,7 +240,7 @@ def serve(target: str, head: str, result: str) -> None:
     from vllm_lk.plugin import register
 
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0", "the draft model must run in this process"
-    register()  # the plugin's patches first: the recording wraps the compute_logits that is served
+    register()  # the plugin's patches first, so that the recording wraps whatever compute_logits is served
     calls: list[torch.Tensor] = []
     compute_logits = Eagle3LlamaForCausalLM.compute_logits
 
