@@ -61,7 +61,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         rates = ", ".join(f"{name} {value:.0f}" for name, value in r["tokens_per_s"].items())
-        for name, (a, b) in ((n, (r["vs_best_fixed"][n], r["vs_round_best"][n])) for n in r["vs_best_fixed"]):
+        for name in r["vs_best_fixed"]:
+            a, b = r["vs_best_fixed"][name], r["vs_round_best"][name]
             lines.append(f"| {r['cell']} | {rates} | {r['best_fixed']} | {name} | {a[0]:.2f} [{a[1]:.2f}–{a[2]:.2f}] | "
                          f"{b[0]:.2f} [{b[1]:.2f}–{b[2]:.2f}] |")
     return "\n".join(lines) + "\n"

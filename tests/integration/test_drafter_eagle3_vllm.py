@@ -237,10 +237,7 @@ def serve(target: str, head: str, result: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 
-    from vllm_lk.plugin import register
-
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0", "the draft model must run in this process"
-    register()  # the plugin's patches first, so that the recording wraps whatever compute_logits is served
     calls: list[torch.Tensor] = []
     compute_logits = Eagle3LlamaForCausalLM.compute_logits
 

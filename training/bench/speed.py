@@ -184,9 +184,9 @@ def round_order(config: SpeedConfig, kind: str, round_index: int) -> list[tuple]
     rng = random.Random(f"{config.seed}:{kind}:{round_index}")
     groups = [(t, c) for t in config.temperatures for c in config.concurrency]
     rng.shuffle(groups)
-    order = []
+    order, base = [], settings_of(config, kind)
     for temperature, concurrency in groups:
-        settings = settings_of(config, kind)
+        settings = list(base)
         rng.shuffle(settings)
         order += [(setting, temperature, concurrency) for setting in settings]
     return order
